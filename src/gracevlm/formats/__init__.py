@@ -1,0 +1,1 @@
+"""Pure tensor and file code: on-disk layouts and their exact conversions (no model code here)."""

@@ -1,0 +1,72 @@
+"""INT4 matmul backends behind one dispatch.
+
+A backend computes ``y[M, O] = x[M, I] @ W^T + bias`` for a packed layer (an object with ``qweight``,
+``qzeros``, ``scales``, ``bias``, ``group_size``, ``in_features``, ``out_features`` and a dict
+``kernel_cache`` where backends keep their own prepared layout). Every backend agrees with
+``reference`` within the error stated in its docstring; tests check it.
+
+Selection: an explicit ``backend`` argument, else the ``GRACEVLM_BACKEND`` environment variable,
+else automatic by device and number of rows M.
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+
+from ..errors import InputError
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self, device: torch.device) -> bool: ...
+
+    def matmul(self, layer, x: torch.Tensor) -> torch.Tensor: ...
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+# Rows at and above which dequantize-then-GEMM beats the GEMV kernel on CPU (measured with
+# benchmarks/bench_int4.py on the 2-core development machine; see README).
+DENSE_MIN_ROWS_CPU = 2
+
+
+def register_backend(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise InputError(f"unknown INT4 backend {name!r}; choose one of {backend_names()} "
+                         "(argument backend= or env GRACEVLM_BACKEND)") from None
+
+
+def select_backend(device: torch.device, rows: int, override: str | None = None) -> Backend:
+    """Pick the backend for ``rows`` input rows on ``device``: override > env var > automatic."""
+    name = override or os.environ.get("GRACEVLM_BACKEND") or None
+    if name and name != "auto":
+        backend = get_backend(name)
+        if not backend.available(device):
+            raise InputError(f"INT4 backend {name!r} is not available on device {device}")
+        return backend
+    if device.type == "cpu":
+        return _BACKENDS["dense"] if rows >= DENSE_MIN_ROWS_CPU else _BACKENDS["int4pack"]
+    return _BACKENDS["dense"]
+
+
+from . import reference as _reference  # noqa: E402  (registers backends)
+from . import torch_cpu as _torch_cpu  # noqa: E402
+
+register_backend(_reference.ReferenceBackend())
+register_backend(_torch_cpu.DenseBackend())
+register_backend(_torch_cpu.Int4PackBackend())
+register_backend(_torch_cpu.Int4PackBF16Backend())

@@ -1,0 +1,4 @@
+"""torch.nn modules: packed INT4 linear layers (and, for training, fake-quant layers)."""
+from .int4_linear import Int4Linear
+
+__all__ = ["Int4Linear"]

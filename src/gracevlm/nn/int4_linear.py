@@ -1,0 +1,85 @@
+"""``Int4Linear``: a linear layer whose weight is an AWQ GEMM packed W4 tensor triple."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..formats.awq import check_awq, is_symmetric_grace
+from ..formats.qat import AwqTensors
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W^T + b`` with ``W^T = (u - z) * s`` held packed.
+
+    Buffers (the on-disk AWQ tensors, kept bit-exact): ``qweight [I, O/8]`` int32,
+    ``qzeros [I/g, O/8]`` int32, ``scales [I/g, O]`` (fp16), optional ``bias [O]``.
+    Input ``x [..., I]`` of any float dtype; output ``[..., O]`` in x's dtype.
+    ``backend`` (or env ``GRACEVLM_BACKEND``) forces a kernel; default is automatic by device and rows.
+    """
+
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, group_size: int = 128, backend: str | None = None,
+                 name: str = "Int4Linear"):
+        super().__init__()
+        self.in_features, self.out_features = check_awq(qweight, qzeros, scales, group_size, bias, name)
+        self.group_size = group_size
+        self.backend = backend
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("qzeros", qzeros.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.contiguous())
+        self.kernel_cache: dict = {}
+
+    @classmethod
+    def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, group_size: int = 128, backend: str | None = None,
+                 name: str = "Int4Linear") -> "Int4Linear":
+        """Wrap AWQ GEMM tensors (validated; raises FormatError naming ``name`` on a bad layout)."""
+        return cls(qweight, qzeros, scales, bias, group_size, backend, name)
+
+    @classmethod
+    def from_packed(cls, packed: AwqTensors, backend: str | None = None) -> "Int4Linear":
+        return cls(packed.qweight, packed.qzeros, packed.scales, packed.bias, packed.group_size, backend)
+
+    def to_awq(self) -> AwqTensors:
+        """The original AWQ tensors, bit-exact (clones; safe to modify)."""
+        return AwqTensors(self.qweight.clone(), self.qzeros.clone(), self.scales.clone(),
+                          None if self.bias is None else self.bias.clone(), self.group_size)
+
+    @property
+    def symmetric(self) -> bool:
+        """True for GRACE layers (every zero point is 8)."""
+        return is_symmetric_grace(self.qzeros)
+
+    def nbytes(self) -> int:
+        """Bytes of the packed tensors (excluding backend caches)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales, self.bias)
+                   if t is not None)
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by backend-prepared layouts."""
+        total = 0
+        for state in self.kernel_cache.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        return total
+
+    def _apply(self, fn, recurse=True):
+        self.kernel_cache = {}  # prepared layouts belong to the old device/dtype
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int4Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        backend = kernels.select_backend(x.device, x2.shape[0], self.backend)
+        y = backend.matmul(self, x2)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, "
+                f"backend={self.backend or 'auto'}, packed_bytes={self.nbytes()}")
