@@ -130,12 +130,12 @@ def qat_to_awq(weight: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     s = torch.exp(log_scale.detach().to(torch.float32)).reshape(out_f, n_groups)
     ratio = weight.detach().to(torch.float32).view(out_f, n_groups, g) / s.unsqueeze(-1)
+    if not torch.isfinite(ratio).all():
+        raise FormatError(f"{name}: weight / scale is not finite (zero or non-finite scales in log_scale)")
     nearest = torch.round(ratio)
     q = nearest.clamp(qmin, qmax)
     residual = float((ratio - nearest).abs().max()) if ratio.numel() else 0.0
     code_err = int((nearest - q).abs().max()) if q.numel() else 0
-    if not torch.isfinite(ratio).all():
-        raise FormatError(f"{name}: weight / scale is not finite (zero or non-finite scales in log_scale)")
     packed = symmetric_to_awq(q.to(torch.int8).view(out_f, in_f), s, bias, bits)
     packed.max_code_error, packed.max_grid_residual = code_err, residual
     if check:

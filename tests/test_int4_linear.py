@@ -1,0 +1,104 @@
+"""Int4Linear: round trip, every backend against reference, dispatch, errors."""
+import pytest
+import torch
+
+from gracevlm import kernels
+from gracevlm.errors import FormatError, InputError
+from gracevlm.formats.awq import pack_awq
+from gracevlm.nn import Int4Linear
+
+# relative L2 tolerance of each backend vs reference (stated in the backends' docstrings)
+TOLERANCE = {"reference": 0.0, "dense": 1e-5, "int4pack": 1e-5, "int4pack-bf16": 1e-2}
+
+
+def make_layer(in_f, out_f, g, bias, symmetric, gen):
+    codes = torch.randint(0, 16, (in_f, out_f), dtype=torch.uint8, generator=gen)
+    zeros = (torch.full((in_f // g, out_f), 8, dtype=torch.uint8) if symmetric
+             else torch.randint(0, 16, (in_f // g, out_f), dtype=torch.uint8, generator=gen))
+    qweight, qzeros = pack_awq(codes, zeros)
+    scales = (torch.rand(in_f // g, out_f, generator=gen) * 0.02 + 1e-3).half()
+    b = torch.randn(out_f, generator=gen).half() if bias else None
+    return Int4Linear.from_awq(qweight, qzeros, scales, b, group_size=g)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("backend", sorted(TOLERANCE))
+@pytest.mark.parametrize("in_f, out_f, g, bias, symmetric", [
+    (128, 8, 128, False, True), (256, 40, 64, True, False), (256, 4104, 128, False, True),
+    (384, 64, 32, True, True), (256, 48, 256, False, False),
+])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_backend_matches_reference(backend, in_f, out_f, g, bias, symmetric, rows, rng):
+    layer = make_layer(in_f, out_f, g, bias, symmetric, rng)
+    x = torch.randn(rows, in_f, generator=rng)
+    layer.backend = "reference"
+    ref = layer(x)
+    layer.backend = backend
+    y = layer(x)
+    assert y.shape == (rows, out_f) and y.dtype == x.dtype
+    assert rel_err(y, ref) <= TOLERANCE[backend]
+
+
+def test_reference_is_the_definition(rng):
+    layer = make_layer(256, 16, 128, True, False, rng)
+    from gracevlm.formats.awq import dequantize_awq
+    w = dequantize_awq(layer.qweight, layer.qzeros, layer.scales, 128)
+    x = torch.randn(2, 5, 256, generator=rng)
+    layer.backend = "reference"
+    torch.testing.assert_close(layer(x), x @ w + layer.bias.float(), rtol=0, atol=0)
+
+
+def test_leading_shapes_and_dtypes(rng):
+    layer = make_layer(256, 32, 128, False, True, rng)
+    layer.backend = "dense"
+    x = torch.randn(2, 3, 4, 256, generator=rng)
+    assert layer(x).shape == (2, 3, 4, 32)
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert layer(x[..., ::1].transpose(0, 1)).shape == (3, 2, 4, 32)
+    with pytest.raises(ValueError, match=r"expects input \[..., 256\]"):
+        layer(torch.randn(2, 255))
+
+
+def test_to_awq_round_trip_is_exact(rng):
+    layer = make_layer(256, 24, 64, True, False, rng)
+    before = layer.to_awq()
+    layer.backend = "int4pack"
+    layer(torch.randn(1, 256))  # backends prepare their own layouts; the originals must stay intact
+    layer.backend = "dense"
+    layer(torch.randn(4, 256))
+    after = layer.to_awq()
+    for name in ("qweight", "qzeros", "scales", "bias"):
+        assert torch.equal(getattr(before, name), getattr(after, name))
+    assert after.group_size == 64
+    assert layer.cache_nbytes() > 0 and layer.nbytes() == 256 * 24 // 2 + 4 * 3 * 4 + 4 * 24 * 2 + 24 * 2
+
+
+def test_state_dict_holds_exactly_the_awq_tensors(rng):
+    layer = make_layer(128, 16, 128, False, True, rng)
+    layer(torch.randn(1, 128))
+    assert sorted(layer.state_dict()) == ["qweight", "qzeros", "scales"]
+    assert "bits=4" in repr(layer) and "group_size=128" in repr(layer)
+    assert layer.symmetric
+
+
+def test_dispatch(monkeypatch):
+    cpu = torch.device("cpu")
+    assert kernels.select_backend(cpu, 1).name in kernels.backend_names()
+    assert kernels.select_backend(cpu, 1, "reference").name == "reference"
+    monkeypatch.setenv("GRACEVLM_BACKEND", "dense")
+    assert kernels.select_backend(cpu, 1).name == "dense"
+    assert kernels.select_backend(cpu, 1, "reference").name == "reference"  # argument wins
+    monkeypatch.setenv("GRACEVLM_BACKEND", "nope")
+    with pytest.raises(InputError, match="unknown INT4 backend 'nope'"):
+        kernels.select_backend(cpu, 1)
+
+
+def test_constructor_validates():
+    qweight, qzeros = pack_awq(torch.zeros(256, 16, dtype=torch.uint8), torch.zeros(2, 16, dtype=torch.uint8))
+    with pytest.raises(FormatError, match="blk.scales has shape"):
+        Int4Linear.from_awq(qweight, qzeros, torch.ones(2, 8).half(), name="blk")
+    with pytest.raises(FormatError, match="bias has shape"):
+        Int4Linear.from_awq(qweight, qzeros, torch.ones(2, 16).half(), bias=torch.ones(8))
