@@ -19,7 +19,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(VENV)/bin/gracevlm selfcheck
+	$(VENV)/bin/gracevlm demo
 
 bench: install
 	$(PY) benchmarks/bench_int4.py

@@ -37,9 +37,211 @@ def cmd_selfcheck(args) -> int:
     return 0
 
 
+DEMO_QUERY = "What is shown in this image?"
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    p.add_argument("--model", default=default_model, required=default_model is None,
+                   help="checkpoint folder or Hugging Face Hub id")
+    p.add_argument("--backend", default=None, help="INT4 kernel: auto (default), reference, dense, int4pack, ...")
+    p.add_argument("--quantize", choices=["rtn"], default=None,
+                   help="quantize a plain fp16 checkpoint at load (round-to-nearest W4G128)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    from .engine.vlm import load
+
+    return load(args.model, device=args.device, backend=args.backend, quantize=args.quantize,
+                conv_mode=args.conv_mode)
+
+
+def cmd_run(args) -> int:
+    vlm = _load(args)
+    if args.json:
+        gen = vlm.generate(args.query, images=args.image or None, **_sampling_kwargs(args))
+        print(json.dumps(gen.as_dict(), ensure_ascii=False))
+        return 0
+    from .engine.generate import Generation
+
+    res = Generation("", [], [], "length")
+    for delta in vlm.stream(args.query, images=args.image or None, result=res, **_sampling_kwargs(args)):
+        print(delta, end="", flush=True)
+    print()
+    t = res.timings
+    print(f"[{len(res.token_ids)} tokens, prefill {t.prefill_tokens} tok in {t.prefill_s:.2f}s "
+          f"({t.prefill_tok_s:.1f} tok/s), decode {t.decode_tok_s:.2f} tok/s, first token {t.ttft_s:.2f}s, "
+          f"finish={res.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .engine.generate import Generation
+
+    vlm = _load(args)
+    print(f"gracevlm chat - {vlm.path.name} ({vlm.conv_mode}). Commands: /image PATH, /reset, /quit",
+          file=sys.stderr)
+    messages: list[dict] = []
+    pending: list[str] = []
+    while True:
+        try:
+            line = input("USER: ")
+        except EOFError:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages, pending = [], []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                from .model.preprocess import load_image
+                load_image(path)
+            except GraceVLMError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            pending.append(path)
+            print(f"(image attached: {path})", file=sys.stderr)
+            continue
+        content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
+        messages.append({"role": "user", "content": content})
+        pending = []
+        res = Generation("", [], [], "length")
+        print("ASSISTANT: ", end="", flush=True)
+        try:
+            for delta in vlm.stream_chat(messages, res, **_sampling_kwargs(args)):
+                print(delta, end="", flush=True)
+        except GraceVLMError as exc:
+            messages.pop()
+            print(f"\nerror: {exc}", file=sys.stderr)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": res.text})
+
+
+def cmd_inspect(args) -> int:
+    from .formats.hub import resolve_model_path
+    from .formats.inspect import format_report, inspect_checkpoint
+
+    info = inspect_checkpoint(resolve_model_path(args.path))
+    print(json.dumps(info, indent=1) if args.json else format_report(info))
+    return 0 if info["ok"] else 1
+
+
+def cmd_synth(args) -> int:
+    from .model.synth import synthesize
+
+    out = synthesize(args.out, args.preset, args.format, seed=args.seed, force=args.force)
+    print(out)
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .formats.pack import pack_qat_checkpoint
+
+    report = pack_qat_checkpoint(args.qat, args.out, force=args.force)
+    print(json.dumps(report.as_dict()) if args.json else
+          f"packed {report.layers} layers into {args.out}: codes exact (max code error {report.max_code_error}), "
+          f"{report.qat_bytes / 2**20:.1f} MiB -> {report.awq_bytes / 2**20:.1f} MiB")
+    return 0
+
+
+def demo_image(path) -> None:
+    """Draw the demo picture (a red circle and a blue square on a light background)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (480, 320), (235, 235, 225))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((60, 80, 220, 240), fill=(210, 40, 40))
+    draw.rectangle((280, 100, 420, 240), fill=(40, 70, 200))
+    img.save(path)
+
+
+def cmd_demo(args) -> int:
+    """Synthesize a tiny GRACE AWQ checkpoint (once) and run one image+text generation through it."""
+    from pathlib import Path
+
+    from .model.synth import synthesize
+
+    folder = Path(args.dir)
+    if not (folder / "config.json").is_file():
+        print(f"synthesizing a tiny random-weight GRACE AWQ checkpoint in {folder} ...", file=sys.stderr)
+        synthesize(folder, "tiny", "awq", seed=0, force=True)
+    image = folder / "demo.png"
+    demo_image(image)
+    args.model, args.image, args.query, args.json = str(folder), [str(image)], args.query, False
+    args.quantize, args.conv_mode = None, None
+    print(f"model {folder} (random weights: the text is gibberish by design)\nimage {image}\nUSER: {args.query}\n"
+          "ASSISTANT: ", end="", file=sys.stderr, flush=True)
+    return cmd_run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gracevlm", description="Run, serve and convert 4-bit GRACE VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="answer one question about images")
+    _add_model_args(p)
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--query", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /quit)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint folder")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("synth", help="write a random-weight checkpoint in the exact GRACE layout")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "llava-1.5-7b"])
+    p.add_argument("--format", default="awq", choices=["awq", "qat", "fp16"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pack", help="QAT checkpoint -> GRACE AWQ checkpoint (verified bit-exact)")
+    p.add_argument("--qat", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("demo", help="synthesize a tiny checkpoint and run one generation")
+    p.add_argument("--dir", default="out/demo-tiny")
+    p.add_argument("--query", default=DEMO_QUERY)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--device", default="cpu")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_demo, max_new_tokens=24)
+
     p = sub.add_parser("selfcheck", help="check the INT4 kernels against the exact reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

@@ -22,12 +22,14 @@ from ..formats.awq import AWQ_ORDER, unpack_awq, unpack_nibbles
 _scratch = threading.local()
 
 
-def _buffer(numel: int) -> torch.Tensor:
-    """A per-thread float32 scratch buffer of at least ``numel`` elements (reused across calls)."""
-    buf = getattr(_scratch, "buf", None)
+def _buffer(numel: int, device: torch.device) -> torch.Tensor:
+    """A per-thread float32 scratch buffer of at least ``numel`` elements on ``device`` (reused)."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(device)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32)
-        _scratch.buf = buf
+        buf = bufs[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf[:numel]
 
 
@@ -60,7 +62,7 @@ class DenseBackend:
         """``W^T`` ``[I, O]`` float32 with columns in storage order (see ``_prepare``)."""
         st = self._prepare(layer)
         in_f, out_f, g = layer.in_features, layer.out_features, layer.group_size
-        w = out if out is not None else _buffer(in_f * out_f)
+        w = out if out is not None else _buffer(in_f * out_f, layer.qweight.device)
         w8 = w.view(in_f, 8, out_f // 8)
         qw = layer.qweight
         tmp = torch.empty_like(qw)

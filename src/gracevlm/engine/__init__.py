@@ -1,0 +1,1 @@
+"""Generation: prompt -> tokens -> prefill -> decode loop, sampling, streaming, timings."""

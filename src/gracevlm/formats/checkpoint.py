@@ -1,0 +1,306 @@
+"""Checkpoint folders: LLaVA-original config, (sharded) safetensors, AWQ module list, QAT sidecar.
+
+Pure file code: it reads and writes tensors and JSON; it never builds a model. Formats recognised
+(``detect_format``):
+
+``grace-awq``  ``awq_quantized_modules.json`` + AWQ triples (``<m>.qweight/.qzeros/.scales``)
+``grace-qat``  baked fake-quantized weights + ``qat_quantized_weights.bin`` sidecar
+``fp16``       a plain LLaVA-1.5 checkpoint (dense ``<m>.weight`` everywhere)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .qat import SIDECAR_NAME
+
+AWQ_MODULES_NAME = "awq_quantized_modules.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+PROJECTOR_PREFIX = "model.mm_projector."
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+IGNORED_KEYS = ("model.image_newline",)
+
+
+@dataclass
+class LlavaConfig:
+    """The fields of a LLaVA-original ``config.json`` that the runtime uses (parsed by hand: such a config
+    must never go through ``AutoConfig``, where ``llava`` means another layout)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    tie_word_embeddings: bool = False
+    mm_vision_tower: str | None = "openai/clip-vit-large-patch14-336"
+    mm_hidden_size: int = 1024
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_projector_type: str = "mlp2x_gelu"
+    image_aspect_ratio: str = "pad"
+    mm_use_im_start_end: bool = False
+    tokenizer_model_max_length: int = 2048
+    conv_mode: str | None = None
+    vision_config: dict | None = None  # gracevlm extension: explicit CLIP vision config of a bundled tower
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "LlavaConfig":
+        def need(key):
+            if key not in d:
+                raise CheckpointError(f"{source}: required field {key!r} is missing; is this a LLaVA "
+                                      "(LlavaLlamaForCausalLM) config?")
+            return d[key]
+        if "text_config" in d and "hidden_size" not in d:
+            raise CheckpointError(f"{source} is a llava-hf (LlavaForConditionalGeneration) config; this "
+                                  "loader expects the LLaVA-original layout (hidden_size at the top level)")
+        eos = d.get("eos_token_id", 2)
+        cfg = cls(
+            hidden_size=int(need("hidden_size")), intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")), num_attention_heads=int(need("num_attention_heads")),
+            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+            vocab_size=int(need("vocab_size")), rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            rope_theta=float(d.get("rope_theta", 10000.0)), rope_scaling=d.get("rope_scaling"),
+            bos_token_id=int(d.get("bos_token_id", 1) or 1),
+            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+            pad_token_id=int(d.get("pad_token_id") or 0),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            mm_vision_tower=d.get("mm_vision_tower", d.get("vision_tower")),
+            mm_hidden_size=int(d.get("mm_hidden_size", 1024)),
+            mm_vision_select_layer=int(d.get("mm_vision_select_layer", -2)),
+            mm_vision_select_feature=d.get("mm_vision_select_feature", "patch"),
+            mm_projector_type=d.get("mm_projector_type", "mlp2x_gelu"),
+            image_aspect_ratio=d.get("image_aspect_ratio") or "square",
+            mm_use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
+            tokenizer_model_max_length=int(d.get("tokenizer_model_max_length") or 2048),
+            conv_mode=d.get("conv_mode"), vision_config=d.get("mm_vision_config"), raw=d,
+        )
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise CheckpointError(f"{source}: hidden_size {cfg.hidden_size} is not divisible by "
+                                  f"num_attention_heads {cfg.num_attention_heads}")
+        if cfg.mm_vision_select_feature not in ("patch", "cls_patch"):
+            raise CheckpointError(f"{source}: mm_vision_select_feature {cfg.mm_vision_select_feature!r} "
+                                  "is not supported (expected 'patch' or 'cls_patch')")
+        if cfg.rope_scaling not in (None, {}) and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) \
+                not in ("linear", "default"):
+            raise CheckpointError(f"{source}: rope_scaling {cfg.rope_scaling} is not supported "
+                                  "(only none and 'linear')")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "LlavaConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: a checkpoint folder needs its config.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object")
+        return cls.from_dict(data, str(path))
+
+
+class TensorStore:
+    """Memory-mapped read access to a folder's safetensors (single file or index + shards).
+
+    ``get`` returns tensors backed by the mapped file (no copy until the caller converts them).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a valid safetensors index (needs 'weight_map')") from exc
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE_NAME).is_file():
+            files, weight_map = [SINGLE_NAME], None
+        else:
+            files, weight_map = sorted(p.name for p in self.folder.glob("*.safetensors")), None
+            if not files:
+                raise CheckpointError(f"no safetensors weights in {self.folder} (expected {SINGLE_NAME} or "
+                                      f"{INDEX_NAME} with shards)")
+        self._handles = {}
+        self._key_file: dict[str, str] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise CheckpointError(f"{path} is listed in {INDEX_NAME} but missing; download the checkpoint "
+                                      "again (incomplete copy)")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+                raise CheckpointError(f"cannot read {path}: {exc} (truncated or corrupt file? download it again)"
+                                      ) from exc
+            self._handles[name] = handle
+            for key in handle.keys():
+                self._key_file[key] = name
+        if weight_map is not None:
+            missing = [k for k, f in weight_map.items() if self._key_file.get(k) != f]
+            if missing:
+                raise CheckpointError(f"{INDEX_NAME} lists {len(missing)} tensors not found in their shard "
+                                      f"(e.g. {missing[0]!r} in {weight_map[missing[0]]})")
+
+    def keys(self) -> list[str]:
+        return sorted(self._key_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_file
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self._key_file.get(key)
+        if name is None:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.folder}")
+        try:
+            return self._handles[name].get_tensor(key)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.folder / name}: {exc}") from exc
+
+    def get_slice_shape(self, key: str) -> list[int]:
+        name = self._key_file.get(key)
+        if name is None:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.folder}")
+        return list(self._handles[name].get_slice(key).get_shape())
+
+    def meta(self, key: str) -> tuple[list[int], str, int]:
+        """(shape, safetensors dtype name such as 'F16', byte size) without reading the data."""
+        name = self._key_file.get(key)
+        if name is None:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.folder}")
+        sl = self._handles[name].get_slice(key)
+        shape, dtype = list(sl.get_shape()), sl.get_dtype()
+        size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(dtype, 1)
+        n = 1
+        for d in shape:
+            n *= d
+        return shape, dtype, n * size
+
+    def file_bytes(self) -> int:
+        return sum((self.folder / n).stat().st_size for n in self._handles)
+
+
+def read_awq_modules(folder: str | os.PathLike) -> tuple[int, int, list[str]]:
+    """Parse ``awq_quantized_modules.json`` -> (bits, group_size, sorted module names)."""
+    path = Path(folder) / AWQ_MODULES_NAME
+    try:
+        data = json.loads(path.read_text())
+        bits, group, modules = int(data["bits"]), int(data["group_size"]), list(data["modules"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} must be JSON with 'bits', 'group_size' and 'modules': {exc}") from exc
+    if bits != 4:
+        raise CheckpointError(f"{path}: bits={bits}; only 4-bit AWQ GEMM packing is supported")
+    return bits, group, sorted(modules)
+
+
+def detect_format(folder: str | os.PathLike) -> str:
+    folder = Path(folder)
+    if (folder / AWQ_MODULES_NAME).is_file():
+        return "grace-awq"
+    if (folder / SIDECAR_NAME).is_file():
+        return "grace-qat"
+    return "fp16"
+
+
+def is_ignored_key(key: str) -> bool:
+    return key.endswith(IGNORED_SUFFIXES) or key in IGNORED_KEYS
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_public(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a file made by ``mkstemp``/``mkdtemp`` (private by default) the usual permissions."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        make_public(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class ShardWriter:
+    """Stream tensors into ``model-0000k-of-0000n.safetensors`` shards of at most ``max_shard_bytes``,
+    then write the index. Tensors are written as they arrive (bounded memory)."""
+
+    def __init__(self, folder: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3):
+        self.folder = Path(folder)
+        self.max_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._pending[key] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f".shard-{len(self._shards):05d}.safetensors.tmp"
+        save_file(self._pending, str(self.folder / name), metadata={"format": "pt"})
+        self._shards.append((name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self._pending:
+            self._flush()
+        n = len(self._shards)
+        if n == 1:
+            os.replace(self.folder / self._shards[0][0], self.folder / SINGLE_NAME)
+            return
+        weight_map = {}
+        for i, (tmp, keys) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp, self.folder / final)
+            weight_map.update({k: final for k in keys})
+        write_json_atomic(self.folder / INDEX_NAME, {"metadata": {"total_size": self.total_bytes},
+                                                     "weight_map": dict(sorted(weight_map.items()))})

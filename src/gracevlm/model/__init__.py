@@ -1,0 +1,1 @@
+"""LLaVA-1.5 model: vision tower, projector, LLaMA language model, preprocessing and prompts."""

@@ -1,0 +1,178 @@
+"""LLaMA decoder with a preallocated KV cache, written for generation (prefill + batched decode).
+
+Linear layers are plain attributes (``q_proj`` ...), so ``nn.Linear`` or ``Int4Linear`` fit alike.
+One forward path serves prefill, single decode and ragged batched decode: tokens carry their
+absolute positions, K/V are written into the cache at those positions, and each query attends to
+cache positions ``<= its own`` of its own sequence (slot).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LlamaSpec:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_linear_factor: float = 1.0
+    max_position_embeddings: int = 4096
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Per-layer K and V of shape ``[slots, kv_heads, max_len, head_dim]`` allocated once."""
+
+    def __init__(self, spec: LlamaSpec, slots: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.slots, self.max_len = slots, max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Rotary(nn.Module):
+    """Rotary embedding tables (LLaMA ``rotate_half`` convention), computed in float32."""
+
+    def __init__(self, spec: LlamaSpec):
+        super().__init__()
+        d = spec.head_dim
+        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.factor = spec.rope_linear_factor
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = (positions.to(torch.float32) / self.factor).unsqueeze(-1) * self.inv_freq  # [B, T, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: LlamaSpec):
+        super().__init__()
+        self.spec = spec
+        hd = spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * hd, spec.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, slots, positions, mask) -> torch.Tensor:
+        b, t, _ = x.shape
+        s = self.spec
+        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kc, vc = cache.k[layer], cache.v[layer]
+        span = mask.shape[-1]
+        # write new K/V at (slot, position); then attend over the first `span` cache positions
+        slot_idx = slots.view(b, 1).expand(b, t)
+        kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
+        vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
+        keys = kc[slots, :, :span].to(q.dtype)
+        values = vc[slots, :, :span].to(q.dtype)
+        groups = s.num_heads // s.num_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: LlamaSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: LlamaSpec):
+        super().__init__()
+        self.self_attn = Attention(spec)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, slots, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Module names follow LLaVA-original keys: ``model.embed_tokens``, ``model.layers.N...``,
+    ``model.norm``, ``lm_head``."""
+
+    def __init__(self, spec: LlamaSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = Rotary(spec)
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.model.embed_tokens(ids).to(dtype)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor | None = None, logits_for: str = "last") -> torch.Tensor:
+        """``embeds [B, T, D]`` at absolute ``positions [B, T]`` into cache ``slots [B]``.
+
+        Returns logits float32 ``[B, V]`` for each row's last token (``logits_for="last"``) or
+        ``[B, T, V]`` (``"all"``).
+        """
+        b, t, _ = embeds.shape
+        if slots is None:
+            slots = torch.arange(b, device=embeds.device)
+        span = int(positions.max()) + 1
+        # query at position p may see cache positions 0..p of its own slot
+        mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)  # [B, T, span]
+        cos, sin = self.rotary(positions)
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, slots, positions, mask)
+        if logits_for == "last":
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        logits = self.lm_head(x.to(self.lm_head.weight.dtype)).to(torch.float32)
+        return logits[:, -1] if logits_for == "last" else logits

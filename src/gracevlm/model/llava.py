@@ -1,0 +1,74 @@
+"""LLaVA-1.5 assembly: CLIP vision tower -> feature selection -> projector -> LLaMA input embeddings."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .llama import KVCache, LlamaForCausalLM
+from .prompts import IMAGE_TOKEN_INDEX
+
+
+class Projector(nn.Sequential):
+    """``mlp2x_gelu``: Linear(mm_hidden -> d) -> GELU (erf) -> Linear(d -> d); keys ``0.*`` and ``2.*``."""
+
+    def __init__(self, mm_hidden: int, hidden: int):
+        super().__init__(nn.Linear(mm_hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
+class LlavaModel(nn.Module):
+    """``vision_tower`` is a transformers ``CLIPVisionModel`` (or None for text-only models)."""
+
+    def __init__(self, vision_tower: nn.Module | None, projector: nn.Module | None,
+                 language_model: LlamaForCausalLM, select_layer: int = -2, select_feature: str = "patch"):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.language_model.model.norm.weight.dtype
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values [N, 3, H, W]`` -> projected features ``[N, n_patches, hidden]`` (compute dtype)."""
+        if self.vision_tower is None or self.projector is None:
+            raise RuntimeError("this model has no vision tower; it cannot take images")
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        if self.select_feature == "patch":
+            feats = feats[:, 1:]
+        proj_dtype = self.projector[0].weight.dtype
+        return self.projector(feats.to(proj_dtype)).to(self.compute_dtype)
+
+    def embed_prompt(self, token_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings with each ``IMAGE_TOKEN_INDEX`` replaced by one image's feature rows.
+
+        ``token_ids`` has one -200 per image (in order); returns ``[L, hidden]``.
+        """
+        n_images = sum(1 for t in token_ids if t == IMAGE_TOKEN_INDEX)
+        have = 0 if image_features is None else image_features.shape[0]
+        if n_images != have:
+            raise ValueError(f"prompt has {n_images} image positions but {have} image feature sets were given")
+        lm = self.language_model
+        dtype = self.compute_dtype
+        pieces, run, img = [], [], 0
+        for t in token_ids:
+            if t == IMAGE_TOKEN_INDEX:
+                if run:
+                    pieces.append(lm.embed(torch.tensor(run, device=lm.lm_head.weight.device), dtype))
+                    run = []
+                pieces.append(image_features[img])
+                img += 1
+            else:
+                run.append(t)
+        if run:
+            pieces.append(lm.embed(torch.tensor(run, device=lm.lm_head.weight.device), dtype))
+        return torch.cat(pieces, dim=0)
+
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.language_model.spec, slots, max_len, dtype or self.compute_dtype,
+                       self.language_model.lm_head.weight.device)

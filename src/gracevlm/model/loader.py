@@ -1,0 +1,237 @@
+"""Build a ``LlavaModel`` from a checkpoint folder without ever materializing a dense language model.
+
+Modules are created on the meta device; dense tensors are streamed from the memory-mapped safetensors
+straight into their final dtype; packed linears become ``Int4Linear`` holding the on-disk tensors.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, FormatError
+from ..formats.awq import check_awq
+from ..formats.checkpoint import (PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore, detect_format,
+                                  is_ignored_key, read_awq_modules)
+from ..formats.hub import resolve_model_path
+from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
+from ..formats.rtn import rtn_quantize
+from ..nn import Int4Linear
+from .llama import LlamaForCausalLM, LlamaSpec, Rotary
+from .llava import LlavaModel, Projector
+from .tokenizer import LlamaTokenizer
+
+log = logging.getLogger(__name__)
+
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class LoadStats:
+    format: str
+    load_seconds: float = 0.0
+    file_bytes: int = 0
+    bytes_by_part: dict = field(default_factory=dict)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.bytes_by_part.values())
+
+
+@dataclass
+class LoadedModel:
+    model: LlavaModel
+    tokenizer: LlamaTokenizer
+    config: LlavaConfig
+    path: Path
+    stats: LoadStats
+
+
+def llama_spec(cfg: LlavaConfig) -> LlamaSpec:
+    factor = 1.0
+    if cfg.rope_scaling and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) == "linear":
+        factor = float(cfg.rope_scaling["factor"])
+    return LlamaSpec(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                     cfg.num_key_value_heads, cfg.vocab_size, cfg.rms_norm_eps, cfg.rope_theta, factor,
+                     cfg.max_position_embeddings)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    expected = getattr(parent, leaf)
+    if tuple(expected.shape) != tuple(tensor.shape):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
+                              f"{tuple(expected.shape)}")
+    if isinstance(expected, nn.Parameter):
+        parent._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        parent._buffers[leaf] = tensor
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _packed_linears(cfg: LlavaConfig, store: TensorStore, fmt: str, folder: Path, quantize: str | None,
+                    backend: str | None) -> dict[str, nn.Module]:
+    """Module name -> Int4Linear for every quantized language-model linear."""
+    out: dict[str, nn.Module] = {}
+    if fmt == "grace-awq":
+        _, group, modules = read_awq_modules(folder)
+        for name in modules:
+            keys = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales")]
+            missing = [k for k in keys if k not in store]
+            if missing:
+                raise CheckpointError(f"awq_quantized_modules.json names {name!r} but the checkpoint has no "
+                                      f"{missing[0]!r}; the checkpoint is incomplete or the module list is wrong")
+            bias = store.get(f"{name}.bias") if f"{name}.bias" in store else None
+            try:
+                out[name] = Int4Linear.from_awq(*(store.get(k) for k in keys), bias=bias, group_size=group,
+                                                backend=backend, name=name)
+            except FormatError as exc:
+                raise CheckpointError(f"{folder}: {exc}") from exc
+    elif fmt == "grace-qat":
+        group = int((cfg.raw.get("qat") or {}).get("group_size", 128))
+        for name, layer in read_qat_sidecar(folder / SIDECAR_NAME).items():
+            try:
+                packed = qat_to_awq(layer.weight, layer.log_scale, layer.bias, group_size=group, name=name)
+            except FormatError as exc:
+                raise CheckpointError(f"{folder / SIDECAR_NAME}: {exc}") from exc
+            out[name] = Int4Linear.from_packed(packed, backend=backend)
+    elif quantize == "rtn":
+        for i in range(cfg.num_hidden_layers):
+            for lin in LINEAR_NAMES:
+                name = f"model.layers.{i}.{lin}"
+                bias = store.get(f"{name}.bias") if f"{name}.bias" in store else None
+                out[name] = Int4Linear.from_packed(rtn_quantize(store.get(f"{name}.weight"), 128, bias), backend)
+    elif quantize not in (None, "none"):
+        raise CheckpointError(f"unknown --quantize {quantize!r}; choose 'rtn' or none")
+    return out
+
+
+def _vision_config(cfg: LlavaConfig, store: TensorStore):
+    from transformers import CLIPVisionConfig
+
+    if cfg.vision_config:
+        return CLIPVisionConfig(**cfg.vision_config)
+    patch = store.get_slice_shape(VISION_PREFIX + "embeddings.patch_embedding.weight")
+    pos = store.get_slice_shape(VISION_PREFIX + "embeddings.position_embedding.weight")
+    fc1 = store.get_slice_shape(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")
+    n_layers = 1 + max(int(k[len(VISION_PREFIX):].split(".")[2]) for k in store.keys()
+                       if k.startswith(VISION_PREFIX + "encoder.layers."))
+    hidden, patch_size = patch[0], patch[2]
+    side = round((pos[0] - 1) ** 0.5)
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=fc1[0], num_hidden_layers=n_layers,
+                            num_attention_heads=max(1, hidden // 64), image_size=side * patch_size,
+                            patch_size=patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype: torch.dtype) -> nn.Module | None:
+    from transformers import CLIPVisionModel
+
+    keys = [k for k in store.keys() if k.startswith(VISION_PREFIX)]
+    if keys:
+        vcfg = _vision_config(cfg, store)
+        with torch.device("meta"):
+            tower = CLIPVisionModel(vcfg)
+        expected = set(tower.state_dict())
+        for key in keys:
+            local = key[len(VISION_PREFIX):]
+            if local not in expected:
+                if local.endswith("position_ids"):
+                    continue
+                raise CheckpointError(f"vision tower tensor {key!r} does not belong to a CLIP vision model")
+            _assign(tower, local, store.get(key).to(dtype))
+            expected.discard(local)
+        if expected:
+            raise CheckpointError(f"vision tower tensors missing from the checkpoint: {sorted(expected)[:3]}")
+        # non-persistent buffers (position_ids) are still on meta
+        for mod in tower.modules():
+            for bname, buf in list(mod._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    mod._buffers[bname] = torch.arange(buf.shape[-1]).expand(buf.shape).contiguous()
+        return tower.eval()
+    if not cfg.mm_vision_tower:
+        return None
+    path = resolve_model_path(cfg.mm_vision_tower, base=folder)
+    try:
+        return CLIPVisionModel.from_pretrained(str(path), dtype=dtype).eval()
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load the vision tower from {path} (mm_vision_tower="
+                              f"{cfg.mm_vision_tower!r}): {exc}") from exc
+
+
+def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
+                    quantize: str | None = None, vision_dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference."""
+    t0 = time.perf_counter()
+    folder = resolve_model_path(model)
+    cfg = LlavaConfig.from_file(folder / "config.json")
+    fmt = detect_format(folder)
+    tokenizer = LlamaTokenizer.from_dir(folder)
+    store = TensorStore(folder)
+    spec = llama_spec(cfg)
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(spec)
+    packed = _packed_linears(cfg, store, fmt, folder, quantize, backend)
+    for name, module in packed.items():
+        try:
+            target = lm.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantized module {name!r} does not exist in a LLaMA with "
+                                  f"{cfg.num_hidden_layers} layers") from None
+        if (target.in_features, target.out_features) != (module.in_features, module.out_features):
+            raise CheckpointError(f"{name}: packed shape {module.in_features}->{module.out_features} does not "
+                                  f"match the config ({target.in_features}->{target.out_features})")
+        _set_module(lm, name, module)
+    used = {f"{n}.{s}" for n in packed for s in ("qweight", "qzeros", "scales", "bias", "weight")}
+    lm.rotary = Rotary(spec)  # computed tables, not checkpoint tensors
+    for name, tensor in list(lm.named_parameters()) + list(lm.named_buffers()):
+        if not tensor.is_meta:
+            continue
+        key = name
+        if name == "lm_head.weight" and key not in store and cfg.tie_word_embeddings:
+            key = "model.embed_tokens.weight"
+        if key not in store:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {folder}")
+        src = store.get(key)
+        target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
+        _assign(lm, name, src.to(target_dtype))
+        used.add(key)
+
+    projector = None
+    if f"{PROJECTOR_PREFIX}0.weight" in store:
+        if cfg.mm_projector_type != "mlp2x_gelu":
+            raise CheckpointError(f"mm_projector_type {cfg.mm_projector_type!r} is not supported (mlp2x_gelu)")
+        with torch.device("meta"):
+            projector = Projector(cfg.mm_hidden_size, cfg.hidden_size)
+        for name, _ in list(projector.named_parameters()):
+            key = PROJECTOR_PREFIX + name
+            _assign(projector, name, store.get(key).to(dtype))
+            used.add(key)
+    vision = _load_vision_tower(cfg, store, folder, vision_dtype or dtype) if projector is not None else None
+    unused = [k for k in store.keys() if k not in used and not k.startswith(VISION_PREFIX) and not is_ignored_key(k)]
+    if unused:
+        log.warning("%d checkpoint tensors are not used by the model (e.g. %s)", len(unused), unused[0])
+    model = LlavaModel(vision, projector, lm, cfg.mm_vision_select_layer, cfg.mm_vision_select_feature).eval()
+    stats = LoadStats(fmt, file_bytes=store.file_bytes())
+    stats.bytes_by_part = {
+        "int4_linears": sum(m.nbytes() for m in packed.values()),
+        "language_dense": _nbytes(lm) - sum(_nbytes(m) for m in packed.values()),
+        "vision_tower": _nbytes(vision) if vision is not None else 0,
+        "projector": _nbytes(projector) if projector is not None else 0,
+    }
+    stats.load_seconds = time.perf_counter() - t0
+    return LoadedModel(model, tokenizer, cfg, folder, stats)
