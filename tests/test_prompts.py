@@ -162,7 +162,8 @@ def test_splice_full_vicuna_prompt(tok, sp):
     before, after = prompt.split(IMAGE_TOKEN)
     assert ids == [1, *sp.encode(before), IMAGE_TOKEN_INDEX, *sp.encode(after)]
     assert sp.id_to_piece(ids[ids.index(-200) - 1]) == "▁"
-    assert tok.decode(ids) == before + after
+    # the dummy-prefix "▁" of the chunk after the image survives as an extra space when decoded
+    assert tok.decode(ids) == before + " " + after
 
 
 def test_splice_edge_cases(tok, sp):

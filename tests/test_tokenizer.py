@@ -33,7 +33,8 @@ def raw_sp(tok_dir):
 # ---------------------------------------------------------------------------- training
 
 
-def test_train_writes_only_the_three_files_with_llama_layout(tmp_path):
+def test_train_writes_only_the_three_files_with_llama_layout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # SentencePiece must not drop model/vocab files into the cwd either
     start = time.perf_counter()
     tok = train_tokenizer(tmp_path / "t", default_corpus(), VOCAB)
     assert time.perf_counter() - start < 5.0
@@ -251,3 +252,24 @@ def test_stream_decoder_window_stays_small(tok):
     out.append(decoder.flush())
     assert "".join(out) == tok.decode(ids)
     assert longest <= 6
+
+
+def test_non_legacy_tokenizer_drops_prefix_after_special_tokens(tmp_path):
+    import json
+
+    from gracevlm.model.tokenizer import LlamaTokenizer, train_tokenizer
+    from gracevlm.model.corpus import default_corpus
+
+    legacy = train_tokenizer(tmp_path, default_corpus(), 600)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["legacy"] = False
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    modern = LlamaTokenizer.from_dir(tmp_path)
+    assert legacy.legacy and not modern.legacy
+    text = "answer</s>USER: hi"
+    a, b = legacy.encode(text, add_bos=False), modern.encode(text, add_bos=False)
+    assert a[: a.index(2) + 1] == b[: b.index(2) + 1]  # before the special token: identical
+    after_legacy = [legacy.id_to_piece(i) for i in a[a.index(2) + 1:]]
+    after_modern = [modern.id_to_piece(i) for i in b[b.index(2) + 1:]]
+    assert after_legacy[0].startswith("\u2581") and not after_modern[0].startswith("\u2581")
+    assert "".join(after_modern).replace("\u2581", " ") == "USER: hi"

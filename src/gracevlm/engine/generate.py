@@ -54,6 +54,10 @@ class Generation:
                 "finish_reason": self.finish_reason, "timings": self.timings.as_dict()}
 
 
+def logits_rows(lm) -> int:
+    return lm.lm_head.weight.shape[0]
+
+
 class _StopMatcher:
     """Finds stop strings in the growing text and tells how much text is safe to emit."""
 
@@ -97,6 +101,7 @@ def stream_generate(model: LlavaModel, tokenizer: LlamaTokenizer, prompt_ids: li
         max_new = min(params.max_new_tokens, max_context - length)
         cache = model.new_cache(1, length + max_new)
         sampler = Sampler(params)
+        vocab = min(tokenizer.vocab_size, logits_rows(lm))
         decoder = StreamDecoder(tokenizer)
         stops = _StopMatcher(params.stop)
         t0 = time.perf_counter()
@@ -108,7 +113,7 @@ def stream_generate(model: LlavaModel, tokenizer: LlamaTokenizer, prompt_ids: li
         finish, cut = "length", -1
         t_decode = time.perf_counter()
         for step in range(max_new):
-            token = sampler(logits[0])
+            token = sampler(logits[0, :vocab])  # rows past the tokenizer (padding) are never sampled
             if step == 0:
                 res.timings.ttft_s = time.perf_counter() - t_start
             if token == tokenizer.eos_id:

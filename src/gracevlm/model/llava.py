@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .llama import KVCache, LlamaForCausalLM
 from .prompts import IMAGE_TOKEN_INDEX
 
@@ -52,7 +53,7 @@ class LlavaModel(nn.Module):
         n_images = sum(1 for t in token_ids if t == IMAGE_TOKEN_INDEX)
         have = 0 if image_features is None else image_features.shape[0]
         if n_images != have:
-            raise ValueError(f"prompt has {n_images} image positions but {have} image feature sets were given")
+            raise InputError(f"prompt has {n_images} image positions but {have} images were given")
         lm = self.language_model
         dtype = self.compute_dtype
         pieces, run, img = [], [], 0

@@ -46,12 +46,13 @@ class LlamaTokenizer:
     """A SentencePiece ``tokenizer.model`` with LLaVA-1.5's (legacy slow-tokenizer) rules."""
 
     def __init__(self, model_file: str | os.PathLike, *, bos_token: str = DEFAULT_BOS,
-                 eos_token: str = DEFAULT_EOS, unk_token: str = DEFAULT_UNK):
+                 eos_token: str = DEFAULT_EOS, unk_token: str = DEFAULT_UNK, legacy: bool = True):
         path = Path(model_file)
         if not path.is_file():
             raise CheckpointError(
                 f"tokenizer file {path} not found; the checkpoint must ship the SentencePiece model "
                 f"'{MODEL_FILE}' next to config.json")
+        self.legacy = bool(legacy)
         sp = spm.SentencePieceProcessor()
         try:
             sp.Load(str(path))
@@ -84,6 +85,7 @@ class LlamaTokenizer:
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint folder {folder} does not exist or is not a folder")
         tokens = {"bos_token": DEFAULT_BOS, "eos_token": DEFAULT_EOS, "unk_token": DEFAULT_UNK}
+        legacy = True  # transformers' slow LlamaTokenizer default when the config does not say
         # special_tokens_map.json is read first so that tokenizer_config.json wins, as in transformers.
         for name in (SPECIAL_MAP_FILE, CONFIG_FILE):
             file = folder / name
@@ -104,7 +106,9 @@ class LlamaTokenizer:
                 if not isinstance(value, str) or not value:
                     raise CheckpointError(f"{file}: {key} must be a non-empty string, got {value!r}")
                 tokens[key] = value
-        return cls(folder / MODEL_FILE, **tokens)
+            if name == CONFIG_FILE and data.get("legacy") is not None:
+                legacy = bool(data["legacy"])
+        return cls(folder / MODEL_FILE, legacy=legacy, **tokens)
 
     def _special_id(self, token: str, kind: str) -> int:
         i = self.sp.PieceToId(token)
@@ -148,15 +152,25 @@ class LlamaTokenizer:
         if not isinstance(text, str):
             raise InputError(f"encode expects a str, got {type(text).__name__}")
         ids = [self.bos_id] if add_bos else []
+        after_special = False
         for part in self._split_re.split(text):
             if not part:
                 continue
             special = self._special_by_text.get(part)
             if special is not None:
                 ids.append(special)
+                after_special = True
+            elif after_special and not self.legacy:
+                ids.extend(self._encode_no_prefix(part))
             else:
                 ids.extend(self.sp.EncodeAsIds(part))
         return ids
+
+    def _encode_no_prefix(self, text: str) -> list[int]:
+        """``legacy=False``: text right after a special token gets no dummy-prefix "▁". Encoded behind the
+        unk string as an anchor whose own pieces are then dropped (what transformers' slow tokenizer does)."""
+        anchor = self.sp.EncodeAsIds(self.unk_token)
+        return self.sp.EncodeAsIds(self.unk_token + text)[len(anchor):]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         out: list[str] = []
