@@ -102,3 +102,18 @@ def test_constructor_validates():
         Int4Linear.from_awq(qweight, qzeros, torch.ones(2, 8).half(), name="blk")
     with pytest.raises(FormatError, match="bias has shape"):
         Int4Linear.from_awq(qweight, qzeros, torch.ones(2, 16).half(), bias=torch.ones(8))
+
+
+def test_concat_and_split_are_exact(rng):
+    parts = [make_layer(256, n, 128, bias=True, symmetric=True, gen=rng) for n in (32, 16, 48)]
+    fused = Int4Linear.concat(parts)
+    x = torch.randn(3, 256, generator=rng)
+    for p in parts + [fused]:
+        p.backend = "reference"
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), rtol=0, atol=0)
+    for part, back in zip(parts, fused.split_awq([32, 16, 48])):
+        orig = part.to_awq()
+        for name in ("qweight", "qzeros", "scales", "bias"):
+            assert torch.equal(getattr(orig, name), getattr(back, name))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        fused.split_awq([30, 66])

@@ -46,10 +46,15 @@ def hf_llava_from(vlm):
     hf = LlavaForConditionalGeneration(hf_cfg).eval()
     lm = vlm.model.language_model
     sd = {}
+    fused_parts = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     for name, mod in lm.named_modules():
         if isinstance(mod, Int4Linear):
-            sd[f"model.language_model.{name[len('model.'):]}.weight"] = dequantize_awq(
-                mod.qweight, mod.qzeros, mod.scales, mod.group_size).t()
+            prefix, _, leaf = name[len("model."):].rpartition(".")
+            leaves = fused_parts.get(leaf, [leaf])
+            parts = mod.split_awq([mod.out_features // len(leaves)] * len(leaves))
+            for part_name, t in zip(leaves, parts):
+                sd[f"model.language_model.{prefix}.{part_name}.weight"] = dequantize_awq(
+                    t.qweight, t.qzeros, t.scales, t.group_size).t()
     for name, t in lm.named_parameters():
         if name.startswith("model.") and name != "model.embed_tokens.weight":
             sd[f"model.language_model.{name[len('model.'):]}"] = t.float()

@@ -71,12 +71,20 @@ def _load(args):
                 conv_mode=args.conv_mode)
 
 
+def _load_summary(vlm) -> dict:
+    stats = vlm.loaded.stats
+    return {"format": stats.format, "seconds": round(stats.load_seconds, 3), "bytes_by_part": stats.bytes_by_part}
+
+
 def cmd_run(args) -> int:
     vlm = _load(args)
+    summary = _load_summary(vlm)
     if args.json:
         gen = vlm.generate(args.query, images=args.image or None, **_sampling_kwargs(args))
-        print(json.dumps(gen.as_dict(), ensure_ascii=False))
+        print(json.dumps({**gen.as_dict(), "load": summary}, ensure_ascii=False))
         return 0
+    parts = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in summary["bytes_by_part"].items())
+    print(f"[loaded {summary['format']} in {summary['seconds']:.1f}s: {parts}]", file=sys.stderr)
     from .engine.generate import Generation
 
     res = Generation("", [], [], "length")

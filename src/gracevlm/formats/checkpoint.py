@@ -287,6 +287,7 @@ class ShardWriter:
 
         name = f".shard-{len(self._shards):05d}.safetensors.tmp"
         save_file(self._pending, str(self.folder / name), metadata={"format": "pt"})
+        make_public(self.folder / name)
         self._shards.append((name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -32,6 +32,19 @@ class LlamaSpec:
         return self.hidden_size // self.num_heads
 
 
+def _concat_linears(parts: list[nn.Module]) -> nn.Module:
+    from ..nn import Int4Linear
+
+    if all(isinstance(p, Int4Linear) for p in parts):
+        return Int4Linear.concat(parts)
+    if all(type(p) is nn.Linear and p.bias is None for p in parts):
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False,
+                          device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        return fused
+    raise TypeError(f"cannot fuse {[type(p).__name__ for p in parts]}")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -91,9 +104,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache, layer: int, slots, positions, mask) -> torch.Tensor:
         b, t, _ = x.shape
         s = self.spec
-        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -121,7 +138,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -150,6 +171,24 @@ class LlamaForCausalLM(nn.Module):
         self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = Rotary(spec)
+
+    def fuse_projections(self) -> int:
+        """Replace q/k/v and gate/up by single fused linears (fewer, larger matmuls); returns how many
+        groups were fused. Exact: the fused weights are the concatenated originals."""
+        fused = 0
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not hasattr(attn, "qkv_proj"):
+                parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+                attn.qkv_sizes = [p.out_features for p in parts]
+                attn.qkv_proj = _concat_linears(parts)
+                del attn.q_proj, attn.k_proj, attn.v_proj
+                fused += 1
+            if not hasattr(mlp, "gate_up_proj"):
+                mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+                del mlp.gate_proj, mlp.up_proj
+                fused += 1
+        return fused
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.model.embed_tokens(ids).to(dtype)

@@ -174,8 +174,12 @@ def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype
 
 
 def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
-                    quantize: str | None = None, vision_dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference."""
+                    quantize: str | None = None, vision_dtype: torch.dtype | None = None,
+                    fuse: bool = True) -> LoadedModel:
+    """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference.
+
+    ``fuse`` concatenates q/k/v and gate/up into single linears after loading (exact, fewer calls).
+    """
     t0 = time.perf_counter()
     folder = resolve_model_path(model)
     cfg = LlavaConfig.from_file(folder / "config.json")
@@ -210,6 +214,9 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
         target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
         _assign(lm, name, src.to(target_dtype))
         used.add(key)
+
+    if fuse:
+        lm.fuse_projections()
 
     projector = None
     if f"{PROJECTOR_PREFIX}0.weight" in store:

@@ -42,6 +42,33 @@ class Int4Linear(nn.Module):
     def from_packed(cls, packed: AwqTensors, backend: str | None = None) -> "Int4Linear":
         return cls(packed.qweight, packed.qzeros, packed.scales, packed.bias, packed.group_size, backend)
 
+    @classmethod
+    def concat(cls, layers: list["Int4Linear"]) -> "Int4Linear":
+        """One layer computing all of ``layers`` (same input, outputs concatenated in order). Exact: the
+        packed words, zeros and scales are concatenated along the output dimension (O % 8 == 0)."""
+        first = layers[0]
+        if any(l.in_features != first.in_features or l.group_size != first.group_size for l in layers):
+            raise ValueError("Int4Linear.concat needs layers with equal in_features and group_size")
+        if len({l.bias is None for l in layers}) > 1:
+            raise ValueError("Int4Linear.concat needs all layers with a bias or none")
+        bias = None if first.bias is None else torch.cat([l.bias for l in layers])
+        return cls(torch.cat([l.qweight for l in layers], 1), torch.cat([l.qzeros for l in layers], 1),
+                   torch.cat([l.scales for l in layers], 1), bias, first.group_size, first.backend)
+
+    def split_awq(self, sizes: list[int]) -> list[AwqTensors]:
+        """Inverse of ``concat``: the AWQ tensors of each part (``sizes`` = out_features of the parts)."""
+        if sum(sizes) != self.out_features or any(n % 8 for n in sizes):
+            raise ValueError(f"sizes {sizes} must be multiples of 8 adding up to {self.out_features}")
+        out, start = [], 0
+        for n in sizes:
+            out.append(AwqTensors(self.qweight[:, start // 8:(start + n) // 8].clone(),
+                                  self.qzeros[:, start // 8:(start + n) // 8].clone(),
+                                  self.scales[:, start:start + n].clone(),
+                                  None if self.bias is None else self.bias[start:start + n].clone(),
+                                  self.group_size))
+            start += n
+        return out
+
     def to_awq(self) -> AwqTensors:
         """The original AWQ tensors, bit-exact (clones; safe to modify)."""
         return AwqTensors(self.qweight.clone(), self.qzeros.clone(), self.scales.clone(),
