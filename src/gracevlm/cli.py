@@ -160,7 +160,7 @@ def cmd_inspect(args) -> int:
 def cmd_synth(args) -> int:
     from .model.synth import synthesize
 
-    out = synthesize(args.out, args.preset, args.format, seed=args.seed, force=args.force)
+    out = synthesize(args.out, args.preset, args.format, seed=args.seed, force=args.force, layers=args.layers)
     print(out)
     return 0
 
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="awq", choices=["awq", "qat", "fp16"])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None, help="override the preset's number of LLM layers")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -249,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=24)
+
+    from .eval.cli import register as register_eval
+    register_eval(sub)
+
+    p = sub.add_parser("bench", help="measure kernels, decode/prefill speed, memory (vs baselines, same run)")
+    from .bench import add_arguments, run_cli
+    add_arguments(p)
+    p.set_defaults(func=run_cli)
 
     p = sub.add_parser("selfcheck", help="check the INT4 kernels against the exact reference")
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,4 @@
+"""``python -m gracevlm.eval ...`` == ``gracevlm eval ...``."""
+from .cli import main
+
+raise SystemExit(main())
