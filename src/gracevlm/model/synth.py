@@ -6,6 +6,7 @@ Weights are drawn so that every quantized linear is exactly ``q * s`` with codes
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -96,9 +97,10 @@ def _vision_tensors(p: Preset, gen: torch.Generator):
 
 
 def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", fmt: str = "awq", seed: int = 0,
-               force: bool = False, progress: bool = True) -> Path:
+               force: bool = False, progress: bool = True, layers: int | None = None) -> Path:
     """Write a random-weight LLaVA-1.5 checkpoint; returns its folder. Atomic: a temporary folder is
-    renamed into place only once complete."""
+    renamed into place only once complete. ``layers`` overrides the preset's layer count (a slice of
+    the full model with the same shapes, for quick benchmarks)."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if fmt not in FORMATS:
@@ -107,6 +109,10 @@ def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", fmt: str = "awq
     from .tokenizer import train_tokenizer
 
     p = PRESETS[preset]
+    if layers is not None:
+        if layers < 1:
+            raise InputError(f"layers must be >= 1, got {layers}")
+        p = dataclasses.replace(p, layers=layers)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")

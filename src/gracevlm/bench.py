@@ -1,0 +1,372 @@
+"""``gracevlm bench``: one run that measures the CPU path end to end and prints ratios.
+
+Sections (each measured in this run, never assumed):
+  bandwidth   memory read bandwidth (sum of a large fp32 tensor)
+  kernels     INT4 matmul per backend on the LLaMA-7B shapes at M=1: ms, GB/s of packed bytes, fraction
+              of the measured bandwidth; the GRACE-style dequantize-every-call path as the baseline
+  model       a synthesized llava-1.5-7b checkpoint (or a --layers slice): load time, peak RSS, decode
+              tok/s, prefill tok/s (512-token prompt), batched decode step time for M = 1, 2, 4, 8, 16,
+              and the GRACE-style baseline estimated from its per-matrix time
+  vision      CLIP-L/336 time per image in fp32 and bf16 and the feature difference between them
+  llama.cpp   the same shapes in llama.cpp (random Q4_0 GGUF written from our checkpoint) when
+              ``llama_cpp`` is importable
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_SHAPES = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 11008x4096": (11008, 4096),
+                "down 4096x11008": (4096, 11008)}
+PER_LAYER = {"q/k/v/o 4096x4096": 4, "gate/up 11008x4096": 2, "down 4096x11008": 1}
+
+
+def _median_time(fn, repeats: int = 5, budget: float = 3.0) -> float:
+    fn()
+    times, end = [], time.perf_counter() + budget
+    while len(times) < repeats and (not times or time.perf_counter() < end):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_bandwidth(gib: float = 1.0) -> float:
+    """GB/s reading a float32 tensor of ``gib`` GiB (best of a few passes)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    best = min(_timed(lambda: x.sum()) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_kernels(bandwidth: float, rows=(1,), backends=None) -> list[dict]:
+    from . import kernels
+    from .formats.awq import dequantize_awq, pack_awq
+    from .nn import Int4Linear
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for label, (out_f, in_f) in LLAMA_SHAPES.items():
+        words = torch.randint(-2**31, 2**31, (in_f, out_f // 8), dtype=torch.int64, generator=gen).to(torch.int32)
+        _, qzeros = pack_awq(torch.zeros(in_f // 128, out_f, dtype=torch.uint8),
+                             torch.full((in_f // 128, out_f), 8, dtype=torch.uint8))
+        scales = (torch.rand(in_f // 128, out_f, generator=gen) * 0.01 + 1e-3).half()
+        layer = Int4Linear.from_awq(words, qzeros, scales)
+        nbytes = layer.nbytes()
+        for m in rows:
+            x = torch.randn(m, in_f, generator=gen)
+            base = _median_time(lambda: (x.half() @ dequantize_awq(words, qzeros, scales, 128, torch.float16)),
+                                repeats=2)
+            out.append(dict(shape=label, rows=m, method="grace-baseline", ms=base * 1e3,
+                            gbps=nbytes / base / 1e9, of_bandwidth=nbytes / base / 1e9 / bandwidth, speedup=1.0))
+            for name in backends or [b for b in kernels.backend_names() if b != "reference"]:
+                backend = kernels.get_backend(name)
+                if not backend.available(x.device):
+                    continue
+                sec = _median_time(lambda: backend.matmul(layer, x))
+                out.append(dict(shape=label, rows=m, method=name, ms=sec * 1e3, gbps=nbytes / sec / 1e9,
+                                of_bandwidth=nbytes / sec / 1e9 / bandwidth, speedup=base / sec))
+    return out
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_now_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes: list[int]) -> dict:
+    """Runs in a fresh process (clean peak-RSS numbers): load, decode, prefill, batched decode."""
+    import gracevlm
+
+    res: dict = {}
+    t0 = time.perf_counter()
+    vlm = gracevlm.load(path, device="cpu")
+    lm = vlm.model.language_model
+    prepare = getattr(lm, "prepare_kernels", None)
+    if prepare is not None:
+        prepare()
+    res["load_s"] = time.perf_counter() - t0
+    res["rss_after_load"] = _rss_now_bytes()
+    res["peak_rss_load"] = _rss_peak_bytes()
+    res["bytes_by_part"] = vlm.memory()
+    res["file_bytes"] = vlm.loaded.stats.file_bytes
+    spec = lm.spec
+    gen = torch.Generator().manual_seed(0)
+    vocab = spec.vocab_size
+    with torch.inference_mode():
+        # decode: one sequence, a 64-token context, then `decode_steps` single-token steps
+        ctx = 64
+        cache = vlm.model.new_cache(max(batch_sizes), ctx + decode_steps + prefill_tokens + 8)
+        ids = torch.randint(3, vocab, (1, ctx), generator=gen)
+        lm(lm.embed(ids, torch.float32), torch.arange(ctx)[None], cache)
+        tok = torch.randint(3, vocab, (1, 1), generator=gen)
+        step_times = []
+        for i in range(decode_steps):
+            t = time.perf_counter()
+            logits = lm(lm.embed(tok, torch.float32), torch.tensor([[ctx + i]]), cache)
+            tok = logits.argmax(-1, keepdim=True)
+            step_times.append(time.perf_counter() - t)
+        step_times.sort()
+        res["decode_step_s"] = step_times[len(step_times) // 2]
+        res["decode_tok_s"] = 1.0 / res["decode_step_s"]
+        # batched decode: B sequences step together (positions past a 64-token context)
+        res["batched"] = []
+        for b in batch_sizes:
+            toks = torch.randint(3, vocab, (b, 1), generator=gen)
+            pos = torch.full((b, 1), ctx)
+            slots = torch.arange(b)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                lm(lm.embed(toks, torch.float32), pos, cache, slots)
+                times.append(time.perf_counter() - t)
+            times.sort()
+            res["batched"].append({"batch": b, "step_s": times[1], "tok_s": b / times[1]})
+        # prefill: one prompt of `prefill_tokens` text tokens
+        ids = torch.randint(3, vocab, (1, prefill_tokens), generator=gen)
+        t = time.perf_counter()
+        lm(lm.embed(ids, torch.float32), torch.arange(prefill_tokens)[None], cache)
+        res["prefill_s"] = time.perf_counter() - t
+        res["prefill_tok_s"] = prefill_tokens / res["prefill_s"]
+    res["peak_rss"] = _rss_peak_bytes()
+    return res
+
+
+def vision_worker(path: str) -> dict:
+    """CLIP tower time per image in fp32 vs bf16 (same weights) and the feature difference."""
+    import gracevlm
+    from .model.preprocess import preprocess_images
+    from PIL import Image
+
+    vlm = gracevlm.load(path, device="cpu")
+    img = Image.new("RGB", (640, 480), (120, 60, 200))
+    pixels = preprocess_images([img], vlm.image_spec)
+    out = {}
+    with torch.inference_mode():
+        feats = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            vlm.model.vision_tower.to(dtype)
+            vlm.model.projector.to(dtype)
+            sec = _median_time(lambda: vlm.model.encode_images(pixels), repeats=3, budget=20)
+            feats[dtype] = vlm.model.encode_images(pixels).float()
+            out[str(dtype).replace("torch.", "")] = sec
+        ref = feats[torch.float32]
+        out["bf16_rel_l2"] = float((feats[torch.bfloat16] - ref).norm() / ref.norm())
+    return out
+
+
+def _run_worker(kind: str, *args) -> dict:
+    cmd = [sys.executable, "-m", "gracevlm.bench", f"--{kind}-worker", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def read_files_seconds(folder: Path) -> float:
+    """Seconds to read the checkpoint's safetensors once (whatever the page cache holds)."""
+    t0 = time.perf_counter()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - t0
+
+
+def llamacpp_worker(gguf_path: str, threads: int, decode_steps: int, prefill_tokens: int) -> dict:
+    """Decode and prefill speed of llama.cpp (llama-cpp-python) on a GGUF of the same shapes."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf_path, n_ctx=prefill_tokens + decode_steps + 80, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False, logits_all=False)
+    vocab = llm.n_vocab()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (prefill_tokens,), generator=gen).tolist()
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t
+    times = []
+    for i in range(decode_steps):
+        t = time.perf_counter()
+        llm.eval([int(torch.randint(3, vocab, (1,), generator=gen))])
+        times.append(time.perf_counter() - t)
+    times.sort()
+    step = times[len(times) // 2]
+    return {"prefill_s": prefill_s, "prefill_tok_s": prefill_tokens / prefill_s, "decode_step_s": step,
+            "decode_tok_s": 1.0 / step}
+
+
+def ensure_checkpoint(model: str | None, layers: int) -> Path:
+    if model:
+        return Path(model)
+    from .model.synth import synthesize
+
+    folder = Path(os.environ.get("GRACEVLM_BENCH_DIR", Path.home() / ".cache" / "gracevlm" / "bench")) \
+        / f"llava-1.5-7b-{layers}l"
+    if not (folder / "config.json").is_file():
+        print(f"synthesizing {folder} ...", file=sys.stderr)
+        synthesize(folder, "llava-1.5-7b", "awq", seed=0, force=True, layers=layers)
+    return folder
+
+
+def run(model: str | None = None, layers: int = 32, decode_steps: int = 8, prefill_tokens: int = 512,
+        batch_sizes=(1, 2, 4, 8, 16), sections=("bandwidth", "kernels", "model", "vision", "llama.cpp")) -> dict:
+    report: dict = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                                "torch": torch.__version__, "python": platform.python_version()}}
+    bw = measure_bandwidth()
+    report["bandwidth_gbps"] = bw
+    if "kernels" in sections:
+        report["kernels"] = bench_kernels(bw)
+    folder = ensure_checkpoint(model, layers) if {"model", "vision", "llama.cpp"} & set(sections) else None
+    if "model" in sections:
+        report["read_files_s"] = read_files_seconds(folder)
+        m = _run_worker("model", folder, decode_steps, prefill_tokens, ",".join(map(str, batch_sizes)))
+        m["layers"] = layers
+        weights = m["bytes_by_part"]["int4_linears"] + m["bytes_by_part"]["language_dense"]
+        m["bandwidth_limit_tok_s"] = bw * 1e9 / max(1, weights)
+        report["model"] = m
+        if "kernels" in sections:
+            per_layer = sum(PER_LAYER[r["shape"]] * r["ms"] for r in report["kernels"]
+                            if r["method"] == "grace-baseline" and r["rows"] == 1) / 1e3
+            report["grace_baseline_decode_tok_s"] = 1.0 / (per_layer * layers)
+    if "vision" in sections:
+        report["vision"] = _run_worker("vision", folder)
+    if "llama.cpp" in sections:
+        report["llama.cpp"] = _llamacpp_section(folder, decode_steps, prefill_tokens)
+    return report
+
+
+def _llamacpp_section(folder: Path, decode_steps: int, prefill_tokens: int) -> dict:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama_cpp (llama-cpp-python) is not installed"}
+    try:
+        from .export.gguf import export_gguf
+    except ImportError as exc:
+        return {"skipped": f"GGUF export unavailable: {exc}"}
+    gguf = folder / "bench-q4_0.gguf"
+    if not gguf.is_file():
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            written = export_gguf(folder, Path(tmp) / "out", include_mmproj=False)
+            os.replace(written, gguf)
+    return _run_worker("llamacpp", gguf, torch.get_num_threads(), decode_steps, prefill_tokens)
+
+
+def format_report(r: dict) -> str:
+    lines = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}, "
+             f"{r['machine']['threads']} threads", f"memory read bandwidth: {r['bandwidth_gbps']:.1f} GB/s", ""]
+    if "kernels" in r:
+        lines.append(f"{'INT4 matmul, M=1':<22}{'method':<16}{'ms':>9}{'GB/s':>8}{'of bw':>7}{'vs GRACE':>10}")
+        for k in r["kernels"]:
+            lines.append(f"{k['shape']:<22}{k['method']:<16}{k['ms']:9.2f}{k['gbps']:8.2f}"
+                         f"{k['of_bandwidth']:7.0%}{k['speedup']:9.1f}x")
+        lines.append("")
+    if "model" in r:
+        m = r["model"]
+        gib = 2**30
+        lines += [f"model: llava-1.5-7b shapes, {m['layers']} layers (synthesized GRACE AWQ checkpoint)",
+                  f"  load {m['load_s']:.1f} s (reading the files once: {r['read_files_s']:.1f} s); peak RSS during "
+                  f"load {m['peak_rss_load'] / gib:.2f} GiB, resident after load {m['rss_after_load'] / gib:.2f} GiB "
+                  f"(ratio {m['peak_rss_load'] / max(1, m['rss_after_load']):.2f})",
+                  f"  decode   {m['decode_tok_s']:.2f} tok/s  (bandwidth limit for these weights "
+                  f"{m['bandwidth_limit_tok_s']:.2f} tok/s: {m['decode_tok_s'] / m['bandwidth_limit_tok_s']:.0%})",
+                  f"  prefill  {m['prefill_tok_s']:.2f} tok/s  ({m['prefill_s']:.1f} s for the prompt)"]
+        if "grace_baseline_decode_tok_s" in r:
+            lines.append(f"  GRACE-style dequantize-every-call decode (estimated from per-matrix times): "
+                         f"{r['grace_baseline_decode_tok_s']:.4f} tok/s -> ours is "
+                         f"{m['decode_tok_s'] / r['grace_baseline_decode_tok_s']:.0f}x faster")
+        one = m["batched"][0]["step_s"]
+        lines.append("  batched decode: " + ", ".join(
+            f"M={b['batch']}: {b['step_s'] * 1e3:.0f} ms/step ({b['step_s'] / one:.2f}x of M=1, {b['tok_s']:.1f} tok/s)"
+            for b in m["batched"]))
+    if "vision" in r:
+        v = r["vision"]
+        lines.append(f"vision tower per image: fp32 {v['float32']:.2f} s, bf16 {v['bfloat16']:.2f} s, "
+                     f"bf16 feature rel. L2 error {v['bf16_rel_l2']:.1e}")
+    if "llama.cpp" in r:
+        c = r["llama.cpp"]
+        if "skipped" in c:
+            lines.append(f"llama.cpp: skipped ({c['skipped']})")
+        else:
+            lines.append(f"llama.cpp Q4_0 same shapes: decode {c['decode_tok_s']:.2f} tok/s, prefill "
+                         f"{c['prefill_tok_s']:.2f} tok/s")
+            if "model" in r:
+                m = r["model"]
+                lines.append(f"  gracevlm / llama.cpp: decode {m['decode_tok_s'] / c['decode_tok_s']:.2f}x, "
+                             f"prefill {m['prefill_tok_s'] / c['prefill_tok_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--model-worker":
+        print(json.dumps(model_worker(argv[1], int(argv[2]), int(argv[3]), [int(b) for b in argv[4].split(",")])))
+        return 0
+    if argv and argv[0] == "--vision-worker":
+        print(json.dumps(vision_worker(argv[1])))
+        return 0
+    if argv and argv[0] == "--llamacpp-worker":
+        print(json.dumps(llamacpp_worker(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))))
+        return 0
+    ap = argparse.ArgumentParser(prog="gracevlm bench")
+    add_arguments(ap)
+    return run_cli(ap.parse_args(argv))
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--model", default=None, help="checkpoint to measure (default: synthesize llava-1.5-7b shapes)")
+    ap.add_argument("--layers", type=int, default=32, help="layers of the synthesized checkpoint (quick: 4)")
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--sections", default="bandwidth,kernels,model,vision,llama.cpp")
+    ap.add_argument("--json", action="store_true")
+
+
+def run_cli(args) -> int:
+    report = run(args.model, args.layers, args.decode_steps, args.prefill_tokens,
+                 sections=tuple(args.sections.split(",")))
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
