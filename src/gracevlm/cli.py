@@ -152,7 +152,9 @@ def cmd_inspect(args) -> int:
     from .formats.hub import resolve_model_path
     from .formats.inspect import format_report, inspect_checkpoint
 
-    info = inspect_checkpoint(resolve_model_path(args.path))
+    from pathlib import Path
+    path = Path(args.path)
+    info = inspect_checkpoint(path if path.is_file() else resolve_model_path(args.path))
     print(json.dumps(info, indent=1) if args.json else format_report(info))
     return 0 if info["ok"] else 1
 
@@ -252,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, max_new_tokens=24)
 
     from .eval.cli import register as register_eval
+    from .export.cli import register as register_export
     register_eval(sub)
+    register_export(sub)
 
     p = sub.add_parser("bench", help="measure kernels, decode/prefill speed, memory (vs baselines, same run)")
     from .bench import add_arguments, run_cli

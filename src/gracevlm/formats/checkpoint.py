@@ -6,6 +6,13 @@ Pure file code: it reads and writes tensors and JSON; it never builds a model. F
 ``grace-awq``  ``awq_quantized_modules.json`` + AWQ triples (``<m>.qweight/.qzeros/.scales``)
 ``grace-qat``  baked fake-quantized weights + ``qat_quantized_weights.bin`` sidecar
 ``fp16``       a plain LLaVA-1.5 checkpoint (dense ``<m>.weight`` everywhere)
+
+Foreign layouts, read through ``hf_map.open_mapped`` (renamed / repacked to the names above):
+
+``awq``                 standard AutoAWQ GEMM (``quantization_config.quant_method == "awq"``), llava-hf or
+                        LLaVA-original key names, asymmetric zero points allowed
+``compressed-tensors``  W4A16 ``pack-quantized`` (``quant_method == "compressed-tensors"``), llava-hf names
+``llava-hf``            a dense ``LlavaForConditionalGeneration`` checkpoint
 """
 from __future__ import annotations
 
@@ -220,12 +227,35 @@ def read_awq_modules(folder: str | os.PathLike) -> tuple[int, int, list[str]]:
     return bits, group, sorted(modules)
 
 
+MAPPED_FORMATS = ("awq", "compressed-tensors", "llava-hf")
+
+
 def detect_format(folder: str | os.PathLike) -> str:
+    """One of ``grace-awq``, ``grace-qat``, ``awq``, ``compressed-tensors``, ``llava-hf``, ``fp16``; ``gguf`` for a
+    folder of llama.cpp files (inspectable, not loadable)."""
     folder = Path(folder)
     if (folder / AWQ_MODULES_NAME).is_file():
         return "grace-awq"
     if (folder / SIDECAR_NAME).is_file():
         return "grace-qat"
+    if not (folder / "config.json").exists() and any(folder.glob("*.gguf")):
+        return "gguf"
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "fp16"  # the config reader reports a missing or broken config.json precisely
+    if not isinstance(cfg, dict):
+        return "fp16"
+    qc = cfg.get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method in ("awq", "compressed-tensors"):
+        return method
+    if method is not None:
+        raise CheckpointError(f"{folder / 'config.json'}: quantization_config.quant_method {method!r} is not "
+                              "supported; gracevlm reads GRACE AWQ/QAT, AutoAWQ GEMM ('awq') and W4A16 "
+                              "'compressed-tensors' checkpoints")
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
+        return "llava-hf"
     return "fp16"
 
 

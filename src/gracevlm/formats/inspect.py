@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .awq import GRACE_ZERO_WORD
-from .checkpoint import (PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore, detect_format,
-                         read_awq_modules)
+from .checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
+                         detect_format, read_awq_modules)
 from .qat import SIDECAR_NAME
 
 
@@ -25,13 +25,24 @@ def _part(key: str) -> str:
 
 
 def inspect_checkpoint(folder: str | os.PathLike) -> dict:
-    """A JSON-able description of the checkpoint in ``folder``."""
+    """A JSON-able description of the checkpoint in ``folder`` (or of one ``.gguf`` file)."""
     folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".gguf":
+        return _inspect_gguf(folder.parent, [folder])
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder")
-    cfg = LlavaConfig.from_file(folder / "config.json")
     fmt = detect_format(folder)
-    store = TensorStore(folder)
+    if fmt == "gguf":
+        return _inspect_gguf(folder, sorted(folder.glob("*.gguf")))
+    mapped = None
+    if fmt in MAPPED_FORMATS:
+        from .hf_map import open_mapped
+
+        mapped = open_mapped(folder, fmt)  # LLaVA-original names, AWQ triples
+        cfg, store = mapped.config, mapped.store
+    else:
+        cfg = LlavaConfig.from_file(folder / "config.json")
+        store = TensorStore(folder)
     bytes_by_part: Counter = Counter()
     dtypes_by_part: dict[str, set] = {}
     for key in store.keys():
@@ -41,6 +52,7 @@ def inspect_checkpoint(folder: str | os.PathLike) -> dict:
         dtypes_by_part.setdefault(part, set()).add(dtype)
     info = {
         "path": str(folder), "format": fmt,
+        "layout": "llava-hf" if mapped is not None and _hf_layout(folder) else "llava-original",
         "architecture": {"layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
                          "intermediate_size": cfg.intermediate_size, "heads": cfg.num_attention_heads,
                          "kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size,
@@ -65,6 +77,19 @@ def inspect_checkpoint(folder: str | os.PathLike) -> dict:
                                 "fp16_parts": ["embed_tokens", "lm_head", "norms", "projector", "vision_tower"]}
         info["checks"] = {"modules_missing_tensors": missing, "qzeros_all_0x88888888": not non_grace,
                           "layers_with_other_zero_points": non_grace[:10]}
+    elif fmt in ("awq", "compressed-tensors"):
+        kinds = Counter(m.rsplit(".", 1)[-1] for m in mapped.modules)
+        if fmt == "awq":
+            asym = [m for m in mapped.modules if not bool((store.get(f"{m}.qzeros") == GRACE_ZERO_WORD).all())]
+            method = "awq-gemm (AutoAWQ quantization_config)"
+        else:
+            asym = [] if mapped.symmetric else list(mapped.modules)
+            method = "compressed-tensors pack-quantized W4A16"
+        info["quantization"] = {"method": method, "bits": 4, "group_size": mapped.group_size,
+                                "zero_point": 8 if not asym else "asymmetric", "packed_modules": len(mapped.modules),
+                                "by_kind": dict(kinds)}
+        info["checks"] = {"modules_missing_tensors": [m for m in mapped.modules if f"{m}.scales" not in store],
+                          "symmetric_zero_point_8": not asym, "layers_with_other_zero_points": asym[:10]}
     elif fmt == "grace-qat":
         from .qat import read_qat_sidecar
         layers = read_qat_sidecar(folder / SIDECAR_NAME)
@@ -76,8 +101,65 @@ def inspect_checkpoint(folder: str | os.PathLike) -> dict:
     return info
 
 
+def _inspect_gguf(folder: Path, files: list[Path]) -> dict:
+    """llama.cpp files: architecture, tensor types, and which LLaVA pieces (LLM, mmproj) are present."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise CheckpointError("reading GGUF files needs the gguf package (pip install gguf==0.19.0)") from exc
+
+    described, types_total, file_bytes, arch_info, projector = [], Counter(), 0, {}, None
+    for path in files:
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as exc:  # noqa: BLE001 - gguf raises ValueError and friends for bad files
+            raise CheckpointError(f"cannot read GGUF file {path}: {exc}") from exc
+
+        def meta(key, reader=reader):
+            f = reader.fields.get(key)
+            return None if f is None else f.contents()
+
+        arch = meta("general.architecture")
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+        types_total.update(types)
+        file_bytes += path.stat().st_size
+        entry = {"file": path.name, "architecture": arch, "tensors": len(reader.tensors), "types": dict(types),
+                 "file_type": meta("general.file_type")}
+        if arch == "llama":
+            tokens = reader.fields.get("tokenizer.ggml.tokens")
+            arch_info = {"layers": meta("llama.block_count"), "hidden_size": meta("llama.embedding_length"),
+                         "intermediate_size": meta("llama.feed_forward_length"),
+                         "heads": meta("llama.attention.head_count"),
+                         "kv_heads": meta("llama.attention.head_count_kv"),
+                         "vocab_size": None if tokens is None else len(tokens.data)}
+            entry["chat_template"] = "tokenizer.chat_template" in reader.fields
+        elif arch == "clip":
+            projector = meta("clip.projector_type")
+            entry.update(projector_type=projector, vision_layers=meta("clip.vision.block_count"),
+                         image_size=meta("clip.vision.image_size"))
+        described.append(entry)
+    archs = [d["architecture"] for d in described]
+    keys = ("layers", "hidden_size", "intermediate_size", "heads", "kv_heads", "vocab_size")
+    info = {"path": str(folder), "format": "gguf", "layout": "llama.cpp",
+            "architecture": {**{k: arch_info.get(k) for k in keys},
+                             "vision_tower": "mmproj" if "clip" in archs else None, "projector": projector},
+            "file_bytes": file_bytes, "files": described, "bytes_by_part": {}, "dtypes_by_part": {},
+            "quantization": {"method": "gguf", "tensor_types": dict(types_total)} if types_total else None,
+            "checks": {"has_llm": "llama" in archs, "has_mmproj": "clip" in archs}}
+    info["ok"] = "llama" in archs
+    return info
+
+
+def _hf_layout(folder: Path) -> bool:
+    import json
+
+    from .hf_map import is_llava_hf_config
+
+    return is_llava_hf_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+
+
 def format_report(info: dict) -> str:
-    lines = [f"{info['path']}", f"  format        {info['format']}"]
+    lines = [f"{info['path']}", f"  format        {info['format']} ({info.get('layout', 'llava-original')} names)"]
     a = info["architecture"]
     lines.append(f"  model         LLaVA: {a['layers']} layers, hidden {a['hidden_size']}, vocab {a['vocab_size']}, "
                  f"vision tower {a['vision_tower']}, projector {a['projector']}")

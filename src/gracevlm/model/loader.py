@@ -15,8 +15,9 @@ from torch import nn
 
 from ..errors import CheckpointError, FormatError
 from ..formats.awq import check_awq
-from ..formats.checkpoint import (PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore, detect_format,
-                                  is_ignored_key, read_awq_modules)
+from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
+                                  detect_format, is_ignored_key, read_awq_modules)
+from ..formats.hf_map import open_mapped, vision_config_dict
 from ..formats.hub import resolve_model_path
 from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 from ..formats.rtn import rtn_quantize
@@ -85,11 +86,11 @@ def _nbytes(module: nn.Module) -> int:
 
 
 def _packed_linears(cfg: LlavaConfig, store: TensorStore, fmt: str, folder: Path, quantize: str | None,
-                    backend: str | None) -> dict[str, nn.Module]:
+                    backend: str | None, mapped=None) -> dict[str, nn.Module]:
     """Module name -> Int4Linear for every quantized language-model linear."""
     out: dict[str, nn.Module] = {}
-    if fmt == "grace-awq":
-        _, group, modules = read_awq_modules(folder)
+    if fmt == "grace-awq" or (mapped is not None and mapped.modules):
+        _, group, modules = read_awq_modules(folder) if mapped is None else (4, mapped.group_size, mapped.modules)
         for name in modules:
             keys = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales")]
             missing = [k for k in keys if k not in store]
@@ -126,16 +127,7 @@ def _vision_config(cfg: LlavaConfig, store: TensorStore):
 
     if cfg.vision_config:
         return CLIPVisionConfig(**cfg.vision_config)
-    patch = store.get_slice_shape(VISION_PREFIX + "embeddings.patch_embedding.weight")
-    pos = store.get_slice_shape(VISION_PREFIX + "embeddings.position_embedding.weight")
-    fc1 = store.get_slice_shape(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")
-    n_layers = 1 + max(int(k[len(VISION_PREFIX):].split(".")[2]) for k in store.keys()
-                       if k.startswith(VISION_PREFIX + "encoder.layers."))
-    hidden, patch_size = patch[0], patch[2]
-    side = round((pos[0] - 1) ** 0.5)
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=fc1[0], num_hidden_layers=n_layers,
-                            num_attention_heads=max(1, hidden // 64), image_size=side * patch_size,
-                            patch_size=patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return CLIPVisionConfig(**vision_config_dict(cfg, store.keys(), store.get_slice_shape))
 
 
 def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype: torch.dtype) -> nn.Module | None:
@@ -176,20 +168,32 @@ def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype
 def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
                     quantize: str | None = None, vision_dtype: torch.dtype | None = None,
                     fuse: bool = True) -> LoadedModel:
-    """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference.
+    """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference; also
+    AutoAWQ GEMM, compressed-tensors W4A16 and dense llava-hf checkpoints (``formats.hf_map.open_mapped``
+    presents those as LLaVA-original names + AWQ triples).
 
     ``fuse`` concatenates q/k/v and gate/up into single linears after loading (exact, fewer calls).
     """
     t0 = time.perf_counter()
     folder = resolve_model_path(model)
-    cfg = LlavaConfig.from_file(folder / "config.json")
     fmt = detect_format(folder)
+    if fmt == "gguf":
+        raise CheckpointError(f"{folder} holds GGUF files, which are for llama.cpp; gracevlm loads the checkpoint "
+                              "they were exported from (GRACE AWQ/QAT, AutoAWQ, compressed-tensors, llava-hf)")
+    mapped = None
+    if fmt in MAPPED_FORMATS:
+        mapped = open_mapped(folder, fmt)
+        cfg, store = mapped.config, mapped.store
+    else:
+        cfg = LlavaConfig.from_file(folder / "config.json")
+        store = TensorStore(folder)
     tokenizer = LlamaTokenizer.from_dir(folder)
-    store = TensorStore(folder)
     spec = llama_spec(cfg)
     with torch.device("meta"):
         lm = LlamaForCausalLM(spec)
-    packed = _packed_linears(cfg, store, fmt, folder, quantize, backend)
+    if mapped is not None and mapped.modules and quantize not in (None, "none"):
+        raise CheckpointError(f"--quantize {quantize} applies to dense checkpoints; {folder} is already quantized")
+    packed = _packed_linears(cfg, store, fmt, folder, quantize, backend, mapped)
     for name, module in packed.items():
         try:
             target = lm.get_submodule(name)
