@@ -210,8 +210,18 @@ def read_files_seconds(folder: Path) -> float:
 
 def llamacpp_worker(gguf_path: str, threads: int, decode_steps: int, prefill_tokens: int) -> dict:
     """Decode and prefill speed of llama.cpp (llama-cpp-python) on a GGUF of the same shapes."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
     from llama_cpp import Llama
 
+    default_params = llama_cpp.llama_model_default_params
+
+    def params():  # no AMX/repacked weight buffers: some sandboxes trap AMX tiles (illegal instruction)
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
     llm = Llama(model_path=gguf_path, n_ctx=prefill_tokens + decode_steps + 80, n_threads=threads,
                 n_threads_batch=threads, n_batch=512, verbose=False, logits_all=False)
     vocab = llm.n_vocab()
@@ -277,15 +287,14 @@ def _llamacpp_section(folder: Path, decode_steps: int, prefill_tokens: int) -> d
         import llama_cpp  # noqa: F401
     except ImportError:
         return {"skipped": "llama_cpp (llama-cpp-python) is not installed"}
-    try:
-        from .export.gguf import export_gguf
-    except ImportError as exc:
-        return {"skipped": f"GGUF export unavailable: {exc}"}
-    gguf = folder / "bench-q4_0.gguf"
+    from .export import export_model
+
+    gguf = folder.parent / f"{folder.name}-q4_0.gguf"  # beside, not inside: a .gguf inside reads as GGUF
     if not gguf.is_file():
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            written = export_gguf(folder, Path(tmp) / "out", include_mmproj=False)
-            os.replace(written, gguf)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            export_model(folder, "gguf", Path(tmp) / "out")
+            model_file = [p for p in (Path(tmp) / "out").glob("*.gguf") if "mmproj" not in p.name][0]
+            os.replace(model_file, gguf)
     return _run_worker("llamacpp", gguf, torch.get_num_threads(), decode_steps, prefill_tokens)
 
 
