@@ -255,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.cli import register as register_eval
     from .export.cli import register as register_export
+    from .server.cli import register as register_serve
     register_eval(sub)
     register_export(sub)
+    register_serve(sub)
 
     p = sub.add_parser("bench", help="measure kernels, decode/prefill speed, memory (vs baselines, same run)")
     from .bench import add_arguments, run_cli

@@ -1,4 +1,7 @@
-"""The single-sequence generation loop shared by every front end (CLI, Python API, server, eval)."""
+"""The single-sequence generation loop shared by every front end (CLI, Python API, server, eval).
+
+``TokenStream`` is the per-request output logic (sampling, EOS, stop strings, length, incremental
+detokenizing, LLaVA's strip) that both ``stream_generate`` and the batch scheduler run."""
 from __future__ import annotations
 
 import time
@@ -80,6 +83,80 @@ class _StopMatcher:
         return len(text) - hold
 
 
+class TokenStream:
+    """Per-request output logic shared by ``stream_generate`` and the batch scheduler.
+
+    Feed it one logits row per step (``push``); it samples the next token with the request's seeded
+    ``Sampler``, detects EOS, stop strings and the length limit, detokenizes incrementally and returns the
+    text delta that is safe to emit. ``close`` returns the last delta and fixes ``text`` and
+    ``finish_reason``. Deltas never split a multi-byte character, never contain (a prefix of) a stop
+    string, and add up to the final text, which is stripped as LLaVA strips its answers.
+    """
+
+    def __init__(self, tokenizer: LlamaTokenizer, params: SamplingParams, max_new_tokens: int, vocab: int):
+        self.eos_id = tokenizer.eos_id
+        self.sampler = Sampler(params)
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = _StopMatcher(params.stop)
+        self.max_new_tokens = max_new_tokens
+        self.vocab = vocab  # rows past the tokenizer (padding) are never sampled
+        self.token_ids: list[int] = []
+        self.steps = 0  # tokens sampled (EOS included)
+        self.done = max_new_tokens <= 0
+        self.finish_reason = "length"
+        self.text = ""
+        self._raw, self._emitted, self._cut = "", 0, -1
+
+    @property
+    def last_token(self) -> int:
+        """The token to feed to the model for the next step."""
+        return self.token_ids[-1]
+
+    def push(self, logits: torch.Tensor) -> str:
+        """Sample from ``logits [>= vocab]``; returns the new safe delta (maybe ""). Sets ``done``."""
+        if self.done:
+            raise RuntimeError("TokenStream.push after the stream finished")
+        token = self.sampler(logits[:self.vocab])
+        self.steps += 1
+        if token == self.eos_id:
+            self.finish_reason, self.done = "stop", True
+            return ""
+        self.token_ids.append(token)
+        self._raw += self.decoder.push(token)
+        text = self._raw.lstrip()  # LLaVA strips the decoded answer; deltas add up to the stripped text
+        self._cut = self.stops.find(text, self._emitted) if self.stops.stops else -1
+        if self._cut >= 0:
+            self.finish_reason, self.done = "stop", True
+            return ""
+        delta = ""
+        end = min(self.stops.safe_end(text), len(text.rstrip()))
+        if end > self._emitted:
+            delta = text[self._emitted:end]
+            self._emitted = end
+        if self.steps >= self.max_new_tokens:
+            self.done = True
+        return delta
+
+    def close(self, finish_reason: str | None = None) -> str:
+        """Finish the stream (early when ``finish_reason`` is given, e.g. "cancelled"); returns the
+        last delta. ``text`` and ``finish_reason`` are final afterwards."""
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+        if self._cut < 0:
+            self._raw += self.decoder.flush()
+        text = self._raw.lstrip()
+        cut = self.stops.find(text, 0) if self.stops.stops else -1
+        if cut >= 0:
+            text = text[:cut]
+            if finish_reason is None:
+                self.finish_reason = "stop"
+        text = text.rstrip()
+        self.done, self.text = True, text
+        delta = text[self._emitted:] if len(text) > self._emitted else ""
+        self._emitted = max(self._emitted, len(text))
+        return delta
+
+
 def stream_generate(model: LlavaModel, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                     image_features: torch.Tensor | None, params: SamplingParams, max_context: int,
                     result: Generation | None = None, started: float | None = None) -> Iterator[str]:
@@ -94,56 +171,45 @@ def stream_generate(model: LlavaModel, tokenizer: LlamaTokenizer, prompt_ids: li
     with torch.inference_mode():
         embeds = model.embed_prompt(prompt_ids, image_features)
         length = embeds.shape[0]
-        if length >= max_context:
-            raise InputError(f"the prompt takes {length} positions (each image counts as "
-                             f"{image_features.shape[1] if image_features is not None else 0}) but the context "
-                             f"window is {max_context}; shorten the prompt or use fewer images")
+        check_prompt_length(length, max_context, image_features)
         max_new = min(params.max_new_tokens, max_context - length)
         cache = model.new_cache(1, length + max_new)
-        sampler = Sampler(params)
-        vocab = min(tokenizer.vocab_size, logits_rows(lm))
-        decoder = StreamDecoder(tokenizer)
-        stops = _StopMatcher(params.stop)
+        out = TokenStream(tokenizer, params, max_new, min(tokenizer.vocab_size, logits_rows(lm)))
+        res.token_ids = out.token_ids
         t0 = time.perf_counter()
         dev = embeds.device
         logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache)
         res.timings.prefill_s = time.perf_counter() - t0
         res.timings.prefill_tokens = length
-        raw, emitted, steps = "", 0, 0
-        finish, cut = "length", -1
+        steps = 0
         t_decode = time.perf_counter()
-        for step in range(max_new):
-            token = sampler(logits[0, :vocab])  # rows past the tokenizer (padding) are never sampled
-            if step == 0:
+        while True:
+            delta = out.push(logits[0])
+            if out.steps == 1:
                 res.timings.ttft_s = time.perf_counter() - t_start
-            if token == tokenizer.eos_id:
-                finish = "stop"
+            if delta:
+                yield delta
+            if out.done:
                 break
-            res.token_ids.append(token)
-            raw += decoder.push(token)
-            text = raw.lstrip()  # LLaVA strips the decoded answer; deltas add up to the stripped text
-            cut = stops.find(text, emitted) if stops.stops else -1
-            if cut >= 0:
-                finish = "stop"
-                break
-            end = min(stops.safe_end(text), len(text.rstrip()))
-            if end > emitted:
-                yield text[emitted:end]
-                emitted = end
-            if step + 1 < max_new:
-                pos = torch.tensor([[length + step]], device=dev)
-                logits = lm(lm.embed(torch.tensor([[token]], device=dev), embeds.dtype), pos, cache)
-                steps += 1
-        if cut < 0:
-            raw += decoder.flush()
-        text = raw.lstrip()
-        cut = stops.find(text, 0) if stops.stops else -1
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-        text = text.rstrip()
-        if len(text) > emitted:
-            yield text[emitted:]
+            pos = torch.tensor([[length + steps]], device=dev)
+            logits = lm(lm.embed(torch.tensor([[out.last_token]], device=dev), embeds.dtype), pos, cache)
+            steps += 1
+        last = out.close()
+        if last:
+            yield last
         res.timings.decode_s = time.perf_counter() - t_decode
         res.timings.decode_tokens = steps
         res.timings.total_s = time.perf_counter() - t_start
-        res.text, res.finish_reason = text, finish
+        res.text, res.finish_reason = out.text, out.finish_reason
+
+
+class PromptTooLong(InputError):
+    """The prompt fills the context window (an ``InputError``)."""
+
+
+def check_prompt_length(length: int, max_context: int, image_features: torch.Tensor | None) -> None:
+    """Raise ``PromptTooLong`` when a prompt of ``length`` positions leaves no room to generate."""
+    if length >= max_context:
+        raise PromptTooLong(f"the prompt takes {length} positions (each image counts as "
+                            f"{image_features.shape[1] if image_features is not None else 0}) but the context "
+                            f"window is {max_context}; shorten the prompt or use fewer images")

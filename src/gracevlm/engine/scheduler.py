@@ -1,0 +1,587 @@
+"""Continuous batching: one background thread owns the model and serves many requests at once.
+
+``BatchScheduler(vlm)`` keeps one KV cache of ``max_batch_size`` slots, each ``max_model_len``
+positions long. Each loop iteration of the model thread does, in this order:
+
+1. reap: requests that were cancelled or ran past their deadline finish ("cancelled" / "timeout") and
+   free their slot;
+2. at most ONE prefill (or one chunk of ``prefill_chunk`` positions of it) of the oldest waiting request
+   that has a free slot, so a long prompt never stalls the running requests for more than one chunk; when
+   its prefill completes, its first token is sampled and it joins the decode batch;
+3. one decode step for every running request together (one token each).
+
+Requests are prepared OUTSIDE the model thread: the caller tokenizes, decodes and encodes images
+(``prepare_chat`` / ``prepare_raw``) and ``submit`` splices the image features into the prompt
+embeddings, so the model thread only runs LLaMA forward passes.
+
+Per request the output logic is ``generate.TokenStream``, the same object ``stream_generate`` uses:
+seeded sampler, EOS, stop strings, max tokens, incremental detokenizer and LLaVA's strip semantics are
+therefore identical to ``VLM.generate``.
+
+Batch invariance (``batch_invariant=True``, the default): the decode step computes each row exactly as a
+lone request would. Attention runs per row over that row's own cache span with the same operators as
+``LlamaForCausalLM`` uses for one sequence (batched SDPA with a padding mask sums in a different order),
+and the fp32/fp16 ``lm_head`` (a dense GEMM whose per-row results depend on the number of rows) runs one
+row at a time. The INT4 projections run batched: the CPU kernels (``native`` below its GEMM crossover of
+16 rows, ``int4pack``) give every row the bits it gets alone. Prefill of a request is never batched with
+another request, and with ``prefill_chunk=None`` it is the very forward ``stream_generate`` runs. So a
+greedy (or seeded) request returns the same tokens alone, batched, and through ``VLM.generate``.
+Exceptions: the ``dense`` INT4 backend (CUDA, or forced) is a GEMM and is not row-invariant, and a chunked
+prefill differs from a one-shot prefill in the last bits; both can flip a near-tie.
+``batch_invariant=False`` uses the model's own ragged batched forward (faster ``lm_head`` at large batch).
+
+Usage counts: ``RequestHandle.prompt_tokens`` is the number of prompt POSITIONS the model computes over:
+text tokens (BOS included) plus ``patches`` positions per image (576 for LLaVA-1.5), minus the image
+markers; it is what counts against ``max_model_len``. ``completion_tokens`` is the number of sampled tokens
+that are part of the output (EOS is not counted).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GraceVLMError, InputError
+from ..model.prompts import tokenize_with_images
+from .generate import Generation, TokenStream, check_prompt_length, logits_rows
+from .sampling import SamplingParams
+
+log = logging.getLogger("gracevlm.scheduler")
+
+FINISH_REASONS = ("stop", "length", "cancelled", "timeout")
+
+
+class QueueFull(GraceVLMError):
+    """``max_queue`` requests are already waiting for a slot; retry later."""
+
+
+class SchedulerClosed(GraceVLMError):
+    """The scheduler was shut down; no request is accepted or continued."""
+
+
+# -- preparation (runs in the caller's thread) -------------------------------------------------------
+
+@dataclass
+class PreparedPrompt:
+    """A request ready for ``BatchScheduler.submit``: token ids with one -200 per image, the projected
+    image features ``[N, patches, hidden]`` (or None), the prompt text, and when preparation started."""
+
+    prompt_ids: list[int]
+    image_features: torch.Tensor | None
+    prompt_text: str
+    image_encode_s: float
+    started: float
+
+
+def prepare_chat(vlm, messages: list[dict], conv_mode: str | None = None) -> PreparedPrompt:
+    """OpenAI-style ``messages`` (content a string or text/image parts) -> prompt ids and image features,
+    exactly as ``VLM.chat`` prepares them (template, ``<image>`` splice, vision tower)."""
+    started = time.perf_counter()
+    msgs, images = vlm._chat_inputs(messages)
+    prompt = vlm.build_prompt(msgs, conv_mode)
+    ids = tokenize_with_images(prompt, vlm.tokenizer)
+    features, enc_s = vlm.encode_images(images)
+    return PreparedPrompt(ids, features, prompt, enc_s, started)
+
+
+def prepare_raw(vlm, text: str) -> PreparedPrompt:
+    """A plain text prompt with no template: BOS, then ``text`` tokenized as is (the tokenizer's legacy
+    rules: ``<s>`` / ``</s>`` in the text become special ids; ``<image>`` is plain text)."""
+    if not isinstance(text, str):
+        raise InputError(f"prompt must be a str, got {type(text).__name__}")
+    started = time.perf_counter()
+    return PreparedPrompt(vlm.tokenizer.encode(text, add_bos=True), None, text, 0.0, started)
+
+
+# -- the handle a caller holds -----------------------------------------------------------------------
+
+_END = object()
+
+
+class RequestHandle:
+    """One submitted request. Iterate it for text deltas (blocking), or poll with ``drain`` (non-blocking,
+    for event loops; pass ``waker`` to ``submit`` to be told when something arrives). ``result()`` waits
+    for the final ``Generation``; its ``finish_reason`` is "stop", "length", "cancelled" or "timeout".
+    A request that failed raises its exception from iteration, ``drain`` and ``result``.
+
+    Deltas add up to ``Generation.text``. Iteration and ``drain`` consume the same queue: use one.
+    """
+
+    def __init__(self, request_id: int, prompt_ids: list[int], prompt_tokens: int, params: SamplingParams,
+                 max_new_tokens: int, started: float, deadline: float | None,
+                 waker: Callable[[], None] | None, wake_scheduler: Callable[[], None]):
+        self.id = request_id
+        self.params = params
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.started = started
+        self.submitted = time.perf_counter()
+        self.deadline = deadline
+        self.queue_s = 0.0  # submit -> slot assigned
+        self.generation = Generation("", [], list(prompt_ids), "length")
+        self.error: BaseException | None = None
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancel = False
+        self._waker = waker
+        self._wake_scheduler = wake_scheduler
+
+    # caller side
+    def cancel(self) -> None:
+        """Ask for the request to stop; its slot is freed at the scheduler's next step."""
+        if not self._done.is_set():
+            self._cancel = True
+            self._wake_scheduler()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel
+
+    @property
+    def done(self) -> bool:
+        """True once the final ``Generation`` (or error) is set."""
+        return self._done.is_set()
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generation.token_ids)
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """``waker()`` is called from the model thread after each new event (keep it cheap, never raise)."""
+        self._waker = waker
+        if waker is not None and not self._events.empty():
+            waker()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._events.get()
+            if item is _END:
+                self._events.put(_END)  # iteration can be repeated; it ends at once
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def drain(self) -> tuple[list[str], bool]:
+        """All deltas available now and whether the request has ended (then nothing more will come)."""
+        out, ended = [], False
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if item is _END:
+                self._events.put(_END)
+                ended = True
+                break
+            out.append(item)
+        if ended and self.error is not None:
+            raise self.error
+        return out, ended
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Wait for the end; returns the final ``Generation`` or raises the request's error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.generation
+
+    # model-thread side
+    def _put(self, item) -> None:
+        self._events.put(item)
+        if self._waker is not None:
+            try:
+                self._waker()
+            except Exception:  # a closed event loop must not hurt the model thread
+                pass
+
+    def _end(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self._done.set()
+        self._put(_END)
+
+
+class _Seq:
+    """Model-thread state of one request."""
+
+    __slots__ = ("handle", "embeds", "length", "out", "slot", "prefilled", "decoded", "t_decode")
+
+    def __init__(self, handle: RequestHandle, embeds: torch.Tensor, out: TokenStream):
+        self.handle, self.embeds, self.out = handle, embeds, out
+        self.length = embeds.shape[0]
+        self.slot = -1
+        self.prefilled = 0  # prompt positions already in the cache
+        self.decoded = 0  # decode forwards done (the next token goes to position length + decoded)
+        self.t_decode = 0.0
+
+
+# -- the scheduler -----------------------------------------------------------------------------------
+
+class BatchScheduler:
+    """Continuous-batching engine over one ``VLM`` (see the module docstring).
+
+    ``max_batch_size``: KV-cache slots = requests decoded together. ``max_queue``: requests allowed to wait
+    for a slot; one more raises ``QueueFull``. ``max_model_len``: positions per slot (prompt + output),
+    default and maximum ``vlm.max_context``. ``request_timeout``: default seconds from submission after
+    which a request finishes with "timeout" (None: never). ``prefill_chunk``: positions per prefill step
+    (None: the whole prompt in one forward, which is exactly ``VLM.generate``'s prefill).
+    """
+
+    def __init__(self, vlm, max_batch_size: int = 8, max_queue: int = 64, max_model_len: int | None = None,
+                 request_timeout: float | None = None, prefill_chunk: int | None = None,
+                 batch_invariant: bool = True):
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if max_model_len is None:
+            max_model_len = vlm.max_context
+        if not isinstance(max_model_len, int) or not 2 <= max_model_len <= vlm.max_context:
+            raise InputError(f"max_model_len must be an integer in [2, {vlm.max_context}] (the model's context "
+                             f"window), got {max_model_len!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise InputError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        if request_timeout is not None and not request_timeout > 0:
+            raise InputError(f"request_timeout must be > 0 seconds or None, got {request_timeout!r}")
+        self.vlm = vlm
+        self.model = vlm.model
+        self.lm = vlm.model.language_model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len
+        self.request_timeout = request_timeout
+        self.prefill_chunk = prefill_chunk
+        self.batch_invariant = batch_invariant
+        self.device = self.lm.lm_head.weight.device
+        self.dtype = self.model.compute_dtype
+        self.vocab = min(vlm.tokenizer.vocab_size, logits_rows(self.lm))
+        self.cache = self.model.new_cache(max_batch_size, max_model_len)
+
+        self._cond = threading.Condition()
+        self._pending: deque[_Seq] = deque()
+        self._free = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
+        self._running: list[_Seq] = []
+        self._prefilling: _Seq | None = None
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._counts = {"submitted": 0, "rejected": 0, "failed": 0, "decode_steps": 0, "prefill_chunks": 0,
+                        "prompt_tokens": 0, "completion_tokens": 0, **{f"finished_{r}": 0 for r in FINISH_REASONS}}
+        self._thread = threading.Thread(target=self._run, name="gracevlm-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], image_features: torch.Tensor | None, params: SamplingParams, *,
+               timeout: float | None = None, started: float | None = None,
+               waker: Callable[[], None] | None = None) -> RequestHandle:
+        """Queue one request; returns at once. Raises ``InputError`` for a bad prompt (image count or
+        feature shape mismatch, prompt too long for ``max_model_len``), ``QueueFull`` when ``max_queue``
+        requests wait already, ``SchedulerClosed`` after ``shutdown``. ``timeout`` (seconds from
+        ``started``, default ``request_timeout``) bounds the whole request; ``started`` (a
+        ``time.perf_counter()`` value, default now) is where time to first token counts from."""
+        if self._closed:
+            raise SchedulerClosed("the scheduler is shut down")
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = [int(t) for t in prompt_ids]
+        started = time.perf_counter() if started is None else started
+        with torch.inference_mode():
+            features = self._check_features(image_features)
+            embeds = self.model.embed_prompt(ids, features)
+        length = embeds.shape[0]
+        check_prompt_length(length, self.max_model_len, features)
+        max_new = min(params.max_new_tokens, self.max_model_len - length)
+        timeout = self.request_timeout if timeout is None else timeout
+        deadline = None if timeout is None else started + timeout
+        out = TokenStream(self.vlm.tokenizer, params, max_new, self.vocab)
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the scheduler is shut down")
+            if len(self._pending) >= self.max_queue:
+                self._counts["rejected"] += 1
+                raise QueueFull(f"{len(self._pending)} requests are waiting for one of {self.max_batch_size} "
+                                f"slots (max_queue={self.max_queue}); retry later")
+            handle = RequestHandle(next(self._ids), ids, length, params, max_new, started, deadline, waker,
+                                   self._wake)
+            handle.generation.token_ids = out.token_ids
+            self._pending.append(_Seq(handle, embeds, out))
+            self._counts["submitted"] += 1
+            self._cond.notify()
+        return handle
+
+    def submit_prepared(self, prepared: PreparedPrompt, params: SamplingParams, **kwargs) -> RequestHandle:
+        kwargs.setdefault("started", prepared.started)
+        handle = self.submit(prepared.prompt_ids, prepared.image_features, params, **kwargs)
+        handle.generation.prompt = prepared.prompt_text
+        handle.generation.timings.image_encode_s = prepared.image_encode_s
+        return handle
+
+    def submit_chat(self, messages: list[dict], params: SamplingParams, conv_mode: str | None = None,
+                    **kwargs) -> RequestHandle:
+        """Prepare ``messages`` in the calling thread (``prepare_chat``), then ``submit``."""
+        return self.submit_prepared(prepare_chat(self.vlm, messages, conv_mode), params, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, active slots and cumulative counters (for metrics)."""
+        with self._cond:
+            return {"queue_depth": len(self._pending), "active_slots": self.max_batch_size - len(self._free),
+                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
+                    "max_model_len": self.max_model_len, "kv_cache_bytes": self.cache.nbytes(), **self._counts}
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the model thread; requests still queued or running fail with ``SchedulerClosed``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "BatchScheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _check_features(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        if features is None:
+            return None
+        hidden = self.lm.spec.hidden_size
+        if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[2] != hidden \
+                or features.shape[1] < 1 or not (features.is_floating_point()):
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise InputError(f"image features must be a float tensor [images, patches, {hidden}], got {shape}")
+        return features.to(device=self.device, dtype=self.dtype)
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not (self._closed or self._pending or self._running or self._prefilling):
+                            self._cond.wait()
+                        if self._closed:
+                            break
+                    self._reap()
+                    self._prefill_step()
+                    self._decode_step()
+        except BaseException as exc:  # a bug in the loop itself: fail everyone, never hang callers
+            log.exception("scheduler thread crashed")
+            self._closed = True
+            self._fail_all(exc)
+            raise
+        self._fail_all(SchedulerClosed("the scheduler was shut down before this request finished"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            seqs = list(self._pending) + self._running + ([self._prefilling] if self._prefilling else [])
+            self._pending.clear()
+        self._running, self._prefilling = [], None
+        for seq in seqs:
+            if not seq.handle.done:
+                self._release(seq)
+                seq.handle._end(exc)
+
+    def _expired(self, seq: _Seq, now: float) -> str | None:
+        h = seq.handle
+        if h._cancel:
+            return "cancelled"
+        if h.deadline is not None and now >= h.deadline:
+            return "timeout"
+        return None
+
+    def _reap(self) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            gone = [(s, r) for s in self._pending if (r := self._expired(s, now))]
+            for seq, _ in gone:
+                self._pending.remove(seq)
+        for seq, reason in gone:
+            self._finish(seq, reason)
+        if self._prefilling is not None and (reason := self._expired(self._prefilling, now)):
+            seq, self._prefilling = self._prefilling, None
+            self._finish(seq, reason)
+        for seq in [s for s in self._running if self._expired(s, now)]:
+            self._finish(seq, self._expired(seq, now))
+
+    def _prefill_step(self) -> None:
+        seq = self._prefilling
+        if seq is None:
+            with self._cond:
+                if not self._pending or not self._free:
+                    return
+                seq = self._pending.popleft()
+                seq.slot = self._free.pop()
+            seq.handle.queue_s = time.perf_counter() - seq.handle.submitted
+            self._prefilling = seq
+        try:
+            start = seq.prefilled
+            end = seq.length if self.prefill_chunk is None else min(seq.length, start + self.prefill_chunk)
+            t0 = time.perf_counter()
+            positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+            slots = torch.tensor([seq.slot], device=self.device)
+            logits = self.lm(seq.embeds[start:end].unsqueeze(0), positions, self.cache, slots)
+            timings = seq.handle.generation.timings
+            timings.prefill_s += time.perf_counter() - t0
+            seq.prefilled = end
+            self._counts["prefill_chunks"] += 1
+            if end < seq.length:
+                return
+            timings.prefill_tokens = seq.length
+            self._prefilling = None
+            seq.embeds = None
+            seq.t_decode = time.perf_counter()
+            self._running.append(seq)
+            self._emit(seq, logits[0])
+        except Exception as exc:  # this request only (bad features, numerical failure, ...)
+            if self._prefilling is seq:
+                self._prefilling = None
+            self._fail(seq, exc)
+
+    def _decode_step(self) -> None:
+        rows = [s for s in self._running if not s.out.done]
+        if not rows:
+            return
+        tokens = torch.tensor([s.out.last_token for s in rows], device=self.device)
+        positions = [s.length + s.decoded for s in rows]
+        slots = torch.tensor([s.slot for s in rows], device=self.device)
+        try:
+            if self.batch_invariant:
+                logits = self._decode_forward(tokens, positions, slots)
+            else:
+                pos = torch.tensor(positions, device=self.device).unsqueeze(1)
+                logits = self.lm(self.lm.embed(tokens.unsqueeze(1), self.dtype), pos, self.cache, slots)
+        except Exception as exc:  # the batched forward itself failed: every row of it fails
+            log.exception("decode step failed for %d requests", len(rows))
+            for seq in rows:
+                self._fail(seq, exc)
+            return
+        self._counts["decode_steps"] += 1
+        for i, seq in enumerate(rows):
+            seq.decoded += 1
+            self._emit(seq, logits[i])
+
+    def _emit(self, seq: _Seq, logits: torch.Tensor) -> None:
+        try:
+            delta = seq.out.push(logits)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        h = seq.handle
+        if seq.out.steps == 1:
+            h.generation.timings.ttft_s = time.perf_counter() - h.started
+        if delta:
+            h._put(delta)
+        if seq.out.done:
+            self._finish(seq, None)
+
+    def _release(self, seq: _Seq) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.slot >= 0:
+            with self._cond:
+                self._free.append(seq.slot)
+            seq.slot = -1
+        seq.embeds = None
+
+    def _finish(self, seq: _Seq, reason: str | None) -> None:
+        self._release(seq)
+        h = seq.handle
+        last = seq.out.close(reason)
+        if last:
+            h._put(last)
+        g = h.generation
+        g.text, g.finish_reason = seq.out.text, seq.out.finish_reason
+        now = time.perf_counter()
+        t = g.timings
+        if seq.t_decode:
+            t.decode_s = now - seq.t_decode
+        t.decode_tokens = seq.decoded
+        t.total_s = now - h.started
+        with self._cond:
+            self._counts[f"finished_{g.finish_reason}"] += 1
+            self._counts["prompt_tokens"] += h.prompt_tokens
+            self._counts["completion_tokens"] += len(g.token_ids)
+        h._end()
+
+    def _fail(self, seq: _Seq, exc: BaseException) -> None:
+        if not isinstance(exc, GraceVLMError):
+            log.error("request %d failed: %s: %s", seq.handle.id, type(exc).__name__, exc)
+        self._release(seq)
+        with self._cond:
+            self._counts["failed"] += 1
+        seq.handle._end(exc)
+
+    # -- the batch-invariant decode forward -----------------------------------------------------------
+    def _decode_forward(self, tokens: torch.Tensor, positions: list[int], slots: torch.Tensor) -> torch.Tensor:
+        """One token per row -> logits float32 ``[B, V]``; each row computed as ``LlamaForCausalLM`` computes
+        a lone sequence (per-row attention span, per-row ``lm_head``), the projections batched."""
+        lm = self.lm
+        b = tokens.shape[0]
+        pos = torch.tensor(positions, device=self.device).view(b, 1)
+        x = lm.embed(tokens.view(b, 1), self.dtype)
+        cos, sin = lm.rotary(pos)
+        for i, layer in enumerate(lm.model.layers):
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, i, slots, pos, positions)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = lm.model.norm(x)
+        head = lm.lm_head
+        wdtype = head.weight.dtype
+        if b == 1 or not isinstance(head, torch.nn.Linear):
+            logits = head(x.to(wdtype))
+        else:
+            logits = torch.cat([head(x[r:r + 1].to(wdtype)) for r in range(b)])
+        return logits.to(torch.float32)[:, -1]
+
+    def _attention(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                   slots: torch.Tensor, pos: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        b, t, _ = x.shape
+        s = attn.spec
+        if hasattr(attn, "qkv_proj"):
+            q, k, v = attn.qkv_proj(x).split(attn.qkv_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        slot_idx = slots.view(b, 1).expand(b, t)
+        kc[slot_idx, :, pos] = k.transpose(1, 2).to(kc.dtype)
+        vc[slot_idx, :, pos] = v.transpose(1, 2).to(vc.dtype)
+        groups = s.num_heads // s.num_kv_heads
+        outs = []
+        for r in range(b):
+            span = positions[r] + 1
+            row = slots[r:r + 1]
+            keys = kc[row, :, :span].to(q.dtype)
+            values = vc[row, :, :span].to(q.dtype)
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            mask = torch.ones(1, 1, 1, span, dtype=torch.bool, device=q.device)
+            outs.append(F.scaled_dot_product_attention(q[r:r + 1], keys, values, attn_mask=mask))
+        out = torch.cat(outs)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)

@@ -1,0 +1,139 @@
+"""``gracevlm serve`` / ``python -m gracevlm.server``: an OpenAI-compatible HTTP server.
+
+``register(subparsers)`` adds the ``serve`` subcommand to the main CLI; ``main(argv)`` runs it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+DESCRIPTION = """\
+Serve a GRACE / LLaVA-1.5 checkpoint over an OpenAI-compatible HTTP API with continuous batching:
+GET /v1/models, POST /v1/chat/completions (text and image_url parts), POST /v1/completions (raw prompt,
+no template), GET /health (503 while the model loads), GET /metrics (Prometheus).
+
+Defaults are safe: bound to 127.0.0.1, 20 MiB request bodies, 40 Mpixel images, images only as
+data:image/...;base64 URLs (no local files, no downloads) unless enabled. Sampling defaults to greedy
+(temperature 0) as `gracevlm run` does. usage.prompt_tokens counts prompt positions, image patches
+included."""
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+
+    p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env GRACEVLM_API_KEY; none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients must send (default: --model)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="positions per request, prompt + output (default: the model's context window)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="prefill long prompts in chunks of N positions between decode steps (0: whole "
+                        "prompt at once, the exact computation of `gracevlm run`)")
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="batch the lm_head and attention too (faster at large batch; a greedy answer may then "
+                        "differ in rare near-ties from the same request served alone)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, queueing included (0: no limit)")
+    p.add_argument("--max-body-bytes", type=int, default=20 * 2**20, help="request body cap (413 above)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES, help="encoded image cap (413)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="image pixel cap (413)")
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="allow file:// image URLs for files inside this folder (symlinks resolved)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="allow http(s):// image URLs (fetched by the server: any host it can reach)")
+    p.add_argument("--backend", default=None, help="INT4 kernel: auto (default), reference, dense, native, ...")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", choices=["rtn"], default=None, help="quantize a plain fp16 checkpoint at load")
+    p.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--no-access-log", dest="access_log", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..errors import InputError
+    from .serving import ServerConfig
+
+    for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.prefill_chunk < 0 or args.request_timeout < 0:
+        raise InputError("--prefill-chunk and --request-timeout must be >= 0")
+    local = args.allowed_local_media_path
+    if local is not None and not os.path.isdir(local):
+        raise InputError(f"--allowed-local-media-path {local!r} is not a folder")
+    return ServerConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("GRACEVLM_API_KEY") or None,
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,
+        prefill_chunk=args.prefill_chunk or None, batch_invariant=args.batch_invariant,
+        request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
+        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        allowed_local_media_path=local, allow_remote_images=args.allow_remote_images,
+        backend=args.backend, device=args.device, quantize=args.quantize, conv_mode=args.conv_mode)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    config = config_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not _is_loopback(config.host) and not config.api_key:
+        logging.getLogger("gracevlm.server").warning(
+            "binding %s without an API key: anyone who can reach this address can use the model", config.host)
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                           access_log=args.access_log, lifespan="on", timeout_graceful_shutdown=5))
+    failed = []
+
+    def stop_on_failure() -> None:
+        failed.append(True)
+        server.should_exit = True
+
+    app.state.on_load_failure = stop_on_failure
+    server.run()
+    if failed:
+        print(f"gracevlm serve: error: {app.state.load_error}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``serve`` to the main CLI's subparsers."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import GraceVLMError
+
+    parser = argparse.ArgumentParser(prog="python -m gracevlm.server", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_serve(args)
+    except GraceVLMError as exc:
+        print(f"gracevlm serve: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,146 @@
+"""Request and response bodies of the OpenAI API subset we serve (pydantic models in OpenAI's shapes).
+
+Requests ignore fields they do not know (clients send many optional ones); fields we know but cannot
+honour (``n > 1``, ``logprobs``, ``tools``, penalties, ``echo`` ...) are refused with a clear 400 by
+``serving.py``. Responses are built as plain dicts in ``serving.py`` with the helpers below, so that
+their JSON is exactly OpenAI's (``null`` where OpenAI writes ``null``).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- requests ----------------------------------------------------------------------------------------
+
+class ImageURL(_Lenient):
+    url: str
+    detail: Optional[str] = None
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Lenient):
+    type: Literal["image_url"]
+    image_url: Union[ImageURL, str]
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Lenient):
+    model: str
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=0)  # extension (not in OpenAI's API)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str]]
+    max_tokens: Optional[int] = Field(default=16, ge=1)
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": use, "system_fingerprint": None}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict | None, finish: str | None,
+               include_usage: bool, use: dict | None = None) -> dict:
+    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (empty ``choices``)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": choices, "system_fingerprint": None}
+    if include_usage:
+        chunk["usage"] = use
+    return chunk
+
+
+def text_completion(rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": use, "system_fingerprint": None}
+
+
+def text_chunk(rid: str, created: int, model: str, text: str | None, finish: str | None,
+               include_usage: bool, use: dict | None = None) -> dict:
+    """One streamed ``text_completion``; ``text=None`` gives the usage-only chunk (empty ``choices``)."""
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+             "system_fingerprint": None}
+    if include_usage:
+        chunk["usage"] = use
+    return chunk
+
+
+def model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "gracevlm"}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

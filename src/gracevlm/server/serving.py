@@ -1,0 +1,440 @@
+"""Request -> engine -> response / server-sent events. The only server module that talks to the engine.
+
+Semantics worth knowing (documented for users in ``gracevlm serve --help`` and the README):
+
+* Sampling defaults are the engine's, not OpenAI's: ``temperature`` 0 (greedy), ``top_p`` 1, so the
+  server answers exactly what ``gracevlm run`` / ``VLM.generate`` answers for the same request.
+  ``top_k`` is accepted as an extension.
+* Chat: ``max_completion_tokens`` (or the older ``max_tokens``) defaults to the rest of the context.
+  Completions: ``max_tokens`` defaults to 16 (as OpenAI's), and the prompt is used with NO template: BOS,
+  then the prompt text tokenized as is.
+* ``usage.prompt_tokens`` counts prompt positions (image positions included, see ``engine.scheduler``);
+  ``completion_tokens`` the generated tokens (EOS not counted).
+* A request that runs past ``--request-timeout`` gets HTTP 408 (non-streaming) or, once streaming,
+  an ``{"error": ...}`` event followed by ``data: [DONE]``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pydantic
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from ..engine.generate import PromptTooLong
+from ..engine.sampling import SamplingParams
+from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed, prepare_chat, prepare_raw
+from ..errors import GraceVLMError, InputError
+from . import protocol as P
+from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MediaError, MediaPolicy, load_image_url
+from .metrics import Metrics
+
+log = logging.getLogger("gracevlm.server")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_model_len: int | None = None
+    prefill_chunk: int | None = None
+    batch_invariant: bool = True
+    request_timeout: float | None = 600.0
+    max_body_bytes: int = 20 * 2**20
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allowed_local_media_path: str | None = None
+    allow_remote_images: bool = False
+    image_fetch_timeout: float = 10.0
+    backend: str | None = None
+    device: str = "auto"
+    quantize: str | None = None
+    conv_mode: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def media_policy(self) -> MediaPolicy:
+        local = Path(self.allowed_local_media_path) if self.allowed_local_media_path else None
+        return MediaPolicy(allowed_local_path=local, allow_remote=self.allow_remote_images,
+                           max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+                           fetch_timeout=self.image_fetch_timeout)
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.type = type_ or ERROR_TYPES.get(status, "invalid_request_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return P.error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map engine / media errors to HTTP errors; anything else is a bug (500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, MediaError):
+        return APIError(exc.status, exc.message, exc.code, "messages")
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), "queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, SchedulerClosed):
+        return APIError(503, str(exc), "shutting_down")
+    if isinstance(exc, PromptTooLong):
+        return APIError(400, str(exc), "context_length_exceeded", "messages")
+    if isinstance(exc, (InputError, GraceVLMError)):
+        return APIError(400, str(exc), "invalid_value")
+    raise exc
+
+
+class ServerState:
+    """The loaded model, its scheduler and the server's metrics. Loading runs in a background thread so
+    that the socket is bound (and ``/health`` answers 503) while the weights load."""
+
+    def __init__(self, config: ServerConfig, loader: Callable[[ServerConfig], Any] | None = None):
+        self.config = config
+        self.metrics = Metrics()
+        self.media = config.media_policy()
+        self.created = P.now()
+        self.vlm = None
+        self.scheduler: BatchScheduler | None = None
+        self.load_error: str | None = None
+        self.on_load_failure: Callable[[], None] | None = None
+        self._loader = loader or _default_loader
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None and self.scheduler.alive
+
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="gracevlm-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        c = self.config
+        try:
+            t0 = time.perf_counter()
+            vlm = self._loader(c)
+            if c.max_image_pixels > vlm.image_spec.max_pixels:  # the engine must not refuse what we allow
+                vlm.image_spec = replace(vlm.image_spec, max_pixels=c.max_image_pixels)
+            scheduler = BatchScheduler(vlm, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
+                                       max_model_len=c.max_model_len, request_timeout=c.request_timeout,
+                                       prefill_chunk=c.prefill_chunk, batch_invariant=c.batch_invariant)
+            self.vlm, self.scheduler = vlm, scheduler
+            log.info("model %s loaded in %.1f s as %r; %d slots x %d positions (KV cache %.1f MiB)", c.model,
+                     time.perf_counter() - t0, c.model_name, scheduler.max_batch_size, scheduler.max_model_len,
+                     scheduler.cache.nbytes() / 2**20)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("loading the model failed: %s", self.load_error)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+
+    def shutdown(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+
+    # -- checks shared by the routes ----------------------------------------------------------------
+    def require_ready(self) -> BatchScheduler:
+        if self.scheduler is None:
+            msg = f"the model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+            raise APIError(503, msg, "model_not_ready", headers={"Retry-After": "5"})
+        if not self.scheduler.alive:
+            raise APIError(503, "the engine is shut down", "shutting_down")
+        return self.scheduler
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                           "model_not_found", "model")
+
+
+def _default_loader(config: ServerConfig):
+    from ..engine.vlm import load
+
+    return load(config.model, device=config.device, backend=config.backend, quantize=config.quantize,
+                conv_mode=config.conv_mode)
+
+
+# -- request parsing -----------------------------------------------------------------------------------
+
+async def parse_body(request: Request, model: type[pydantic.BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err.get("loc", ())) or None
+        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), "invalid_value",
+                       param) from None
+
+
+def _refuse(cond: bool, param: str, what: str) -> None:
+    if cond:
+        raise APIError(400, f"{param}: {what} is not supported by this server", "unsupported_parameter", param)
+
+
+def _common_checks(req: P._SamplingFields) -> None:
+    if req.n not in (None, 1):
+        raise APIError(400, f"n: only n=1 is supported (got {req.n}); send separate requests for more choices",
+                       "unsupported_parameter", "n")
+    _refuse(bool(req.presence_penalty), "presence_penalty", "a non-zero presence penalty")
+    _refuse(bool(req.frequency_penalty), "frequency_penalty", "a non-zero frequency penalty")
+    _refuse(bool(req.logit_bias), "logit_bias", "logit_bias")
+
+
+def sampling_params(req: P._SamplingFields, max_new_tokens: int) -> SamplingParams:
+    stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
+    if len(stop) > 16:
+        raise APIError(400, "stop: at most 16 stop strings are supported", "invalid_value", "stop")
+    try:
+        return SamplingParams(max_new_tokens=max_new_tokens,
+                              temperature=0.0 if req.temperature is None else req.temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                              seed=req.seed, stop=stop)
+    except InputError as exc:
+        raise APIError(400, str(exc), "invalid_value") from None
+
+
+def _chat_messages(req: P.ChatCompletionRequest, media: MediaPolicy) -> list[dict]:
+    """Pydantic messages -> the engine's message dicts, image URLs fetched and decoded (blocking)."""
+    out = []
+    for msg in req.messages:
+        role = "system" if msg.role == "developer" else msg.role
+        if msg.content is None or isinstance(msg.content, str):
+            out.append({"role": role, "content": msg.content or ""})
+            continue
+        parts = []
+        for part in msg.content:
+            if isinstance(part, P.TextPart):
+                parts.append({"type": "text", "text": part.text})
+            else:
+                parts.append({"type": "image", "image": load_image_url(part.url, media)})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+# -- following a request from the event loop ----------------------------------------------------------------
+
+class ClientGone(Exception):
+    pass
+
+
+async def follow(handle: RequestHandle, request: Request | None = None) -> AsyncIterator[list[str]]:
+    """Yield lists of deltas as the engine produces them; cancels the request if the consumer stops early
+    or (non-streaming, ``request`` given) the client disconnects."""
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(ready.set)
+
+    handle.set_waker(wake)
+    checked = loop.time()
+    try:
+        while True:
+            ready.clear()
+            deltas, ended = handle.drain()
+            if deltas:
+                yield deltas
+            if ended:
+                return
+            if request is not None and loop.time() - checked >= 0.5:
+                checked = loop.time()
+                if await request.is_disconnected():
+                    raise ClientGone()
+            try:
+                await asyncio.wait_for(ready.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        handle.set_waker(None)
+        if not handle.done:
+            handle.cancel()
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# -- the two completion endpoints ------------------------------------------------------------------------
+
+class Serving:
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    async def _submit(self, prepare: Callable[[], Any], params: SamplingParams) -> RequestHandle:
+        scheduler = self.state.require_ready()
+        stats = scheduler.stats()
+        if stats["queue_depth"] >= stats["max_queue"]:  # refuse before spending time on images
+            raise to_api_error(QueueFull(f"{stats['queue_depth']} requests are waiting (max_queue="
+                                         f"{stats['max_queue']}); retry later"))
+
+        def work() -> RequestHandle:
+            return scheduler.submit_prepared(prepare(), params)
+
+        try:
+            return await run_in_threadpool(work)
+        except Exception as exc:
+            raise to_api_error(exc) from None
+
+    def _usage(self, handle: RequestHandle) -> dict:
+        return P.usage(handle.prompt_tokens, handle.completion_tokens)
+
+    def _observe(self, handle: RequestHandle) -> None:
+        g = handle.generation
+        if g.finish_reason in ("stop", "length"):
+            self.state.metrics.observe_generation(g.timings.ttft_s, g.timings.total_s, handle.completion_tokens)
+
+    def _timeout_error(self, handle: RequestHandle) -> APIError:
+        return APIError(408, f"the request ran past the server's timeout after {handle.completion_tokens} tokens",
+                        "request_timeout")
+
+    async def _wait(self, handle: RequestHandle, request: Request) -> None:
+        try:
+            async for _ in follow(handle, request):
+                pass
+        except ClientGone:
+            raise APIError(499, "the client closed the connection; the request was cancelled",
+                           "client_closed_request") from None
+        except Exception as exc:
+            raise to_api_error(exc) from None
+        if handle.generation.finish_reason == "timeout":
+            raise self._timeout_error(handle)
+
+    async def chat(self, request: Request):
+        state = self.state
+        req = await parse_body(request, P.ChatCompletionRequest)
+        state.require_ready()
+        state.check_model(req.model)
+        _common_checks(req)
+        _refuse(bool(req.logprobs), "logprobs", "logprobs")
+        _refuse(bool(req.tools), "tools", "tool calling")
+        rf = (req.response_format or {}).get("type", "text")
+        _refuse(rf != "text", "response_format", f"response_format {rf!r}")
+        max_new = req.max_completion_tokens or req.max_tokens or state.scheduler.max_model_len
+        params = sampling_params(req, max_new)
+        vlm, conv_mode = state.vlm, state.config.conv_mode
+
+        def prepare():
+            return prepare_chat(vlm, _chat_messages(req, state.media), conv_mode)
+
+        handle = await self._submit(prepare, params)
+        rid, created, name = P.new_id("chatcmpl"), P.now(), state.config.model_name
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if not req.stream:
+            await self._wait(handle, request)
+            self._observe(handle)
+            g = handle.generation
+            return JSONResponse(P.chat_completion(rid, created, name, g.text, g.finish_reason, self._usage(handle)))
+
+        head = sse(P.chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, None, include_usage))
+        return self._streaming(
+            handle, head, lambda text: P.chat_chunk(rid, created, name, {"content": text}, None, include_usage),
+            lambda finish: P.chat_chunk(rid, created, name, {}, finish, include_usage),
+            lambda use: P.chat_chunk(rid, created, name, None, None, True, use), include_usage)
+
+    async def completions(self, request: Request):
+        state = self.state
+        req = await parse_body(request, P.CompletionRequest)
+        state.require_ready()
+        state.check_model(req.model)
+        _common_checks(req)
+        _refuse(bool(req.echo), "echo", "echo")
+        _refuse(req.logprobs is not None, "logprobs", "logprobs")
+        _refuse(req.suffix is not None, "suffix", "suffix")
+        _refuse(req.best_of not in (None, 1), "best_of", "best_of > 1")
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: exactly one prompt string is supported (batch prompts are not)",
+                               "unsupported_parameter", "prompt")
+            prompt = prompt[0]
+        params = sampling_params(req, req.max_tokens or 16)
+        vlm = state.vlm
+        handle = await self._submit(lambda: prepare_raw(vlm, prompt), params)
+        rid, created, name = P.new_id("cmpl"), P.now(), state.config.model_name
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if not req.stream:
+            await self._wait(handle, request)
+            self._observe(handle)
+            g = handle.generation
+            return JSONResponse(P.text_completion(rid, created, name, g.text, g.finish_reason, self._usage(handle)))
+
+        return self._streaming(
+            handle, None, lambda text: P.text_chunk(rid, created, name, text, None, include_usage),
+            lambda finish: P.text_chunk(rid, created, name, "", finish, include_usage),
+            lambda use: P.text_chunk(rid, created, name, None, None, True, use), include_usage)
+
+    # -- streaming plumbing ---------------------------------------------------------------------------
+    def _streaming(self, handle: RequestHandle, head: str | None, delta: Callable[[str], dict],
+                   final: Callable[[str], dict], usage_chunk: Callable[[dict], dict],
+                   include_usage: bool) -> StreamingResponse:
+        """SSE: ``head`` (chat: the role chunk), one chunk per batch of deltas, the finish chunk, the usage
+        chunk (when asked), ``[DONE]``. An error after the headers went out becomes an error event. If the
+        client goes away, starlette cancels this generator and the request is cancelled with it."""
+        async def body():
+            try:
+                if head is not None:
+                    yield head
+                try:
+                    async for deltas in follow(handle):
+                        yield sse(delta("".join(deltas)))
+                except Exception as exc:
+                    try:
+                        err = to_api_error(exc)
+                    except Exception:
+                        log.exception("request %d failed while streaming", handle.id)
+                        err = APIError(500, "internal server error while generating", "internal_error")
+                    yield sse(err.body())
+                    yield sse("[DONE]")
+                    return
+                g = handle.generation
+                if g.finish_reason == "timeout":
+                    yield sse(self._timeout_error(handle).body())
+                    yield sse("[DONE]")
+                    return
+                self._observe(handle)
+                yield sse(final(g.finish_reason))
+                if include_usage:
+                    yield sse(usage_chunk(self._usage(handle)))
+                yield sse("[DONE]")
+            finally:
+                if not handle.done:
+                    handle.cancel()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
