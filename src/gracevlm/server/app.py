@@ -4,10 +4,14 @@
 every request an id (``X-Request-ID``, echoed), checks the API key on ``/v1/*`` (``hmac.compare_digest``),
 caps the body size (413), counts requests by route and status for ``/metrics``, and turns any unhandled
 exception into a 500 with OpenAI's error body (logged with the request id; no stack trace in the body).
+
+Unless ``ui=False`` (``--no-ui``), ``GET /`` serves the web chat page (``static/``: plain HTML/CSS/JS, no
+build step, nothing fetched from elsewhere) that talks to ``/v1/chat/completions`` like any other client.
 """
 from __future__ import annotations
 
 import hmac
+import importlib.resources
 import logging
 import re
 import uuid
@@ -25,7 +29,7 @@ from .serving import APIError, ServerConfig, ServerState, Serving
 
 log = logging.getLogger("gracevlm.server")
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -35,11 +39,25 @@ class BodyTooLarge(APIError):
                          "request_too_large")
 
 
+# the web chat page: the only files served (no directory listing, no paths from the client)
+UI_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+UI_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+              "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+              "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
+              "frame-ancestors 'none'"}
+
+
+def _ui_file(name: str) -> bytes:
+    return importlib.resources.files(__package__).joinpath("static", name).read_bytes()
+
+
 def route_label(path: str) -> str:
     if path in ROUTES:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/ui/"):
+        return "/ui/{file}"
     return "other"
 
 
@@ -120,8 +138,9 @@ def internal_error(rid: str) -> APIError:
                     "internal_error")
 
 
-def create_app(config: ServerConfig, loader: Callable | None = None) -> Gate:
-    """The server's ASGI app. ``loader(config) -> VLM`` replaces ``gracevlm.load`` (tests)."""
+def create_app(config: ServerConfig, loader: Callable | None = None, ui: bool = True) -> Gate:
+    """The server's ASGI app. ``loader(config) -> VLM`` replaces ``gracevlm.load`` (tests); ``ui=False``
+    leaves out the web chat page (``GET /`` is then a 404)."""
     state = ServerState(config, loader)
     serving = Serving(state)
 
@@ -188,5 +207,24 @@ def create_app(config: ServerConfig, loader: Callable | None = None) -> Gate:
     @api.post("/v1/completions")
     async def completions(request: Request):
         return await serving.completions(request)
+
+    if ui:
+        def asset(name: str, media_type: str) -> Response:
+            try:
+                body = _ui_file(name)
+            except OSError:
+                raise APIError(404, f"the web page's file {name} is missing from this installation",
+                               "ui_missing") from None
+            return Response(body, media_type=media_type, headers=UI_HEADERS)
+
+        @api.get("/", include_in_schema=False)
+        async def index():
+            return asset("index.html", "text/html; charset=utf-8")
+
+        @api.get("/ui/{name}", include_in_schema=False)
+        async def ui_asset(name: str):
+            if name not in UI_ASSETS:
+                raise StarletteHTTPException(404)
+            return asset(name, UI_ASSETS[name])
 
     return Gate(api, state)

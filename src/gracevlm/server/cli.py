@@ -13,7 +13,8 @@ import sys
 DESCRIPTION = """\
 Serve a GRACE / LLaVA-1.5 checkpoint over an OpenAI-compatible HTTP API with continuous batching:
 GET /v1/models, POST /v1/chat/completions (text and image_url parts), POST /v1/completions (raw prompt,
-no template), GET /health (503 while the model loads), GET /metrics (Prometheus).
+no template), GET /health (503 while the model loads), GET /metrics (Prometheus), and a web chat page
+at GET / (off with --no-ui).
 
 Defaults are safe: bound to 127.0.0.1, 20 MiB request bodies, 40 Mpixel images, images only as
 data:image/...;base64 URLs (no local files, no downloads) unless enabled. Sampling defaults to greedy
@@ -55,6 +56,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false")
+    p.add_argument("--no-ui", dest="ui", action="store_false",
+                   help="do not serve the web chat page at GET / (the API is unchanged)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -99,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(config.host) and not config.api_key:
         logging.getLogger("gracevlm.server").warning(
             "binding %s without an API key: anyone who can reach this address can use the model", config.host)
-    app = create_app(config)
+    app = create_app(config, ui=args.ui)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                            access_log=args.access_log, lifespan="on", timeout_graceful_shutdown=5))
     failed = []
