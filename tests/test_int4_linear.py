@@ -117,3 +117,14 @@ def test_concat_and_split_are_exact(rng):
             assert torch.equal(getattr(orig, name), getattr(back, name))
     with pytest.raises(ValueError, match="multiples of 8"):
         fused.split_awq([30, 66])
+
+
+@pytest.mark.parametrize("backend", sorted(TOLERANCE))
+def test_backends_work_in_and_out_of_inference_mode(backend, rng):
+    """Scratch buffers and prepared layouts made under inference_mode must not break later normal calls."""
+    layer = make_layer(128, 40, 128, bias=True, symmetric=True, gen=rng)
+    layer.backend = backend
+    x = torch.randn(2, 128, generator=rng)
+    with torch.inference_mode():
+        inside = layer(x)
+    torch.testing.assert_close(layer(x), inside)

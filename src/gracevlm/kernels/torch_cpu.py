@@ -29,7 +29,8 @@ def _buffer(numel: int, device: torch.device) -> torch.Tensor:
         bufs = _scratch.bufs = {}
     buf = bufs.get(device)
     if buf is None or buf.numel() < numel:
-        buf = bufs[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # a normal tensor: reused in and outside inference mode
+            buf = bufs[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf[:numel]
 
 
