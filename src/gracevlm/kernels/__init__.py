@@ -28,8 +28,9 @@ class Backend(Protocol):
 
 _BACKENDS: dict[str, Backend] = {}
 
-# Rows at and above which dequantize-then-GEMM beats the GEMV kernel on CPU (measured with
-# benchmarks/bench_int4.py on the 2-core development machine; see README).
+# Torch-only CPU fallback (native library unavailable): rows at and above which dequantize-then-GEMM
+# beats the GEMV kernel (measured with benchmarks/bench_int4.py on the 2-core development machine; see
+# README). The native backends have their own crossover, NativeBackend.gemm_min_rows.
 DENSE_MIN_ROWS_CPU = 2
 
 
@@ -59,14 +60,20 @@ def select_backend(device: torch.device, rows: int, override: str | None = None)
             raise InputError(f"INT4 backend {name!r} is not available on device {device}")
         return backend
     if device.type == "cpu":
+        if _BACKENDS["native"].available(device):  # our C kernels; warns once and falls back if unloadable
+            return _BACKENDS["native"]
         return _BACKENDS["dense"] if rows >= DENSE_MIN_ROWS_CPU else _BACKENDS["int4pack"]
     return _BACKENDS["dense"]
 
 
 from . import reference as _reference  # noqa: E402  (registers backends)
 from . import torch_cpu as _torch_cpu  # noqa: E402
+from . import native as _native  # noqa: E402
 
 register_backend(_reference.ReferenceBackend())
 register_backend(_torch_cpu.DenseBackend())
 register_backend(_torch_cpu.Int4PackBackend())
 register_backend(_torch_cpu.Int4PackBF16Backend())
+register_backend(_native.NativeBackend())
+register_backend(_native.NativeF32Backend())
+register_backend(_native.NativeI8X2Backend())

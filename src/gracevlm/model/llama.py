@@ -114,14 +114,17 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        kc, vc = cache.k[layer], cache.v[layer]
-        span = mask.shape[-1]
-        # write new K/V at (slot, position); then attend over the first `span` cache positions
-        slot_idx = slots.view(b, 1).expand(b, t)
-        kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
-        vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
-        keys = kc[slots, :, :span].to(q.dtype)
-        values = vc[slots, :, :span].to(q.dtype)
+        if cache is None:  # cache-free (training / scoring): attend within these tokens, `mask [B, T, T]`
+            keys, values = k, v
+        else:
+            kc, vc = cache.k[layer], cache.v[layer]
+            span = mask.shape[-1]
+            # write new K/V at (slot, position); then attend over the first `span` cache positions
+            slot_idx = slots.view(b, 1).expand(b, t)
+            kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
+            vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
+            keys = kc[slots, :, :span].to(q.dtype)
+            values = vc[slots, :, :span].to(q.dtype)
         groups = s.num_heads // s.num_kv_heads
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
@@ -190,6 +193,21 @@ class LlamaForCausalLM(nn.Module):
                 fused += 1
         return fused
 
+    def prepare_kernels(self) -> int:
+        """Let each packed linear's decode backend build its layout now instead of on the first token;
+        returns how many layers were prepared."""
+        from .. import kernels
+
+        n = 0
+        for module in self.modules():
+            if hasattr(module, "kernel_cache") and hasattr(module, "qweight"):
+                backend = kernels.select_backend(module.qweight.device, 1, module.backend)
+                prepare = getattr(backend, "prepare", None)
+                if prepare is not None:
+                    prepare(module)
+                    n += 1
+        return n
+
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.model.embed_tokens(ids).to(dtype)
 
@@ -215,3 +233,33 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x)
         logits = self.lm_head(x.to(self.lm_head.weight.dtype)).to(torch.float32)
         return logits[:, -1] if logits_for == "last" else logits
+
+    def forward_train(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Cache-free causal forward over whole (right-padded) sequences, differentiable, for training.
+
+        ``embeds [B, T, D]`` at positions ``0..T-1``; ``attention_mask [B, T]`` (1 = real token, 0 = padding;
+        default all ones). Returns ``(hidden [B, T, D], hidden_states)``: ``hidden`` is the final-normed
+        output (apply ``lm_head`` to the rows you need), ``hidden_states`` (only with
+        ``output_hidden_states``) follows transformers' convention: ``L + 1`` tensors, entry ``k < L`` is
+        the input of layer ``k`` (entry 0 the embeddings) and entry ``L`` the final-normed output, so
+        ``hidden_states[-2]`` is the output of the second-to-last layer.
+        """
+        b, t, _ = embeds.shape
+        positions = torch.arange(t, device=embeds.device).unsqueeze(0).expand(b, t)
+        mask = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril().unsqueeze(0)  # [1, T, T]
+        if attention_mask is not None:
+            mask = mask & attention_mask.to(torch.bool).view(b, 1, t)
+        else:
+            mask = mask.expand(b, t, t)
+        cos, sin = self.rotary(positions)
+        states = [embeds] if output_hidden_states else None
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, None, i, None, positions, mask)
+            if states is not None:
+                states.append(x)
+        x = self.model.norm(x)
+        if states is not None:
+            states[-1] = x
+        return x, (tuple(states) if states is not None else None)

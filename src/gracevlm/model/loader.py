@@ -221,6 +221,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
 
     if fuse:
         lm.fuse_projections()
+    lm.prepare_kernels()
 
     projector = None
     if f"{PROJECTOR_PREFIX}0.weight" in store:

@@ -1,0 +1,50 @@
+"""Build hook for the native INT4 CPU kernels (metadata lives in pyproject.toml).
+
+Compiles ``src/gracevlm/kernels/csrc/gv_int4.c`` into ``gracevlm/kernels/_gv_int4<EXT_SUFFIX>``, a plain
+C shared library that gracevlm loads with ctypes (it has no Python module init). Baseline flags only; the
+AVX2/FMA code paths carry their own target attributes and are chosen at run time. A failed compile does
+not fail the install: gracevlm then compiles the library on first use, or falls back to torch kernels.
+"""
+import hashlib
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+SOURCE = Path("src/gracevlm/kernels/csrc/gv_int4.c")
+OPENMP = ["-fopenmp"]
+
+
+class OptionalBuildExt(build_ext):
+    """Build with OpenMP, retry without it, and only warn if the C compiler fails altogether."""
+
+    def get_export_symbols(self, ext):
+        return []  # not a Python extension module: no PyInit_ symbol to export
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+            return
+        except Exception as exc:  # compiler missing or rejects -fopenmp
+            first = exc
+        ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in OPENMP]
+        ext.extra_link_args = [a for a in ext.extra_link_args if a not in OPENMP]
+        try:
+            super().build_extension(ext)
+            self.warn("gracevlm: built the native INT4 kernels without OpenMP (single-threaded)")
+        except Exception as exc:
+            self.warn(f"gracevlm: native INT4 kernels not built ({first}; {exc}); "
+                      "they will be compiled on first use or replaced by torch kernels")
+
+
+digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+native = Extension(
+    "gracevlm.kernels._gv_int4",
+    sources=[str(SOURCE)],
+    define_macros=[("GV_SOURCE_HASH", f'"{digest}"')],
+    extra_compile_args=["-O3", "-fvisibility=hidden", *OPENMP],
+    extra_link_args=OPENMP,
+    libraries=["m"],
+)
+
+setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExt})

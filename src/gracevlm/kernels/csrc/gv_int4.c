@@ -1,0 +1,796 @@
+/* Native INT4 kernels for gracevlm on CPU: repack, small-M matmul, dequantize.
+ *
+ * Plain C with GCC/Clang builtins; no Python or PyTorch headers. gracevlm/kernels/native.py calls
+ * these functions through ctypes on raw tensor pointers. All matrices are row-major.
+ *
+ * Repacked layout: one record of `stride` bytes per output row o (rows back to back).
+ *   [0, G*ss)          scales s[o, 0..G): fp32 (ss=4) or fp16 bits (ss=2), the stored values unchanged
+ *   [zoff, zoff+G)     zero points z[o, 0..G) as uint8 (0..15)
+ *   [coff, coff+I/2)   codes: per chunk c (inputs k = 64c .. 64c+63) 32 bytes; byte j holds
+ *                      u[o, 64c+j] in its low nibble and u[o, 64c+32+j] in its high nibble
+ * coff and stride are multiples of 32. Requires I % 64 == 0 and g == 32 or g % 64 == 0 (g <= 4096).
+ * Weights: W[o, k] = (u[o, k] - z[o, k/g]) * s[o, k/g], exactly as the AWQ tensors define them.
+ *
+ * Modes of the small-M matmul (gv_matmul). All keep the weights exact and factor the group scale out
+ * of the inner loop: y = sum_g s_g * (sum_{k in g} u_k x_k - z_g * sum_{k in g} x_k). In every mode (on
+ * a given code path, AVX2 or scalar) an output row is computed by the same operations whatever M, the
+ * row's place among them and the thread count: y[m] is bitwise the result for x[m] alone.
+ *   GV_MODE_F32   fp32 activations, fp32 FMA accumulation.
+ *   GV_MODE_I8X2  each activation group is rounded to 16-bit fixed point, q = round(x / d) with
+ *                 d = max|x| / 32639, written as two int8 digits q = 256*q1 + q0; the integer dot
+ *                 products sum u*q_j run on vpmaddubsw (32 multiply-adds per instruction). The one error
+ *                 is that rounding, |x - d*q| <= d/2 (about 2e-5 relative on outputs).
+ *   GV_MODE_I8X3  the same with 24-bit fixed point (three digits, d = max|x| / 8355711): the rounding
+ *                 is at the level of fp32 itself; outputs agree with the fp32 reference to ~1e-6.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__)
+#define GV_X86 1
+#include <immintrin.h>
+#include <cpuid.h>
+#define GV_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#ifndef GV_SOURCE_HASH
+#define GV_SOURCE_HASH "unknown"
+#endif
+
+#define GV_API __attribute__((visibility("default")))
+#ifdef _OPENMP
+#define GV_OMP(directive) _Pragma(#directive)
+#else
+#define GV_OMP(directive)
+#endif
+#define GV_INLINE static inline __attribute__((always_inline))
+
+enum { GV_MODE_F32 = 0, GV_MODE_I8X2 = 2, GV_MODE_I8X3 = 3 };
+#define MAX_PLANES 3
+#define MT_MAX 4     /* activation rows handled per pass over a weight row (the row stays in L1) */
+#define MT_F32 2     /* the same for the fp32 kernel (its accumulators fill the registers) */
+#define K_BLOCK 2048 /* inputs per pass for tiles of 2+ rows: 2 fp32 or 4 int8x3 rows of it are <= 24 KB */
+#define ROWS_MAX 64  /* output rows per scheduling task */
+#define SCRATCH_FLOATS(G) ((size_t)(2 + MT_MAX) * (G) + (size_t)ROWS_MAX * MT_MAX * 8 + 16)
+
+/* Integer modes: a group whose max |x| is below TINY is taken as zero (qmax / max|x| would overflow);
+ * a group holding inf or NaN gets step NaN, so the outputs it touches are NaN as in fp32. */
+#define TINY 1e-30f
+
+/* Largest q for n balanced base-256 digits with the top digit in [-127, 127] and the others in
+ * [-128, 127]: 127*256 + 127 and 127*65536 + 127*256 + 127. */
+static float qmax(int planes) { return planes == 2 ? 32639.f : 8355711.f; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Runtime dispatch                                                                            */
+
+static int g_isa = -1; /* 2: AVX2+FMA+F16C, 0: scalar */
+
+static int detect_isa(void) {
+#ifdef GV_X86
+    unsigned a, b, c, d;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_F16C)) return 0;
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+static int isa(void) {
+    if (g_isa < 0) g_isa = detect_isa();
+    return g_isa;
+}
+
+/* The code path in use: 2 = AVX2/FMA/F16C, 0 = portable scalar. */
+GV_API int gv_isa(void) { return isa(); }
+
+/* Force the scalar path (level 0) or go back to detection (level < 0 or >= 2). For tests. */
+GV_API void gv_set_isa(int level) { g_isa = level == 0 ? 0 : detect_isa(); }
+
+GV_API const char *gv_source_hash(void) { return GV_SOURCE_HASH; }
+
+GV_API int gv_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Layout                                                                                      */
+
+typedef struct {
+    const uint8_t *base;
+    int64_t stride, zoff, coff;
+    int I, O, g, G, ss;
+} layout_t;
+
+static layout_t make_layout(const uint8_t *base, int I, int O, int g, int ss) {
+    layout_t L;
+    L.base = base; L.I = I; L.O = O; L.g = g; L.G = I / g; L.ss = ss;
+    L.zoff = (int64_t)L.G * ss;
+    L.coff = (L.zoff + L.G + 31) / 32 * 32;
+    L.stride = L.coff + I / 2;
+    return L;
+}
+
+/* Writes {stride, zoff, coff} in bytes for in_features I, group size g, scale size ss; 0 or -1.
+ * Supported: I % 64 == 0, g == 32 or g % 64 == 0, g <= 4096 (int32 sums of a group cannot overflow). */
+GV_API int gv_layout(int I, int g, int ss, int64_t *out3) {
+    if (I <= 0 || I % 64 || !(g == 32 || (g > 0 && g % 64 == 0)) || I % g || g > 4096 || (ss != 2 && ss != 4))
+        return -1;
+    layout_t L = make_layout(NULL, I, 0, g, ss);
+    out3[0] = L.stride; out3[1] = L.zoff; out3[2] = L.coff;
+    return 0;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Row header -> s[G] and zs[G] = z * s (exact for fp16 scales: a 4-bit integer times an 11-bit
+ * significand fits fp32). */
+static void header_scalar(const layout_t *L, const uint8_t *row, float *s, float *zs) {
+    const uint8_t *z = row + L->zoff;
+    for (int i = 0; i < L->G; i++) {
+        float v;
+        if (L->ss == 2) {
+            uint16_t h;
+            memcpy(&h, row + 2 * (size_t)i, 2);
+            v = half_to_float(h);
+        } else {
+            memcpy(&v, row + 4 * (size_t)i, 4);
+        }
+        s[i] = v;
+        zs[i] = (float)z[i] * v;
+    }
+}
+
+/* Repack AWQ GEMM tensors into the layout above.
+ * qweight int32 [I, O/8], qzeros int32 [I/g, O/8], scales [I/g, O] (fp16 bits if ss == 2, fp32 if 4);
+ * out: O * stride bytes. Returns 0, or -1 for an unsupported shape. */
+GV_API int gv_repack(const int32_t *qweight, const int32_t *qzeros, const void *scales,
+                     int I, int O, int g, int ss, uint8_t *out, int nthreads) {
+    int64_t info[3];
+    if (O <= 0 || O % 8 || gv_layout(I, g, ss, info)) return -1;
+    static const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7}; /* storage nibble -> column offset */
+    const layout_t L = make_layout(out, I, O, g, ss);
+    const int ncol = O / 8, nblk = (ncol + 15) / 16; /* 16 words: one 64-byte line of a qweight row */
+    (void)nthreads;
+GV_OMP(omp parallel for schedule(dynamic, 1) num_threads(nthreads))
+    for (int blk = 0; blk < nblk; blk++) {
+        const int c0 = blk * 16, c1 = c0 + 16 < ncol ? c0 + 16 : ncol;
+        for (int c = c0; c < c1; c++)
+            for (int n = 0; n < 8; n++)
+                memset(out + (size_t)(8 * c + order[n]) * L.stride + L.coff, 0, (size_t)I / 2);
+        for (int k = 0; k < I; k++) {
+            const size_t byte = (size_t)L.coff + (k / 64) * 32 + (k % 32);
+            const int shift = (k % 64) >= 32 ? 4 : 0;
+            for (int c = c0; c < c1; c++) {
+                const uint32_t w = (uint32_t)qweight[(size_t)k * ncol + c];
+                for (int n = 0; n < 8; n++)
+                    out[(size_t)(8 * c + order[n]) * L.stride + byte] |= (uint8_t)(((w >> (4 * n)) & 0xF) << shift);
+            }
+        }
+        for (int gi = 0; gi < L.G; gi++)
+            for (int c = c0; c < c1; c++) {
+                const uint32_t zw = (uint32_t)qzeros[(size_t)gi * ncol + c];
+                for (int n = 0; n < 8; n++) {
+                    const int o = 8 * c + order[n];
+                    uint8_t *row = out + (size_t)o * L.stride;
+                    row[L.zoff + gi] = (uint8_t)((zw >> (4 * n)) & 0xF);
+                    memcpy(row + (size_t)gi * ss, (const uint8_t *)scales + ((size_t)gi * O + o) * ss, ss);
+                }
+            }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Activations                                                                                 */
+
+/* Prepared activations. f32 mode: xsum[m, g] = sum of x over group g. Integer modes with P digit
+ * planes: q[m, c, j, 0..63] (int8) holds digit j of the inputs of chunk c, so that one pointer per row
+ * m reaches every plane at a constant offset; q = sum_j 256^j digit_j; step d[m, g]; xsum = d * sum(q). */
+typedef struct {
+    const float *x; /* [M, ldx] */
+    int64_t ldx;
+    int M, mode;
+    int8_t *q;       /* [M, I/64, P, 64] */
+    float *d, *xsum; /* [M, G] */
+} acts_t;
+
+static int8_t *digit_at(const layout_t *L, const acts_t *A, int m, int k, int j) {
+    const int P = A->mode;
+    return A->q + (size_t)m * L->I * P + (size_t)(k / 64) * 64 * P + j * 64 + k % 64;
+}
+
+static void prep_row_scalar(const layout_t *L, const acts_t *A, int m) {
+    const float *x = A->x + (size_t)m * A->ldx;
+    const int g = L->g, P = A->mode;
+    for (int gi = 0; gi < L->G; gi++) {
+        const float *xg = x + (size_t)gi * g;
+        const size_t gm = (size_t)m * L->G + gi;
+        if (A->mode == GV_MODE_F32) {
+            float sum = 0.f;
+            for (int k = 0; k < g; k++) sum += xg[k];
+            A->xsum[gm] = sum;
+            continue;
+        }
+        const float qm = qmax(P);
+        float amax = 0.f, sum = 0.f;
+        for (int k = 0; k < g; k++) {
+            amax = fmaxf(amax, fabsf(xg[k]));
+            sum += xg[k];
+        }
+        const float inv = amax >= TINY ? qm / amax : 0.f;
+        int64_t qsum = 0;
+        for (int k = 0; k < g; k++) {
+            int32_t q = (int32_t)nearbyintf(fminf(fmaxf(xg[k] * inv, -qm), qm));
+            qsum += q;
+            for (int j = 0; j < P; j++) { /* balanced base-256 digits, the top one takes the rest */
+                const int32_t digit = j == P - 1 ? q : ((q + 128) & 255) - 128;
+                *digit_at(L, A, m, gi * g + k, j) = (int8_t)digit;
+                q = (q - digit) >> 8;
+            }
+        }
+        A->d[gm] = isfinite(sum) ? (amax >= TINY ? amax / qm : 0.f) : NAN;
+        A->xsum[gm] = (float)((double)A->d[gm] * (double)qsum);
+    }
+}
+
+#ifdef GV_X86
+GV_INLINE GV_AVX2 float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+GV_INLINE GV_AVX2 int64_t hsum8i(__m256i v) {
+    __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
+}
+
+/* 32 int32 (4 vectors, values in int8 range) -> 32 int8 in order. */
+GV_INLINE GV_AVX2 __m256i pack32_i8(const __m256i *v) {
+    __m256i ab = _mm256_packs_epi32(v[0], v[1]), cd = _mm256_packs_epi32(v[2], v[3]);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static GV_AVX2 void prep_row_avx2(const layout_t *L, const acts_t *A, int m) {
+    const float *x = A->x + (size_t)m * A->ldx;
+    const int g = L->g, P = A->mode;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int gi = 0; gi < L->G; gi++) {
+        const float *xg = x + (size_t)gi * g;
+        const size_t gm = (size_t)m * L->G + gi;
+        if (A->mode == GV_MODE_F32) {
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            for (int k = 0; k < g; k += 16) {
+                s0 = _mm256_add_ps(s0, _mm256_loadu_ps(xg + k));
+                s1 = _mm256_add_ps(s1, _mm256_loadu_ps(xg + k + 8));
+            }
+            A->xsum[gm] = hsum8(_mm256_add_ps(s0, s1));
+            continue;
+        }
+        __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int k = 0; k < g; k += 8) {
+            const __m256 v = _mm256_loadu_ps(xg + k);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+            sum = _mm256_add_ps(sum, v);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4), qm = qmax(P);
+        const __m256 vinv = _mm256_set1_ps(amax >= TINY ? qm / amax : 0.f), vq = _mm256_set1_ps(qm);
+        const __m256 vnq = _mm256_set1_ps(-qm);
+        const __m256i c128 = _mm256_set1_epi32(128), c255 = _mm256_set1_epi32(255);
+        __m256i qs = _mm256_setzero_si256();
+        for (int k = 0; k < g; k += 32) {
+            __m256i digit[MAX_PLANES][4];
+            for (int i = 0; i < 4; i++) {
+                __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xg + k + 8 * i), vinv);
+                __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, vnq), vq));
+                qs = _mm256_add_epi32(qs, q);
+                for (int j = 0; j < P; j++) {
+                    digit[j][i] = j == P - 1 ? q
+                                  : _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(q, c128), c255), c128);
+                    q = _mm256_srai_epi32(_mm256_sub_epi32(q, digit[j][i]), 8);
+                }
+            }
+            for (int j = 0; j < P; j++)
+                _mm256_storeu_si256((__m256i *)digit_at(L, A, m, gi * g + k, j), pack32_i8(digit[j]));
+        }
+        A->d[gm] = isfinite(hsum8(sum)) ? (amax >= TINY ? amax / qm : 0.f) : NAN;
+        A->xsum[gm] = (float)((double)A->d[gm] * (double)hsum8i(qs));
+    }
+}
+
+/* header_scalar for groups g0 .. g0+n-1 of the row: s[0..n), zs[0..n). */
+static GV_AVX2 void header_avx2(const layout_t *L, const uint8_t *row, int g0, int n, float *s, float *zs) {
+    const uint8_t *sp = row + (size_t)g0 * L->ss, *z = row + L->zoff + g0;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = L->ss == 2 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + 2 * (size_t)i)))
+                              : _mm256_loadu_ps((const float *)(sp + 4 * (size_t)i));
+        __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + i))));
+        _mm256_storeu_ps(s + i, v);
+        _mm256_storeu_ps(zs + i, _mm256_mul_ps(zf, v));
+    }
+    for (; i < n; i++) {
+        float v;
+        if (L->ss == 2) {
+            uint16_t h;
+            memcpy(&h, sp + 2 * (size_t)i, 2);
+            v = _cvtsh_ss(h);
+        } else {
+            memcpy(&v, sp + 4 * (size_t)i, 4);
+        }
+        s[i] = v;
+        zs[i] = (float)z[i] * v;
+    }
+}
+
+GV_INLINE GV_AVX2 float dot_avx2(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float r = hsum8(acc);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+GV_INLINE GV_AVX2 void mul_avx2(const float *a, const float *b, float *out, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    for (; i < n; i++) out[i] = a[i] * b[i];
+}
+
+/* ---- f32 mode: out[m] = sum_g s_g * sum_{k in g} u_k x_mk (the zero term is added by the caller) */
+
+/* One chunk (64 inputs) into the accumulator pairs acc[2*(m*NP + p)] (low half) and [.. + 1] (high). */
+GV_INLINE GV_AVX2 void f32_chunk(const uint8_t *p, const float *const *x, size_t off, int MT, int NP, __m256 *acc) {
+    const __m256i m4 = _mm256_set1_epi32(0xF);
+    for (int q = 0; q < 4; q++) {
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * q)));
+        __m256 flo = _mm256_cvtepi32_ps(_mm256_and_si256(b, m4));
+        __m256 fhi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        for (int m = 0; m < MT; m++) {
+            const float *xm = x[m] + off + 8 * q;
+            __m256 *a = acc + 2 * (m * NP + q % NP);
+            a[0] = _mm256_fmadd_ps(flo, _mm256_loadu_ps(xm), a[0]);
+            a[1] = _mm256_fmadd_ps(fhi, _mm256_loadu_ps(xm + 32), a[1]);
+        }
+    }
+}
+
+/* Every row gets the same NP = 2 accumulator pairs whatever MT is (1 or 2), so a row's result does not
+ * depend on the rows it is tiled with. */
+GV_INLINE GV_AVX2 void tile_f32_avx2(const uint8_t *codes, int nchunk, int g, const float *s,
+                                     const float *const *x, int MT, float *state) {
+    const int NP = 2, na = 2 * MT * NP;
+    __m256 tot[MT_F32], acc[2 * MT_F32 * 2];
+    for (int m = 0; m < MT; m++) tot[m] = _mm256_loadu_ps(state + 8 * m);
+    if (g == 32) { /* the low half of chunk c is group 2c, the high half group 2c+1 */
+        for (int c = 0; c < nchunk; c++) {
+            for (int i = 0; i < na; i++) acc[i] = _mm256_setzero_ps();
+            f32_chunk(codes + 32 * (size_t)c, x, 64 * (size_t)c, MT, NP, acc);
+            const __m256 s0 = _mm256_set1_ps(s[2 * c]), s1 = _mm256_set1_ps(s[2 * c + 1]);
+            for (int m = 0; m < MT; m++) {
+                __m256 a0 = acc[2 * m * NP], a1 = acc[2 * m * NP + 1];
+                for (int j = 1; j < NP; j++) {
+                    a0 = _mm256_add_ps(a0, acc[2 * (m * NP + j)]);
+                    a1 = _mm256_add_ps(a1, acc[2 * (m * NP + j) + 1]);
+                }
+                tot[m] = _mm256_fmadd_ps(a1, s1, _mm256_fmadd_ps(a0, s0, tot[m]));
+            }
+        }
+    } else {
+        const int cpg = g / 64, G = nchunk / cpg;
+        for (int gi = 0, c = 0; gi < G; gi++) {
+            for (int i = 0; i < na; i++) acc[i] = _mm256_setzero_ps();
+            for (int e = c + cpg; c < e; c++) f32_chunk(codes + 32 * (size_t)c, x, 64 * (size_t)c, MT, NP, acc);
+            const __m256 sg = _mm256_set1_ps(s[gi]);
+            for (int m = 0; m < MT; m++) {
+                __m256 a = _mm256_add_ps(acc[2 * m * NP], acc[2 * m * NP + 1]);
+                for (int j = 1; j < NP; j++)
+                    a = _mm256_add_ps(a, _mm256_add_ps(acc[2 * (m * NP + j)], acc[2 * (m * NP + j) + 1]));
+                tot[m] = _mm256_fmadd_ps(a, sg, tot[m]);
+            }
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm256_storeu_ps(state + 8 * m, tot[m]);
+}
+
+/* ---- integer modes: out[m] = sum_g (s_g d_mg) * sum_{k in g} u_k q_mk */
+
+/* p[j] += u . (32 bytes of digit plane j at q + j*64) in int16 lanes. One vpmaddubsw lane is at most
+ * 2*15*128 = 3840 in magnitude, so up to 8 of them can be summed without saturation. */
+GV_INLINE GV_AVX2 void dig_dot(__m256i u, const int8_t *q, int P, __m256i *p) {
+    for (int j = 0; j < P; j++)
+        p[j] = _mm256_add_epi16(p[j], _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(q + 64 * j))));
+}
+
+/* int16 digit sums -> int32: a += 256*p[P-1] + p[P-2]; with three digits also b += p[0] (its relative
+ * weight 1/256 is applied in float, as 65536*sum(u*q2) could overflow int32). */
+GV_INLINE GV_AVX2 void dig_flush(const __m256i *p, int P, __m256i *a, __m256i *b) {
+    const __m256i c256 = _mm256_set1_epi16(256), c1 = _mm256_set1_epi16(1);
+    *a = _mm256_add_epi32(*a, _mm256_add_epi32(_mm256_madd_epi16(p[P - 1], c256), _mm256_madd_epi16(p[P - 2], c1)));
+    if (P == 3) *b = _mm256_add_epi32(*b, _mm256_madd_epi16(p[0], c1));
+}
+
+GV_INLINE GV_AVX2 __m256 dig_scale(__m256i a, __m256i b, const float *sd, int P, __m256 tot) {
+    __m256 v = _mm256_cvtepi32_ps(a);
+    if (P == 3) v = _mm256_fmadd_ps(v, _mm256_set1_ps(256.f), _mm256_cvtepi32_ps(b));
+    return _mm256_fmadd_ps(v, _mm256_broadcast_ss(sd), tot);
+}
+
+#define ZERO_PLANES(p) do { p[0] = p[1] = p[2] = _mm256_setzero_si256(); } while (0)
+
+/* xq[m]: the digit planes of activation row m; sd[m][g] = s_g * d_mg. */
+GV_INLINE GV_AVX2 void tile_int_avx2(const uint8_t *codes, int nchunk, int g, const int8_t *const *xq,
+                                     const float *const *sd, int MT, int P, float *state) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const size_t cs = 64 * (size_t)P; /* bytes of one chunk in a row's digit planes */
+    __m256 tot[MT_MAX];
+    for (int m = 0; m < MT; m++) tot[m] = _mm256_loadu_ps(state + 8 * m);
+    if (g == 32) { /* the low half of chunk c is group 2c, the high half group 2c+1 */
+        for (int c = 0; c < nchunk; c++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
+            const __m256i u0 = _mm256_and_si256(w, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+            for (int m = 0; m < MT; m++) {
+                const int8_t *q = xq[m] + c * cs;
+                __m256i p[MAX_PLANES], a = _mm256_setzero_si256(), b = a;
+                ZERO_PLANES(p);
+                dig_dot(u0, q, P, p);
+                dig_flush(p, P, &a, &b);
+                tot[m] = dig_scale(a, b, sd[m] + 2 * c, P, tot[m]);
+                ZERO_PLANES(p);
+                a = b = _mm256_setzero_si256();
+                dig_dot(u1, q + 32, P, p);
+                dig_flush(p, P, &a, &b);
+                tot[m] = dig_scale(a, b, sd[m] + 2 * c + 1, P, tot[m]);
+            }
+        }
+    } else if (g == 64) { /* chunk c is group c */
+        for (int c = 0; c < nchunk; c++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
+            const __m256i u0 = _mm256_and_si256(w, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+            for (int m = 0; m < MT; m++) {
+                const int8_t *q = xq[m] + c * cs;
+                __m256i p[MAX_PLANES], a = _mm256_setzero_si256(), b = a;
+                ZERO_PLANES(p);
+                dig_dot(u0, q, P, p);
+                dig_dot(u1, q + 32, P, p);
+                dig_flush(p, P, &a, &b);
+                tot[m] = dig_scale(a, b, sd[m] + c, P, tot[m]);
+            }
+        }
+    } else if (g == 128) { /* chunks 2gi, 2gi+1 are group gi: one int16 flush per group */
+        for (int gi = 0; gi < nchunk / 2; gi++) {
+            const int c = 2 * gi;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c + 32));
+            const __m256i u0 = _mm256_and_si256(w0, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4);
+            const __m256i u2 = _mm256_and_si256(w1, m4), u3 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4);
+            for (int m = 0; m < MT; m++) {
+                const int8_t *q = xq[m] + c * cs;
+                __m256i p[MAX_PLANES], a = _mm256_setzero_si256(), b = a;
+                ZERO_PLANES(p);
+                dig_dot(u0, q, P, p);
+                dig_dot(u1, q + 32, P, p);
+                dig_dot(u2, q + cs, P, p);
+                dig_dot(u3, q + cs + 32, P, p);
+                dig_flush(p, P, &a, &b);
+                tot[m] = dig_scale(a, b, sd[m] + gi, P, tot[m]);
+            }
+        }
+    } else { /* g = 64 * cpg, cpg >= 3: flush int16 sums every two chunks (and after an odd last one) */
+        const int cpg = g / 64, G = nchunk / cpg;
+        for (int gi = 0; gi < G; gi++) {
+            __m256i a[MT_MAX], b[MT_MAX];
+            for (int m = 0; m < MT; m++) a[m] = b[m] = _mm256_setzero_si256();
+            for (int c = gi * cpg, e = c + cpg; c < e; c += 2) {
+                const int two = c + 1 < e;
+                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
+                const __m256i w1 = two ? _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c + 32))
+                                       : _mm256_setzero_si256();
+                const __m256i u0 = _mm256_and_si256(w0, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4);
+                const __m256i u2 = _mm256_and_si256(w1, m4), u3 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4);
+                for (int m = 0; m < MT; m++) {
+                    const int8_t *q = xq[m] + c * cs;
+                    __m256i p[MAX_PLANES];
+                    ZERO_PLANES(p);
+                    dig_dot(u0, q, P, p);
+                    dig_dot(u1, q + 32, P, p);
+                    if (two) {
+                        dig_dot(u2, q + cs, P, p);
+                        dig_dot(u3, q + cs + 32, P, p);
+                    }
+                    dig_flush(p, P, &a[m], &b[m]);
+                }
+            }
+            for (int m = 0; m < MT; m++) tot[m] = dig_scale(a[m], b[m], sd[m] + gi, P, tot[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm256_storeu_ps(state + 8 * m, tot[m]);
+}
+
+/* Calls CALL with the compile-time constant `mt` = MT (1..4) so that loops over m unroll. */
+#define GV_DISPATCH_MT(MT, CALL)               \
+    switch (MT) {                              \
+    case 1: { enum { mt = 1 }; CALL; } break;  \
+    case 2: { enum { mt = 2 }; CALL; } break;  \
+    case 3: { enum { mt = 3 }; CALL; } break;  \
+    default: { enum { mt = 4 }; CALL; } break; \
+    }
+
+/* Tiles over `nchunk` chunks of codes (groups of size g aligned with them) for MT = 1..4 activation rows:
+ * state[8m .. 8m+8) += the lane sums of row m (the caller reduces them once the row is complete). */
+static GV_AVX2 void tile_f32_any(const uint8_t *codes, int nchunk, int g, const float *s, const float *const *x,
+                                 int MT, float *state) {
+    if (MT == 1) tile_f32_avx2(codes, nchunk, g, s, x, 1, state);
+    else tile_f32_avx2(codes, nchunk, g, s, x, 2, state);
+}
+
+static GV_AVX2 void tile_i8x2_any(const uint8_t *codes, int nchunk, int g, const int8_t *const *xq,
+                                  const float *const *sd, int MT, float *state) {
+    GV_DISPATCH_MT(MT, tile_int_avx2(codes, nchunk, g, xq, sd, mt, 2, state));
+}
+
+static GV_AVX2 void tile_i8x3_any(const uint8_t *codes, int nchunk, int g, const int8_t *const *xq,
+                                  const float *const *sd, int MT, float *state) {
+    GV_DISPATCH_MT(MT, tile_int_avx2(codes, nchunk, g, xq, sd, mt, 3, state));
+}
+
+/* Output rows o0..o1 (at most ROWS_MAX) for all M activation rows. Loop order: tiles of activation rows,
+ * then (for tiles of 2+ rows and I > K_BLOCK) blocks of inputs, then weight rows, so that the tile's
+ * activations stay in L1 while the task's weight rows come from DRAM once and then from L2. A row's lane
+ * sums are carried across blocks in `tots` and reduced once, so blocking never changes the arithmetic:
+ * a row's result is the same in every tile. scratch: SCRATCH_FLOATS(G) floats. */
+static GV_AVX2 void rows_avx2(const layout_t *L, const acts_t *A, const float *bias, float *y,
+                              int o0, int o1, float *scratch) {
+    const int G = L->G, P = A->mode, g = L->g;
+    float *s = scratch, *zs = s + G, *sdbuf = zs + G, *tots = sdbuf + (size_t)MT_MAX * G;
+    const int mt_max = P == GV_MODE_F32 ? MT_F32 : MT_MAX;
+    for (int m0 = 0; m0 < A->M; m0 += mt_max) {
+        const int MT = A->M - m0 < mt_max ? A->M - m0 : mt_max;
+        const int kb = MT == 1 || L->I <= K_BLOCK ? L->I : g > K_BLOCK ? g : K_BLOCK / g * g; /* whole groups */
+        for (int k0 = 0; k0 < L->I; k0 += kb) {
+            const int kn = L->I - k0 < kb ? L->I - k0 : kb, g0 = k0 / g, gn = kn / g, last = k0 + kn == L->I;
+            for (int o = o0; o < o1; o++) {
+                const uint8_t *row = L->base + (size_t)o * L->stride, *codes = row + L->coff + k0 / 2;
+                float *state = tots + (size_t)(o - o0) * MT_MAX * 8;
+                if (k0 == 0) memset(state, 0, sizeof(float) * 8 * MT);
+                header_avx2(L, row, g0, gn, s, zs);
+                if (P == GV_MODE_F32) {
+                    const float *x[MT_MAX];
+                    for (int m = 0; m < MT; m++) x[m] = A->x + (size_t)(m0 + m) * A->ldx + k0;
+                    tile_f32_any(codes, kn / 64, g, s, x, MT, state);
+                } else {
+                    const int8_t *xq[MT_MAX];
+                    const float *sd[MT_MAX];
+                    for (int m = 0; m < MT; m++) {
+                        xq[m] = A->q + ((size_t)(m0 + m) * L->I + k0) * P;
+                        mul_avx2(s, A->d + (size_t)(m0 + m) * G + g0, sdbuf + (size_t)m * G, gn);
+                        sd[m] = sdbuf + (size_t)m * G;
+                    }
+                    if (P == GV_MODE_I8X2) tile_i8x2_any(codes, kn / 64, g, xq, sd, MT, state);
+                    else tile_i8x3_any(codes, kn / 64, g, xq, sd, MT, state);
+                }
+                if (!last) continue;
+                if (k0 > 0) header_avx2(L, row, 0, G, s, zs); /* the zero term needs every group's z*s */
+                for (int m = 0; m < MT; m++) {
+                    const float zt = dot_avx2(zs, A->xsum + (size_t)(m0 + m) * G, G);
+                    y[(size_t)(m0 + m) * L->O + o] = hsum8(_mm256_loadu_ps(state + 8 * m)) - zt + (bias ? bias[o] : 0.f);
+                }
+            }
+        }
+    }
+}
+
+static GV_AVX2 void dequant_rows_avx2(const layout_t *L, float *w, int64_t ldw, int o0, int o1, float *scratch) {
+    const __m256i m4 = _mm256_set1_epi32(0xF);
+    const int upg = L->g / 32; /* 32-input units per group */
+    float *s = scratch, *zs = s + L->G;
+    for (int o = o0; o < o1; o++) {
+        const uint8_t *row = L->base + (size_t)o * L->stride, *codes = row + L->coff;
+        float *wr = w + (size_t)(o - o0) * ldw;
+        header_avx2(L, row, 0, L->G, s, zs);
+        for (int c = 0, gi = 0, used = 0; c < L->I / 64; c++) {
+            const int glo = gi;
+            if (++used == upg) { used = 0; gi++; }
+            const int ghi = gi;
+            if (++used == upg) { used = 0; gi++; }
+            const __m256 slo = _mm256_set1_ps(s[glo]), zlo = _mm256_set1_ps(zs[glo]);
+            const __m256 shi = _mm256_set1_ps(s[ghi]), zhi = _mm256_set1_ps(zs[ghi]);
+            for (int q = 0; q < 4; q++) {
+                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 32 * c + 8 * q)));
+                /* u*s - z*s: both products exact, so the one rounding gives (u - z)*s exactly */
+                _mm256_storeu_ps(wr + 64 * c + 8 * q,
+                                 _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, m4)), slo, zlo));
+                _mm256_storeu_ps(wr + 64 * c + 32 + 8 * q,
+                                 _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), shi, zhi));
+            }
+        }
+    }
+}
+#endif /* GV_X86 */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Portable scalar path (same arithmetic, one weight at a time)                                */
+
+static int code_at(const uint8_t *codes, int k) {
+    const uint8_t byte = codes[(k / 64) * 32 + (k % 32)];
+    return (k % 64) >= 32 ? byte >> 4 : byte & 0xF;
+}
+
+static void rows_scalar(const layout_t *L, const acts_t *A, const float *bias, float *y,
+                        int o0, int o1, float *scratch) {
+    const int G = L->G, g = L->g, P = A->mode;
+    float *s = scratch, *zs = s + G;
+    for (int o = o0; o < o1; o++) {
+        const uint8_t *row = L->base + (size_t)o * L->stride, *codes = row + L->coff;
+        header_scalar(L, row, s, zs);
+        for (int m = 0; m < A->M; m++) {
+            const float *x = A->x + (size_t)m * A->ldx;
+            float tot = 0.f, zt = 0.f;
+            for (int gi = 0; gi < G; gi++) {
+                if (A->mode == GV_MODE_F32) {
+                    float acc = 0.f;
+                    for (int k = gi * g; k < (gi + 1) * g; k++) acc += (float)code_at(codes, k) * x[k];
+                    tot += s[gi] * acc;
+                } else {
+                    int32_t a = 0, b = 0; /* as dig_flush: a = sum u*(256*q_top + q_next), b = sum u*q_0 */
+                    for (int k = gi * g; k < (gi + 1) * g; k++) {
+                        const int u = code_at(codes, k);
+                        a += u * (256 * *digit_at(L, A, m, k, P - 1) + *digit_at(L, A, m, k, P - 2));
+                        if (P == 3) b += u * *digit_at(L, A, m, k, 0);
+                    }
+                    const float sd = s[gi] * A->d[(size_t)m * G + gi];
+                    tot += (P == 3 ? (float)a * 256.f + (float)b : (float)a) * sd;
+                }
+                zt += zs[gi] * A->xsum[(size_t)m * G + gi];
+            }
+            y[(size_t)m * L->O + o] = tot - zt + (bias ? bias[o] : 0.f);
+        }
+    }
+}
+
+static void dequant_rows_scalar(const layout_t *L, float *w, int64_t ldw, int o0, int o1, float *scratch) {
+    float *s = scratch, *zs = s + L->G;
+    for (int o = o0; o < o1; o++) {
+        const uint8_t *row = L->base + (size_t)o * L->stride, *codes = row + L->coff;
+        float *wr = w + (size_t)(o - o0) * ldw;
+        header_scalar(L, row, s, zs);
+        for (int gi = 0; gi < L->G; gi++)
+            for (int k = gi * L->g; k < (gi + 1) * L->g; k++) wr[k] = (float)code_at(codes, k) * s[gi] - zs[gi];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Entry points                                                                                */
+
+/* Output rows per scheduling task: ~8 tasks per thread for balance, 4..ROWS_MAX rows each. */
+static int rows_per_task(int O, int nthreads) {
+    int r = O / (nthreads * 8);
+    return r < 4 ? 4 : r > ROWS_MAX ? ROWS_MAX : r;
+}
+
+static int clamp_threads(int nthreads, int ntasks) {
+    if (nthreads < 1) nthreads = 1;
+    return nthreads > ntasks ? ntasks : nthreads;
+}
+
+/* y[M, O] = x[M, I] @ W^T + bias in fp32. x rows have stride ldx (elements, >= I); bias [O] or NULL;
+ * y contiguous [M, O]. mode: GV_MODE_F32, GV_MODE_I8X2 or GV_MODE_I8X3. nthreads: OpenMP threads, which
+ * split the output rows. Returns 0, -1 for bad arguments, -2 when out of memory. */
+GV_API int gv_matmul(const uint8_t *packed, int I, int O, int g, int ss, const float *x, int64_t ldx, int M,
+                     const float *bias, float *y, int mode, int nthreads) {
+    int64_t info[3];
+    if (M <= 0 || O <= 0 || ldx < I || gv_layout(I, g, ss, info) ||
+        (mode != GV_MODE_F32 && mode != GV_MODE_I8X2 && mode != GV_MODE_I8X3))
+        return -1;
+    const layout_t L = make_layout(packed, I, O, g, ss);
+    const int G = L.G, R = rows_per_task(O, nthreads), ntasks = (O + R - 1) / R;
+    nthreads = clamp_threads(nthreads, ntasks);
+    const size_t per_thread = SCRATCH_FLOATS(G); /* its +16 keeps threads' scratch off a shared line */
+    const size_t nf = (size_t)M * G * 2 + (size_t)nthreads * per_thread;
+    const size_t nq = mode == GV_MODE_F32 ? 0 : (size_t)M * I * mode;
+    float *mem = malloc(nf * sizeof(float) + nq);
+    if (!mem) return -2;
+    acts_t A = {x, ldx, M, mode, nq ? (int8_t *)(mem + nf) : NULL, mem, mem + (size_t)M * G};
+    float *scratch = mem + (size_t)M * G * 2;
+    const int use_avx2 = isa() == 2;
+    (void)use_avx2;
+    GV_OMP(omp parallel num_threads(nthreads))
+    {
+        GV_OMP(omp for schedule(static))
+        for (int m = 0; m < M; m++) {
+#ifdef GV_X86
+            if (use_avx2) prep_row_avx2(&L, &A, m);
+            else
+#endif
+                prep_row_scalar(&L, &A, m);
+        }
+        float *mine = scratch + (size_t)thread_id() * per_thread;
+        GV_OMP(omp for schedule(dynamic, 1))
+        for (int t = 0; t < ntasks; t++) {
+            const int o0 = t * R, o1 = o0 + R < O ? o0 + R : O;
+#ifdef GV_X86
+            if (use_avx2) rows_avx2(&L, &A, bias, y, o0, o1, mine);
+            else
+#endif
+                rows_scalar(&L, &A, bias, y, o0, o1, mine);
+        }
+    }
+    free(mem);
+    return 0;
+}
+
+/* w[o - o0, k] = W[o, k] in fp32, bit-exact, for output rows o0 <= o < o1; rows of w have stride ldw >= I.
+ * Returns 0, -1 for bad arguments, -2 when out of memory. */
+GV_API int gv_dequant(const uint8_t *packed, int I, int O, int g, int ss, int o0, int o1, float *w, int64_t ldw,
+                      int nthreads) {
+    int64_t info[3];
+    if (o0 < 0 || o1 > O || o0 >= o1 || ldw < I || gv_layout(I, g, ss, info)) return -1;
+    const layout_t L = make_layout(packed, I, O, g, ss);
+    const int G = L.G, R = 8, ntasks = (o1 - o0 + R - 1) / R;
+    nthreads = clamp_threads(nthreads, ntasks);
+    const size_t per_thread = (size_t)2 * G + 16;
+    float *scratch = malloc((size_t)nthreads * per_thread * sizeof(float));
+    if (!scratch) return -2;
+    const int use_avx2 = isa() == 2;
+    (void)use_avx2;
+    GV_OMP(omp parallel num_threads(nthreads))
+    {
+        float *mine = scratch + (size_t)thread_id() * per_thread;
+        GV_OMP(omp for schedule(dynamic, 4))
+        for (int t = 0; t < ntasks; t++) {
+            const int a = o0 + t * R, b = a + R < o1 ? a + R : o1;
+            float *wt = w + (size_t)(a - o0) * ldw;
+#ifdef GV_X86
+            if (use_avx2) dequant_rows_avx2(&L, wt, ldw, a, b, mine);
+            else
+#endif
+                dequant_rows_scalar(&L, wt, ldw, a, b, mine);
+        }
+    }
+    free(scratch);
+    return 0;
+}

@@ -1,0 +1,287 @@
+"""Native C INT4 backend: agreement with reference across shapes, modes, dtypes, strides, threads and
+code paths; the build/load fallbacks."""
+import functools
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from gracevlm import kernels
+from gracevlm.formats.awq import dequantize_awq, pack_awq
+from gracevlm.kernels import native
+from gracevlm.nn import Int4Linear
+
+LIB = native.load_library()
+needs_lib = pytest.mark.skipif(LIB is None, reason="native INT4 library could not be built or loaded")
+
+# relative L2 tolerance vs reference for each small-M mode (measured errors are in native.py)
+MODES = {"f32": (native.MODE_F32, 2e-6), "i8x3": (native.MODE_I8X3, 2e-6), "i8x2": (native.MODE_I8X2, 1.5e-4)}
+LAYERS = [  # in, out, group, bias, symmetric (GRACE zeros = 8)
+    (128, 8, 32, True, False), (256, 40, 64, False, False), (384, 4104, 128, True, True),
+    (1024, 48, 128, False, False), (512, 16, 512, True, False), (192, 24, 64, False, True),
+    (2304, 24, 192, True, False),  # K blocks of 1920 + 384 inputs, groups of an odd number of chunks
+    (2112, 16, 32, False, False), (4096, 8, 4096, False, True),  # K blocks 2048 + 64; one group > K block
+]
+ROWS = [1, 2, 3, 7, 16, 33, 300]
+
+
+@functools.lru_cache(maxsize=None)
+def make_layer(in_f, out_f, g, bias, symmetric, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (in_f, out_f), dtype=torch.uint8, generator=gen)
+    zeros = (torch.full((in_f // g, out_f), 8, dtype=torch.uint8) if symmetric
+             else torch.randint(0, 16, (in_f // g, out_f), dtype=torch.uint8, generator=gen))
+    qweight, qzeros = pack_awq(codes, zeros)
+    scales = (torch.rand(in_f // g, out_f, generator=gen) * 0.02 + 1e-3).half()
+    b = torch.randn(out_f, generator=gen).half() if bias else None
+    return Int4Linear.from_awq(qweight, qzeros, scales, b, group_size=g)
+
+
+_DENSE_W: dict[int, tuple] = {}  # id(layer) -> (layer, weight); holding the layer keeps its id unique
+
+
+def reference(layer, x):
+    """What the ``reference`` backend computes, with the dequantized weight cached per layer (speed)."""
+    if id(layer) not in _DENSE_W:
+        w = dequantize_awq(layer.qweight, layer.qzeros, layer.scales, layer.group_size)
+        _DENSE_W[id(layer)] = (layer, w)
+    y = x.to(torch.float32) @ _DENSE_W[id(layer)][1]
+    if layer.bias is not None:
+        y = y + layer.bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+def test_reference_helper_is_the_reference_backend():
+    layer = make_layer(256, 40, 64, True, False)
+    x = torch.randn(5, 256)
+    assert torch.equal(reference(layer, x), kernels.get_backend("reference").matmul(layer, x))
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def small_m(mode):
+    """A native backend that runs gv_matmul in ``mode`` at every M (never dequantize + GEMM)."""
+    backend = native.NativeBackend()
+    backend.mode, backend.gemm_min_rows = mode, 1 << 30
+    return backend
+
+
+@needs_lib
+@pytest.mark.parametrize("layer_args", LAYERS)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_small_m_kernel_matches_reference(layer_args, rows, mode):
+    layer = make_layer(*layer_args)
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows))
+    y = small_m(MODES[mode][0]).matmul(layer, x)
+    assert y.shape == (rows, layer.out_features) and y.dtype == torch.float32
+    assert rel_err(y, reference(layer, x)) <= MODES[mode][1]
+
+
+@needs_lib
+@pytest.mark.parametrize("layer_args", LAYERS)
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_dequant_gemm_path_is_exact(layer_args, rows):
+    layer = make_layer(*layer_args)
+    backend = native.NativeBackend()
+    backend.gemm_min_rows = 1
+    x = torch.randn(rows, layer.in_features)
+    assert rel_err(backend.matmul(layer, x), reference(layer, x)) <= 1e-6
+
+
+@needs_lib
+def test_dequantized_weights_are_bit_exact():
+    layer = make_layer(1024, 48, 128, False, False)
+    state = native.NativeBackend()._prepare(layer, LIB)
+    w = torch.empty(layer.out_features, layer.in_features)
+    assert LIB.gv_dequant(state["packed"].data_ptr(), 1024, 48, 128, 2, 0, 48, w.data_ptr(), 1024, 2) == 0
+    assert torch.equal(w.t(), dequantize_awq(layer.qweight, layer.qzeros, layer.scales, 128))
+
+
+@needs_lib
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_auto_backend_bf16_and_leading_dims(rows):
+    layer = make_layer(384, 4104, 128, True, True)
+    x = torch.randn(2, rows, 384).to(torch.bfloat16)
+    layer.backend = None
+    assert kernels.select_backend(x.device, 2 * rows).name == "native"
+    y = layer(x)
+    ref = reference(layer, x.reshape(-1, 384)).reshape(2, rows, -1)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, rows, 4104)
+    assert rel_err(y, ref) <= 1e-2  # both rounded to bf16 on output
+
+
+@needs_lib
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_strided_and_noncontiguous_inputs(mode):
+    layer = make_layer(256, 40, 64, False, False)
+    backend = small_m(MODES[mode][0])
+    wide = torch.randn(7, 512)
+    for x in (wide[:, :256], wide[:, ::2], torch.randn(256, 7).t(), wide[::2, 256:]):
+        assert rel_err(backend.matmul(layer, x), reference(layer, x.contiguous())) <= MODES[mode][1]
+
+
+@needs_lib
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("layer_args", [LAYERS[0], LAYERS[2], LAYERS[6]])
+def test_rows_are_computed_alone(mode, layer_args):
+    """Batching is invisible below the GEMM crossover: each row is bitwise the M=1 result."""
+    layer = make_layer(*layer_args)
+    x = torch.randn(11, layer.in_features)
+    backend = small_m(MODES[mode][0])
+    batched = backend.matmul(layer, x)
+    for r in range(11):
+        assert torch.equal(batched[r], backend.matmul(layer, x[r:r + 1])[0])
+    assert torch.equal(batched[3:10], backend.matmul(layer, x[3:10]))
+
+
+@needs_lib
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_thread_count_does_not_change_results(mode, monkeypatch):
+    layer = make_layer(384, 4104, 128, True, True)
+    x = torch.randn(9, 384)
+    outs = []
+    for nt in ("1", "2", "3"):
+        monkeypatch.setenv("GRACEVLM_NUM_THREADS", nt)
+        outs.append(small_m(MODES[mode][0]).matmul(layer, x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # rows are split, never K
+
+
+@needs_lib
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_scalar_path_matches_reference(mode):
+    if LIB.gv_isa() == 0:
+        pytest.skip("no AVX2 here: the scalar path is what every other test runs")
+    layer = make_layer(128, 8, 32, True, False)
+    wide = make_layer(1024, 48, 128, False, False)
+    try:
+        LIB.gv_set_isa(0)
+        assert LIB.gv_isa() == 0
+        for lay in (layer, wide):
+            x = torch.randn(3, lay.in_features)
+            assert rel_err(small_m(MODES[mode][0]).matmul(lay, x), reference(lay, x)) <= MODES[mode][1]
+            gemm = native.NativeBackend()
+            gemm.gemm_min_rows = 1
+            assert rel_err(gemm.matmul(lay, x), reference(lay, x)) <= 1e-6
+    finally:
+        LIB.gv_set_isa(-1)
+    assert LIB.gv_isa() == 2
+
+
+@needs_lib
+def test_unsupported_layouts_fall_back_to_dense():
+    for in_f, g in ((96, 32), (256, 16), (384, 96)):  # in % 64 != 0; groups of 16 and 96
+        layer = make_layer(in_f, 16, g, True, False)
+        x = torch.randn(3, in_f)
+        assert rel_err(native.NativeBackend().matmul(layer, x), reference(layer, x)) <= 1e-5
+        assert "native" not in layer.kernel_cache
+
+
+@needs_lib
+def test_originals_untouched_and_empty_input():
+    layer = make_layer(256, 40, 64, True, False, seed=1)
+    before = layer.to_awq()
+    layer.backend = "native"
+    layer(torch.randn(2, 256))
+    assert layer.kernel_cache["native"]["packed"].dtype == torch.uint8
+    after = layer.to_awq()
+    for name in ("qweight", "qzeros", "scales", "bias"):
+        assert torch.equal(getattr(before, name), getattr(after, name))
+    assert layer(torch.randn(0, 256)).shape == (0, 40)
+
+
+@needs_lib
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_special_activation_values(mode):
+    layer = make_layer(256, 40, 64, True, False)
+    backend = small_m(MODES[mode][0])
+    x = torch.randn(3, 256)
+    x[1, 70] = float("nan")  # NaN in one group of row 1 reaches every output of row 1, as in fp32
+    x[2, :64] = 1e-35  # a group below the fixed-point range counts as zero: negligible next to the rest
+    y, ref = backend.matmul(layer, x), reference(layer, x)
+    assert torch.isnan(y[1]).all() and torch.isnan(ref[1]).all()
+    assert rel_err(y[[0, 2]], ref[[0, 2]]) <= MODES[mode][1]
+    zero = backend.matmul(layer, torch.zeros(2, 256))
+    assert torch.equal(zero, layer.bias.float().expand(2, -1))
+
+
+@needs_lib
+def test_automatic_choice_on_cpu():
+    cpu = torch.device("cpu")
+    assert [kernels.select_backend(cpu, m).name for m in (1, 24, 512)] == ["native"] * 3
+    assert kernels.select_backend(cpu, 1, "native-i8x2").name == "native-i8x2"  # opt-in only
+
+
+@needs_lib
+@pytest.mark.parametrize("rows", [2, 40])  # small-M kernel and dequantize + GEMM
+def test_inference_mode_and_autograd(rows, monkeypatch):
+    """State made under inference_mode serves later normal calls; inputs that need a gradient go to
+    ``dense`` (the C kernels have no backward)."""
+    monkeypatch.setattr(native, "_scratch", type(native._scratch)())  # a fresh scratch buffer
+    layer = make_layer(128, 40, 128, True, True, seed=3)
+    layer.kernel_cache.clear()
+    layer.backend = "native"
+    x = torch.randn(rows, 128)
+    with torch.inference_mode():
+        inside = layer(x)
+    assert torch.equal(layer(x), inside)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.sum().backward()
+    assert rel_err(y.detach(), reference(layer, x)) <= 1e-5 and xg.grad.shape == x.shape
+
+
+@needs_lib
+def test_fp32_and_bf16_scales():
+    base = make_layer(256, 40, 64, True, False)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = Int4Linear.from_awq(base.qweight, base.qzeros, base.scales.to(dtype), base.bias, group_size=64)
+        x = torch.randn(4, 256)
+        assert rel_err(small_m(native.MODE_F32).matmul(layer, x), reference(layer, x)) <= MODES["f32"][1]
+        assert layer.kernel_cache["native"]["ss"] == 4
+
+
+def test_fallback_when_library_unavailable(monkeypatch):
+    monkeypatch.setattr(native, "load_library", lambda: None)
+    cpu = torch.device("cpu")
+    assert not kernels.get_backend("native").available(cpu)
+    assert kernels.select_backend(cpu, 1).name in ("int4pack", "dense")
+    assert kernels.select_backend(cpu, 64).name == "dense"
+    layer = make_layer(256, 40, 64, True, False, seed=2)
+    x = torch.randn(3, 256)
+    assert rel_err(native.NativeBackend().matmul(layer, x), reference(layer, x)) <= 1e-5
+    layer.backend = None
+    assert rel_err(layer(x), reference(layer, x)) <= 1e-5
+
+
+def test_loader_warns_once_and_gives_up(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(native, "_load", broken)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.load_library() is None
+        assert native.load_library() is None
+    assert len(caught) == 1 and "no compiler" in str(caught[0].message)
+
+
+@needs_lib
+def test_stale_build_is_rejected(tmp_path):
+    path = next(p for p in [*native._HERE.glob(native.LIB_STEM + "*.so"), *native.cache_dir().glob("*.so")]
+                if native._try_load(p, native.source_hash()) is not None)
+    assert native._try_load(path, "0" * 16) is None
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+def test_compile_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "LIB_STEM", "_no_such_build")  # as in a source tree without a build
+    lib = native._load()
+    assert lib.gv_source_hash().decode() == native.source_hash()
+    assert list((tmp_path / "gracevlm").glob("gv_int4-*.so"))
