@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-model bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ test: install
 
 demo: install
 	$(VENV)/bin/gracevlm demo
+
+demo-model: install
+	$(PY) -m gracevlm.demo build --work out/demo-work --out src/gracevlm/demo/model --threads 1
 
 bench: install
 	$(PY) benchmarks/bench_int4.py

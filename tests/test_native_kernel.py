@@ -90,7 +90,7 @@ def test_dequant_gemm_path_is_exact(layer_args, rows):
     backend = native.NativeBackend()
     backend.gemm_min_rows = 1
     x = torch.randn(rows, layer.in_features)
-    assert rel_err(backend.matmul(layer, x), reference(layer, x)) <= 1e-6
+    assert rel_err(backend.matmul(layer, x), reference(layer, x)) <= 5e-6  # fp32 sums of up to 4096 products in another order
 
 
 @needs_lib
@@ -166,7 +166,7 @@ def test_scalar_path_matches_reference(mode):
             assert rel_err(small_m(MODES[mode][0]).matmul(lay, x), reference(lay, x)) <= MODES[mode][1]
             gemm = native.NativeBackend()
             gemm.gemm_min_rows = 1
-            assert rel_err(gemm.matmul(lay, x), reference(lay, x)) <= 1e-6
+            assert rel_err(gemm.matmul(lay, x), reference(lay, x)) <= 5e-6
     finally:
         LIB.gv_set_isa(-1)
     assert LIB.gv_isa() == 2

@@ -37,12 +37,11 @@ def cmd_selfcheck(args) -> int:
     return 0
 
 
-DEMO_QUERY = "What is shown in this image?"
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .demo import MODEL_DIR
 
-
-def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    p.add_argument("--model", default=default_model, required=default_model is None,
-                   help="checkpoint folder or Hugging Face Hub id")
+    p.add_argument("--model", default=str(MODEL_DIR),
+                   help="checkpoint folder or Hugging Face Hub id (default: the bundled GRACE W4 demo model)")
     p.add_argument("--backend", default=None, help="INT4 kernel: auto (default), reference, dense, int4pack, ...")
     p.add_argument("--quantize", choices=["rtn"], default=None,
                    help="quantize a plain fp16 checkpoint at load (round-to-nearest W4G128)")
@@ -177,36 +176,6 @@ def cmd_pack(args) -> int:
     return 0
 
 
-def demo_image(path) -> None:
-    """Draw the demo picture (a red circle and a blue square on a light background)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (480, 320), (235, 235, 225))
-    draw = ImageDraw.Draw(img)
-    draw.ellipse((60, 80, 220, 240), fill=(210, 40, 40))
-    draw.rectangle((280, 100, 420, 240), fill=(40, 70, 200))
-    img.save(path)
-
-
-def cmd_demo(args) -> int:
-    """Synthesize a tiny GRACE AWQ checkpoint (once) and run one image+text generation through it."""
-    from pathlib import Path
-
-    from .model.synth import synthesize
-
-    folder = Path(args.dir)
-    if not (folder / "config.json").is_file():
-        print(f"synthesizing a tiny random-weight GRACE AWQ checkpoint in {folder} ...", file=sys.stderr)
-        synthesize(folder, "tiny", "awq", seed=0, force=True)
-    image = folder / "demo.png"
-    demo_image(image)
-    args.model, args.image, args.query, args.json = str(folder), [str(image)], args.query, False
-    args.quantize, args.conv_mode = None, None
-    print(f"model {folder} (random weights: the text is gibberish by design)\nimage {image}\nUSER: {args.query}\n"
-          "ASSISTANT: ", end="", file=sys.stderr, flush=True)
-    return cmd_run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gracevlm", description="Run, serve and convert 4-bit GRACE VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,17 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("demo", help="synthesize a tiny checkpoint and run one generation")
-    p.add_argument("--dir", default="out/demo-tiny")
-    p.add_argument("--query", default=DEMO_QUERY)
-    p.add_argument("--backend", default=None)
-    p.add_argument("--device", default="cpu")
-    _add_sampling_args(p)
-    p.set_defaults(func=cmd_demo, max_new_tokens=24)
-
     from .eval.cli import register as register_eval
     from .export.cli import register as register_export
     from .server.cli import register as register_serve
+    from .train.cli import register as register_train
+    from .demo.cli import register as register_demo
+    register_demo(sub)
+    register_train(sub)
     register_eval(sub)
     register_export(sub)
     register_serve(sub)

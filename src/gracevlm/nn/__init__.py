@@ -1,4 +1,5 @@
 """torch.nn modules: packed INT4 linear layers (and, for training, fake-quant layers)."""
 from .int4_linear import Int4Linear
+from .lsq import LSQLinear
 
-__all__ = ["Int4Linear"]
+__all__ = ["Int4Linear", "LSQLinear"]

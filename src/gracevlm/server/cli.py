@@ -25,7 +25,10 @@ included."""
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
-    p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub id")
+    from ..demo import MODEL_DIR
+
+    p.add_argument("--model", default=str(MODEL_DIR),
+                   help="checkpoint folder or Hugging Face Hub id (default: the bundled GRACE W4 demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,

@@ -1,0 +1,183 @@
+"""The demo-model recipe: synthetic VQA world -> tokenizer -> teacher trained from scratch -> GRACE W4G128
+student (LSQ + GDKD + RCKA + IB) -> packed GRACE AWQ release folder, plus the baselines it is compared
+with (QAT-only W4 student, RTN W4G128 of the teacher).
+
+Every stage writes into ``work/<stage>`` and is skipped when its output is already complete, so an
+interrupted build continues where it stopped (``force=True`` redoes everything). The run is
+deterministic for a given seed and thread count.
+
+    python -m gracevlm.demo build --work out/demo-work --out src/gracevlm/demo/model
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .evaluate import MODEL_DIR
+from .model_def import DemoArch, build_model
+
+RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
+
+
+@dataclass
+class RecipeConfig:
+    work: str = "out/demo-work"
+    out: str = str(MODEL_DIR)
+    seed: int = 0
+    n_train: int = 16000
+    n_heldout: int = 400
+    questions_per_image: int = 3
+    arch: DemoArch = field(default_factory=lambda: DemoArch(hidden=128, intermediate=384, heads=2, patch_size=16,
+                                                            vision_intermediate=256, vision_layers=5))
+    tokenizer_vocab: int = 512
+    tokenizer_lines: int = 2000
+    teacher_steps: int = 1600
+    teacher_batch: int = 16
+    teacher_lr: float = 5e-4  # 1e-3 and above collapse to the text-only answer prior (the image gets ignored)
+    student_steps: int = 300
+    student_batch: int = 16
+    student_lr: float = 3e-5
+    scale_lr: float = 1e-3
+    rcka_warmup: int = 100  # the brief's 400 is longer than this short student run
+    threads: int | None = 1  # 1 thread: on a shared 2-core machine 2 threads oversubscribe and run 5-10x slower
+    evaluate: bool = True
+    progress: bool = True
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["arch"] = self.arch.as_dict()
+        return d
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_workspace(cfg: RecipeConfig, force: bool = False) -> dict[str, Path]:
+    """Stages 1-3: the data splits, the tokenizer and the randomly initialized model checkpoint."""
+    from ..model.tokenizer import train_tokenizer
+    from ..train.export import llava_config, save_dense_checkpoint
+    from .world import corpus_lines, write_split
+
+    work = Path(cfg.work)
+    paths = {"data": work / "data", "tokenizer": work / "tokenizer", "init": work / "init"}
+    if force or not (paths["data"] / "heldout.json").is_file():
+        _say(f"drawing the world: {cfg.n_train} training images, {cfg.n_heldout} held-out")
+        shutil.rmtree(paths["data"], ignore_errors=True)
+        write_split(paths["data"], "train", cfg.n_train, cfg.seed, cfg.arch.image_size, cfg.questions_per_image)
+        write_split(paths["data"], "heldout", cfg.n_heldout, cfg.seed, cfg.arch.image_size)
+    if force or not (paths["tokenizer"] / "tokenizer.model").is_file():
+        records = json.loads((paths["data"] / "train.json").read_text())[: cfg.tokenizer_lines]
+        tok = train_tokenizer(paths["tokenizer"], corpus_lines(records), cfg.tokenizer_vocab)
+        if tok.vocab_size > cfg.arch.vocab:
+            raise ValueError(f"tokenizer has {tok.vocab_size} pieces, the model only {cfg.arch.vocab} rows")
+        _say(f"tokenizer: {tok.vocab_size} pieces")
+    if force or not (paths["init"] / "config.json").is_file():
+        model = build_model(cfg.arch, seed=cfg.seed)
+        config = llava_config(model, max_length=cfg.arch.max_positions)
+        save_dense_checkpoint(model, paths["init"], config, paths["tokenizer"], torch.float32, force=True)
+    return paths
+
+
+def _train(stage: str, work: Path, force: bool, **kwargs) -> Path:
+    from ..train.trainer import TrainConfig, train
+
+    out = work / stage
+    final = out / ("model" if kwargs["method"] == "fp" else "awq")
+    if not force and (final / "config.json").is_file():
+        _say(f"{stage}: done already ({final})")
+        return final
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+    _say(f"{stage}: training ({kwargs['method']}, {kwargs['steps']} steps)")
+    summary = train(TrainConfig(out=str(out), resume="auto", save_every=100, **kwargs))
+    if not summary["finished"]:
+        raise RuntimeError(f"{stage}: training stopped at step {summary['steps']}")
+    return final
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+
+def compare(work: str | os.PathLike, n: int | None = None, seed: int = 0, packed: str | os.PathLike | None = None,
+            progress: bool = False) -> dict:
+    """Exact-match accuracy of the teacher, RTN W4G128 of the teacher, the QAT-only W4 student and the
+    GRACE W4 student (``packed``, default ``work/grace/awq``) on the held-out split."""
+    from .evaluate import DEFAULT_HELDOUT, evaluate
+
+    work = Path(work)
+    n = n or DEFAULT_HELDOUT
+    models = {"teacher_fp16": (work / "teacher" / "model", None),
+              "rtn_w4g128": (work / "teacher" / "model", "rtn"),
+              "qat_only_w4": (work / "qat-only" / "awq", None),
+              "grace_w4": (Path(packed) if packed else work / "grace" / "awq", None)}
+    results = {}
+    for name, (path, quantize) in models.items():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} not found; build the demo first (python -m gracevlm.demo build)")
+        res = evaluate(path, n=n, seed=seed, quantize=quantize, progress=progress)
+        res["path"] = str(path)
+        if name == "grace_w4" and n > 100:  # a cheap reproducibility check for tests of the shipped model
+            res["accuracy_first_100"] = evaluate(path, n=100, seed=seed)["accuracy"]
+        results[name] = res
+        _say(f"{name:>13}: {res['accuracy']:.2f}% of {res['n']} ({res['seconds']:.0f}s)")
+    return results
+
+
+def build(cfg: RecipeConfig, force: bool = False) -> dict:
+    """Run the whole recipe; returns (and writes to ``work/results.json``) the accuracies, sizes and times."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    times = {}
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = prepare_workspace(cfg, force)
+    times["prepare_s"] = round(time.perf_counter() - t0, 1)
+    common = dict(data=str(paths["data"] / "train.json"), image_folder=str(paths["data"]), seed=cfg.seed,
+                  threads=cfg.threads, progress=cfg.progress, log_every=5)
+    t = time.perf_counter()
+    teacher = _train("teacher", work, force, method="fp", model=str(paths["init"]), steps=cfg.teacher_steps,
+                     batch_size=cfg.teacher_batch, lr=cfg.teacher_lr, train_vision=True, **common)
+    times["teacher_s"] = round(time.perf_counter() - t, 1)
+    student = dict(model=str(teacher), steps=cfg.student_steps, batch_size=cfg.student_batch, lr=cfg.student_lr,
+                   scale_lr=cfg.scale_lr, **common)
+    t = time.perf_counter()
+    grace = _train("grace", work, force, method="grace", teacher=str(teacher), rcka_warmup=cfg.rcka_warmup,
+                   **student)
+    times["grace_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    _train("qat-only", work, force, method="qat", **student)
+    times["qat_only_s"] = round(time.perf_counter() - t, 1)
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(grace, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    _say(f"shipped the GRACE W4 student: {out} ({folder_bytes(out) / 2**20:.2f} MiB)")
+
+    results = {"recipe": cfg.as_dict(), "sizes_bytes": {"packed_student": folder_bytes(out),
+                                                        "teacher_fp16": folder_bytes(teacher)}}
+    if cfg.evaluate:
+        t = time.perf_counter()
+        results["accuracy"] = compare(work, cfg.n_heldout, cfg.seed, packed=out, progress=cfg.progress)
+        times["evaluate_s"] = round(time.perf_counter() - t, 1)
+    times["total_s"] = round(time.perf_counter() - t0, 1)
+    results["times"] = times
+    text = json.dumps(results, indent=1) + "\n"
+    (work / "results.json").write_text(text)
+    if out.resolve() == MODEL_DIR.resolve():
+        RESULTS_FILE.write_text(text)  # ships next to the model: how it was made and how it scored
+    return results

@@ -1,0 +1,225 @@
+"""A synthetic visual question answering world drawn with PIL, reproducible from a seed.
+
+A scene is a small picture (64 x 64 by default) split into four quadrants; one to three objects sit in
+distinct quadrants. Each object has a shape (circle, square, triangle), a colour (red, green, blue,
+yellow, purple) and a size (small, large). Questions ask about colour, shape, size, position and
+counts and have short answers ("red", "2", "yes", "top left"). Records use LLaVA's conversation format:
+``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}``.
+
+Everything is derived from ``random.Random(seed)`` (integer draws only, which Python keeps stable across
+versions) and PIL's integer drawing primitives, so the same seed gives the same pictures, questions and
+answers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (238, 200, 30),
+          "purple": (148, 60, 189)}
+SIZES = {"small": (6, 8), "large": (11, 13)}  # half extent range in pixels on a 64 px canvas
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+BACKGROUNDS = ((236, 236, 230), (226, 232, 240), (242, 234, 222), (230, 240, 230))
+IMAGE_SIZE = 64
+QUESTION_TYPES = ("color", "shape", "count_shape", "count_all", "exists", "where", "size", "color_at")
+WORDS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    quadrant: int
+    cx: int  # centre, in units of a 64 px canvas
+    cy: int
+    half: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: int
+    objects: tuple[Obj, ...]
+
+
+@dataclass(frozen=True)
+class QA:
+    kind: str
+    question: str
+    answer: str
+
+
+def make_scene(rng: random.Random) -> Scene:
+    n = rng.randrange(1, 4)
+    quads = rng.sample(range(4), n)
+    objs = []
+    for q in quads:
+        size = rng.choice(tuple(SIZES))
+        lo, hi = SIZES[size]
+        half = rng.randrange(lo, hi + 1)
+        slack = 16 - half - 1
+        qx, qy = (q % 2) * 32 + 16, (q // 2) * 32 + 16
+        objs.append(Obj(rng.choice(SHAPES), rng.choice(tuple(COLORS)), size, q,
+                        qx + rng.randrange(-slack, slack + 1), qy + rng.randrange(-slack, slack + 1), half))
+    return Scene(rng.randrange(len(BACKGROUNDS)), tuple(objs))
+
+
+def draw_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene as an RGB image of ``size`` x ``size`` pixels (drawn at 64 px, then scaled by an integer)."""
+    scale = max(1, size // IMAGE_SIZE)
+    img = Image.new("RGB", (IMAGE_SIZE * scale, IMAGE_SIZE * scale), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        cx, cy, h = o.cx * scale, o.cy * scale, o.half * scale
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+        elif o.shape == "square":
+            s = round(h * 0.85)
+            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+        else:
+            draw.polygon([(cx, cy - h), (cx - h, cy + h - 1), (cx + h, cy + h - 1)], fill=fill)
+    return img if img.size == (size, size) else img.resize((size, size), Image.Resampling.NEAREST)
+
+
+def _unique(objs, **attrs):
+    found = [o for o in objs if all(getattr(o, k) == v for k, v in attrs.items())]
+    return found[0] if len(found) == 1 else None
+
+
+def ask(scene: Scene, kind: str, rng: random.Random) -> QA | None:
+    """One question of type ``kind`` about ``scene`` (None when the scene does not allow it)."""
+    objs = scene.objects
+    if kind == "color":
+        cands = [o for o in objs if _unique(objs, shape=o.shape)]
+        if cands:
+            o = rng.choice(cands)
+            return QA(kind, f"What color is the {o.shape}?", o.color)
+    elif kind == "shape":
+        cands = [o for o in objs if _unique(objs, color=o.color)]
+        if cands:
+            o = rng.choice(cands)
+            return QA(kind, f"What shape is the {o.color} object?", o.shape)
+    elif kind == "count_shape":
+        shape = rng.choice(SHAPES)
+        return QA(kind, f"How many {WORDS[shape]} are there?", str(sum(o.shape == shape for o in objs)))
+    elif kind == "count_all":
+        return QA(kind, "How many objects are there?", str(len(objs)))
+    elif kind == "exists":
+        if rng.randrange(2):
+            o = rng.choice(objs)
+            color, shape = o.color, o.shape
+        else:
+            color, shape = rng.choice(tuple(COLORS)), rng.choice(SHAPES)
+        present = any(o.color == color and o.shape == shape for o in objs)
+        return QA(kind, f"Is there a {color} {shape}?", "yes" if present else "no")
+    elif kind == "where":
+        cands = [o for o in objs if _unique(objs, color=o.color, shape=o.shape)]
+        if cands:
+            o = rng.choice(cands)
+            return QA(kind, f"Where is the {o.color} {o.shape}?", QUADRANTS[o.quadrant])
+    elif kind == "size":
+        cands = [o for o in objs if _unique(objs, color=o.color, shape=o.shape)]
+        if cands:
+            o = rng.choice(cands)
+            return QA(kind, f"Is the {o.color} {o.shape} large or small?", o.size)
+    elif kind == "color_at":
+        o = rng.choice(objs)
+        return QA(kind, f"What color is the object in the {QUADRANTS[o.quadrant]}?", o.color)
+    else:
+        raise ValueError(f"unknown question type {kind!r}")
+    return None
+
+
+def questions(scene: Scene, rng: random.Random, n: int) -> list[QA]:
+    """Up to ``n`` distinct questions of random types about the scene."""
+    out: list[QA] = []
+    seen = set()
+    for _ in range(8 * n):
+        if len(out) == n:
+            break
+        qa = ask(scene, rng.choice(QUESTION_TYPES), rng)
+        if qa is not None and qa.question not in seen:
+            seen.add(qa.question)
+            out.append(qa)
+    return out
+
+
+def describe(scene: Scene) -> QA:
+    """The dense caption turn of training conversations: every object, in quadrant order."""
+    parts = [f"{o.size} {o.color} {o.shape} at {QUADRANTS[o.quadrant]}"
+             for o in sorted(scene.objects, key=lambda o: o.quadrant)]
+    return QA("describe", "Describe the objects.", ", ".join(parts))
+
+
+def _record(rid: str, image: str, qas: list[QA]) -> dict:
+    conv = []
+    for i, qa in enumerate(qas):
+        conv.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + qa.question})
+        conv.append({"from": "gpt", "value": qa.answer})
+    return {"id": rid, "image": image, "conversations": conv, "types": [qa.kind for qa in qas]}
+
+
+def split_seed(seed: int, split: str) -> int:
+    return seed * 1009 + {"train": 1, "heldout": 2}[split]
+
+
+def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image: int | None = None
+                   ) -> list[tuple[dict, Scene]]:
+    """``n_images`` (record, scene) pairs. ``train`` records hold 3 questions per image followed by a
+    description of all objects (dense supervision that speeds up learning to see); ``heldout`` records hold
+    one short-answer question (override the count with ``questions_per_image``). Image paths are
+    ``{split}/{index:06d}.png``."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    per = questions_per_image or (3 if split == "train" else 1)
+    rng = random.Random(split_seed(seed, split))
+    out = []
+    for i in range(n_images):
+        scene = make_scene(rng)
+        qas = questions(scene, rng, per)
+        if split == "train":
+            qas.append(describe(scene))
+        out.append((_record(f"{split}-{i:06d}", f"{split}/{i:06d}.png", qas), scene))
+    return out
+
+
+def write_split(out_dir: str | os.PathLike, split: str, n_images: int, seed: int = 0,
+                image_size: int = IMAGE_SIZE, questions_per_image: int | None = None) -> Path:
+    """Draw a split into ``out_dir/{split}/*.png`` and write ``out_dir/{split}.json``; returns the JSON path."""
+    out = Path(out_dir)
+    (out / split).mkdir(parents=True, exist_ok=True)
+    records = []
+    for record, scene in generate_split(split, n_images, seed, questions_per_image):
+        draw_scene(scene, image_size).save(out / record["image"], optimize=False, compress_level=1)
+        records.append(record)
+    path = out / f"{split}.json"
+    path.write_text(json.dumps(records, indent=0) + "\n", encoding="utf-8")
+    return path
+
+
+def scene_dict(scene: Scene) -> dict:
+    return asdict(scene)
+
+
+def corpus_lines(records: list[dict], template: str = "vicuna_v1") -> list[str]:
+    """The conversations rendered with the chat template: the tokenizer's training text."""
+    from ..model.prompts import render_prompt
+
+    lines = []
+    for r in records:
+        msgs = [{"role": "user" if m["from"] == "human" else "assistant",
+                 "content": m["value"].replace("<image>\n", "")} for m in r["conversations"]]
+        lines.append(render_prompt(msgs, template))
+    return lines
+
+
+def sample_corpus(n_images: int = 300, seed: int = 0) -> list[str]:
+    """Tokenizer text from ``n_images`` training conversations (for small tokenizers in tests)."""
+    return corpus_lines([r for r, _ in generate_split("train", n_images, seed)])

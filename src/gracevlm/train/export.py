@@ -1,0 +1,246 @@
+"""Write trained models as checkpoint folders in the exact GRACE layouts.
+
+* ``save_dense_checkpoint``: a plain LLaVA-1.5 folder (config.json, safetensors, tokenizer files).
+* ``export_qat``: GRACE's QAT folder: the baked fake-quantized weights (``q * s``) in the safetensors plus
+  the ``qat_quantized_weights.bin`` sidecar (``<m>.weight``, ``<m>.log_scale`` fp32 flat, ``<m>.bias``).
+* ``export_awq``: QAT folder -> GRACE AWQ release folder through ``formats.pack.pack_qat_checkpoint``,
+  the same code path as ``gracevlm pack`` (which verifies every layer bit-exactly).
+
+Tensor names follow the LLaVA-original keys (``model.layers.N...``, ``lm_head.weight``,
+``model.mm_projector.{0,2}.*``, ``model.vision_tower.vision_tower.vision_model.*``). Accepted models: our
+``LlavaModel``, our ``LlamaForCausalLM`` and transformers' ``LlavaForConditionalGeneration`` (5.x names).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..formats.checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, ShardWriter, make_public, write_json_atomic
+from ..formats.pack import TOKENIZER_FILES, PackReport, pack_qat_checkpoint
+from ..formats.qat import SIDECAR_NAME
+from ..model.llama import LlamaForCausalLM
+from ..model.llava import LlavaModel
+from .qat import GRACE_SKIP_KEYWORDS, lsq_layers
+
+_HF_MAP = (("model.language_model.", "model."), ("model.multi_modal_projector.linear_1.", PROJECTOR_PREFIX + "0."),
+           ("model.multi_modal_projector.linear_2.", PROJECTOR_PREFIX + "2."), ("model.vision_tower.", VISION_PREFIX),
+           ("lm_head.", "lm_head."))
+_OURS_MAP = (("language_model.", ""), ("projector.", PROJECTOR_PREFIX), ("vision_tower.", VISION_PREFIX))
+
+
+def _layout(model: nn.Module) -> str:
+    if isinstance(model, LlavaModel):
+        return "ours"
+    if isinstance(model, LlamaForCausalLM):
+        return "llama"
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "language_model") and hasattr(model, "lm_head"):
+        return "hf"
+    raise InputError(f"cannot export a {type(model).__name__}: expected gracevlm's LlavaModel or "
+                     "LlamaForCausalLM, or transformers' LlavaForConditionalGeneration")
+
+
+def grace_key(name: str, layout: str) -> str | None:
+    """Our in-memory parameter name -> LLaVA-original checkpoint key (None: not saved)."""
+    if name.endswith("position_ids") or name.endswith("rotary.inv_freq"):
+        return None
+    if layout == "llama":
+        return name
+    for src, dst in (_OURS_MAP if layout == "ours" else _HF_MAP):
+        if name.startswith(src):
+            return dst + name[len(src):]
+    raise InputError(f"parameter {name!r} has no LLaVA-original checkpoint name")
+
+
+def _vision_config_dict(tower: nn.Module | None) -> dict | None:
+    if tower is None or not hasattr(tower, "config"):
+        return None
+    c = tower.config
+    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "image_size": c.image_size, "patch_size": c.patch_size, "hidden_act": c.hidden_act,
+            "layer_norm_eps": c.layer_norm_eps}
+
+
+def llava_config(model: nn.Module, conv_mode: str | None = None, max_length: int = 2048) -> dict:
+    """A LLaVA-original config.json dict describing ``model`` (with the ``mm_vision_config`` extension
+    describing a bundled CLIP-style tower)."""
+    layout = _layout(model)
+    if layout == "hf":
+        tc, vc = model.config.text_config, model.config.vision_config
+        hidden, inter, layers = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
+        heads, kv, vocab = tc.num_attention_heads, tc.num_key_value_heads, tc.vocab_size
+        eps, theta = tc.rms_norm_eps, getattr(tc, "rope_theta", None) or 10000.0
+        max_pos = tc.max_position_embeddings
+        vision = _vision_config_dict(model.model.vision_tower)
+        layer = model.config.vision_feature_layer
+        feature = "patch" if model.config.vision_feature_select_strategy == "default" else "cls_patch"
+        has_vision = True
+    else:
+        lm = model.language_model if layout == "ours" else model
+        sp = lm.spec
+        hidden, inter, layers, heads, kv, vocab = (sp.hidden_size, sp.intermediate_size, sp.num_layers,
+                                                   sp.num_heads, sp.num_kv_heads, sp.vocab_size)
+        eps, theta, max_pos = sp.rms_norm_eps, sp.rope_theta, sp.max_position_embeddings
+        vision = _vision_config_dict(model.vision_tower) if layout == "ours" else None
+        layer = model.select_layer if layout == "ours" else -2
+        feature = model.select_feature if layout == "ours" else "patch"
+        has_vision = layout == "ours" and model.projector is not None
+    cfg = {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "hidden_act": "silu",
+        "rms_norm_eps": eps, "max_position_embeddings": max_pos, "vocab_size": vocab,
+        "rope_theta": float(theta), "rope_scaling": None, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True,
+        "tokenizer_model_max_length": max_length, "tokenizer_padding_side": "right",
+    }
+    if has_vision:
+        cfg.update({
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+            "mm_hidden_size": vision["hidden_size"] if vision else 1024,
+            "mm_vision_select_layer": layer, "mm_vision_select_feature": feature,
+            "mm_projector_type": "mlp2x_gelu", "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad",
+            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
+        })
+        if vision:
+            cfg["mm_vision_config"] = vision
+    if conv_mode:
+        cfg["conv_mode"] = conv_mode
+    return cfg
+
+
+def _floating(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach()
+    if dtype is not None and t.dtype.is_floating_point:
+        t = t.to(dtype)
+    return t.contiguous().cpu()
+
+
+def _copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
+    if src is None:
+        return
+    src = Path(src)
+    for fname in TOKENIZER_FILES:
+        if (src / fname).is_file():
+            shutil.copy2(src / fname, dst / fname)
+    if not (dst / "generation_config.json").is_file():
+        write_json_atomic(dst / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+
+
+def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype, weight_dtype,
+                  sidecar: bool, force: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} exists and is not empty; pass force=True to replace it")
+    layout = _layout(model)
+    lsq = lsq_layers(model)
+    if sidecar and not lsq:
+        raise InputError("the model has no LSQLinear layers; call gracevlm.train.prepare(model) first "
+                         "(or save it with save_dense_checkpoint)")
+    baked_keys = {f"{name}.weight": layer for name, layer in lsq.items()}
+    scale_keys = {f"{name}.log_scale" for name in lsq}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        writer = ShardWriter(tmp)
+        side: dict[str, torch.Tensor] = {}
+        for name, tensor in model.state_dict().items():
+            if name in scale_keys:
+                continue
+            key = grace_key(name, layout)
+            if key is None:
+                continue
+            layer = baked_keys.get(name)
+            if layer is not None:
+                value = layer.baked_weight(weight_dtype).contiguous().cpu()
+                if sidecar:
+                    module = key[: -len(".weight")]
+                    side[f"{module}.weight"] = value
+                    side[f"{module}.log_scale"] = layer.log_scale.detach().to(torch.float32).clone().cpu()
+                    if layer.bias is not None:
+                        side[f"{module}.bias"] = _floating(layer.bias, dtype)
+            else:
+                value = _floating(tensor, dtype)
+            writer.add(key, value)
+        writer.close()
+        cfg = dict(config)
+        for field in ("qat", "awq_packing", "quantization_config"):
+            cfg.pop(field, None)
+        if sidecar:
+            layers = list(lsq.values())
+            cfg["qat"] = {"bits": layers[0].bits, "group_size": max(l.group_size for l in layers),
+                          "learn_scales": any(l.log_scale.requires_grad for l in layers),
+                          "skip_keywords": list(GRACE_SKIP_KEYWORDS), "num_replaced": len(layers)}
+            groups = {l.group_size for l in layers if l.group_size != l.in_features}
+            if len(groups) == 1:
+                cfg["qat"]["group_size"] = groups.pop()
+            torch.save(side, tmp / SIDECAR_NAME)
+            make_public(tmp / SIDECAR_NAME)
+        write_json_atomic(tmp / "config.json", cfg)
+        _copy_side_files(tokenizer_dir, tmp)
+        make_public(tmp, folder=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_dense_checkpoint(model: nn.Module, out_dir: str | os.PathLike, config: dict | None = None,
+                          tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                          force: bool = False) -> Path:
+    """Write ``model`` as a plain LLaVA-1.5 checkpoint folder (LSQ layers, if any, as baked ``q * s``).
+
+    ``config``: the config.json dict to write (its ``qat``/``awq_packing`` fields are dropped); default
+    ``llava_config(model)``. ``dtype``: cast floating tensors (None keeps them). Tokenizer files and
+    generation_config.json are copied from ``tokenizer_dir``.
+    """
+    return _write_folder(model, out_dir, config or llava_config(model), tokenizer_dir, dtype, dtype, False, force)
+
+
+def export_qat(model: nn.Module, out_dir: str | os.PathLike, config: dict | None = None,
+               tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+               weight_dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """Write a GRACE QAT checkpoint folder for a model prepared with ``prepare``.
+
+    Quantized linears are saved as baked ``q * s`` (computed in fp32, rounded once to ``weight_dtype``,
+    default the weight's own dtype); the sidecar holds the same baked weights and the unclamped fp32
+    ``log_scale`` of each layer; ``config.json`` gains GRACE's ``qat`` section. Other tensors are cast to
+    ``dtype`` (None keeps them).
+    """
+    return _write_folder(model, out_dir, config or llava_config(model), tokenizer_dir, dtype, weight_dtype,
+                         True, force)
+
+
+def export_awq(model: nn.Module, out_dir: str | os.PathLike, config: dict | None = None,
+               tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = torch.float16,
+               weight_dtype: torch.dtype | None = None, qat_dir: str | os.PathLike | None = None,
+               force: bool = False, progress: bool = False) -> PackReport:
+    """``export_qat`` then ``pack_qat_checkpoint`` (= ``gracevlm pack``) into the GRACE AWQ release layout.
+
+    The QAT folder is written to ``qat_dir`` (kept) or to a temporary folder (removed). Dense tensors
+    default to fp16 as in the GRACE release.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} exists and is not empty; pass force=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    if qat_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qat.", dir=out.parent))
+        qat_dir = tmp / "qat"
+    try:
+        export_qat(model, qat_dir, config, tokenizer_dir, dtype, weight_dtype, force=True)
+        return pack_qat_checkpoint(qat_dir, out, force=True, progress=progress)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
