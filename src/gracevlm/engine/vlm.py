@@ -86,20 +86,24 @@ class VLM:
         return out, images
 
     # -- generation --------------------------------------------------------------------------------
+    def _stream_prompt(self, prompt_text: str, images: list, result: Generation | None, sampling: dict,
+                       started: float) -> Iterator[str]:
+        """The one path every entry point takes: templated text -> ids -> image features -> generation."""
+        params = _sampling(sampling)
+        ids = tokenize_with_images(prompt_text, self.tokenizer)
+        features, enc_s = self.encode_images(images)
+        res = result if result is not None else Generation("", [], ids, "length")
+        res.prompt = prompt_text
+        res.timings.image_encode_s = enc_s
+        yield from stream_generate(self.model, self.tokenizer, ids, features, params, self.max_context, res,
+                                   started)
+
     def stream_chat(self, messages: list[dict], result: Generation | None = None, conv_mode: str | None = None,
                     **sampling) -> Iterator[str]:
         """Multi-turn generation; yields text deltas and fills ``result``."""
         started = time.perf_counter()
-        params = _sampling(sampling)
         msgs, images = self._chat_inputs(messages)
-        prompt = self.build_prompt(msgs, conv_mode)
-        ids = tokenize_with_images(prompt, self.tokenizer)
-        features, enc_s = self.encode_images(images)
-        res = result if result is not None else Generation("", [], ids, "length")
-        res.prompt = prompt
-        res.timings.image_encode_s = enc_s
-        yield from stream_generate(self.model, self.tokenizer, ids, features, params, self.max_context, res,
-                                   started)
+        yield from self._stream_prompt(self.build_prompt(msgs, conv_mode), images, result, sampling, started)
 
     def chat(self, messages: list[dict], conv_mode: str | None = None, **sampling) -> Generation:
         res = Generation("", [], [], "length")
@@ -107,26 +111,14 @@ class VLM:
             pass
         return res
 
-    def _single_turn(self, prompt: str, images) -> list[dict]:
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        text = prepare_user_text(prompt, len(images))
-        return [{"role": "user", "content": text}], images
-
     def stream(self, prompt: str, images=None, result: Generation | None = None, conv_mode: str | None = None,
                **sampling) -> Iterator[str]:
         """Single-turn generation for ``prompt`` (an ``<image>`` placeholder per image is added in front
         when the prompt has none); yields text deltas."""
-        msgs, imgs = self._single_turn(prompt, images)
         started = time.perf_counter()
-        params = _sampling(sampling)
-        full = self.build_prompt(msgs, conv_mode)
-        ids = tokenize_with_images(full, self.tokenizer)
-        features, enc_s = self.encode_images(imgs)
-        res = result if result is not None else Generation("", [], ids, "length")
-        res.prompt = full
-        res.timings.image_encode_s = enc_s
-        yield from stream_generate(self.model, self.tokenizer, ids, features, params, self.max_context, res,
-                                   started)
+        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        msgs = [{"role": "user", "content": prepare_user_text(prompt, len(images))}]
+        yield from self._stream_prompt(self.build_prompt(msgs, conv_mode), images, result, sampling, started)
 
     def generate(self, prompt: str, images=None, conv_mode: str | None = None, **sampling) -> Generation:
         """Generate an answer; returns ``Generation(text, token_ids, prompt_token_ids, finish_reason, timings)``."""
@@ -138,16 +130,9 @@ class VLM:
     def generate_raw(self, prompt_text: str, images=None, result: Generation | None = None,
                      **sampling) -> Iterator[str]:
         """Generate from an already templated prompt (``<image>`` markers included); yields deltas."""
-        imgs = [] if images is None else list(images)
         started = time.perf_counter()
-        params = _sampling(sampling)
-        ids = tokenize_with_images(prompt_text, self.tokenizer)
-        features, enc_s = self.encode_images(imgs)
-        res = result if result is not None else Generation("", [], ids, "length")
-        res.prompt = prompt_text
-        res.timings.image_encode_s = enc_s
-        yield from stream_generate(self.model, self.tokenizer, ids, features, params, self.max_context, res,
-                                   started)
+        yield from self._stream_prompt(prompt_text, [] if images is None else list(images), result, sampling,
+                                       started)
 
     # -- facts ---------------------------------------------------------------------------------------
     def memory(self) -> dict:
