@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+
+from export_helpers import tiny_checkpoint
 import torch
 
 import gracevlm
@@ -12,21 +14,13 @@ from gracevlm.export import export_model
 from gracevlm.export.chat_template import chat_template
 from gracevlm.export.source import SourceModel
 from gracevlm.formats.gguf_map import llama_tensor_name, q4_0_from_codes, q4_0_to_codes, qk_row_permutation
-from gracevlm.model.synth import synthesize
 
 gguf = pytest.importorskip("gguf")
 
 
-def tiny(tmp_path_factory, fmt="awq"):
-    path = tmp_path_factory.getbasetemp() / "export-ckpts" / f"tiny-{fmt}"
-    if not path.exists():
-        synthesize(path, "tiny", fmt, seed=7, progress=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return tiny(tmp_path_factory)
+    return tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

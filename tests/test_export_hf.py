@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+
+from export_helpers import tiny_checkpoint
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -14,22 +16,14 @@ from gracevlm.export.source import SourceModel
 from gracevlm.formats.hf_map import original_to_hf
 from gracevlm.model.preprocess import preprocess_images
 from gracevlm.model.prompts import prepare_user_text, render_prompt
-from gracevlm.model.synth import synthesize
 
 transformers = pytest.importorskip("transformers")
 QUERY = "What is shown in this image?"
 
 
-def tiny(tmp_path_factory, fmt="awq"):
-    path = tmp_path_factory.getbasetemp() / "export-ckpts" / f"tiny-{fmt}"
-    if not path.exists():
-        synthesize(path, "tiny", fmt, seed=7, progress=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return tiny(tmp_path_factory)
+    return tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ import json
 import shutil
 
 import pytest
+
+from export_helpers import tiny_checkpoint
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -15,23 +17,15 @@ from gracevlm.formats.awq import dequantize_awq, pack_nibbles
 from gracevlm.formats.checkpoint import AWQ_MODULES_NAME, detect_format
 from gracevlm.formats.hf_map import llava_hf_config, original_to_hf
 from gracevlm.formats.inspect import inspect_checkpoint
-from gracevlm.model.synth import synthesize
 
 AWQ_QC = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
           "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"]}
 TOKENIZER = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def tiny(tmp_path_factory, fmt="awq"):
-    path = tmp_path_factory.getbasetemp() / "export-ckpts" / f"tiny-{fmt}"
-    if not path.exists():
-        synthesize(path, "tiny", fmt, seed=7, progress=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return tiny(tmp_path_factory)
+    return tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +147,7 @@ def test_gguf_refuses_asymmetric_codes_unless_lossy_is_allowed(asym, tmp_path):
 
 
 def test_dense_source_to_compressed_tensors_needs_allow_lossy(tmp_path_factory, tmp_path):
-    fp16 = tiny(tmp_path_factory, "fp16")
+    fp16 = tiny_checkpoint(tmp_path_factory, "fp16")
     with pytest.raises(LossyExportError, match="round-to-nearest"):
         export_model(fp16, "compressed-tensors", tmp_path / "ct")
     report = export_model(fp16, "compressed-tensors", tmp_path / "ct", allow_lossy=True)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import GraceVLMError, InputError
-from ..formats.checkpoint import make_public, write_json_atomic
+from ..formats.checkpoint import replace_folder, write_json_atomic
 
 FORMATS = ("llava-hf", "compressed-tensors", "gguf")
 REPORT_NAME = "gracevlm_export.json"
@@ -113,10 +113,7 @@ def export_model(model: str | os.PathLike, fmt: str, out: str | os.PathLike, for
         report.files = sorted(p.name for p in tmp.iterdir()) + [REPORT_NAME]
         report.bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
         write_json_atomic(tmp / REPORT_NAME, report.as_dict())
-        make_public(tmp, folder=True)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -277,6 +277,17 @@ def make_public(path: str | os.PathLike, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Publish a completely written temporary folder as ``out`` (replacing what was there)."""
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    make_public(tmp, folder=True)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

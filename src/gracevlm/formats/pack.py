@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, InputError
 from .awq import dequantize_awq, unpack_awq
-from .checkpoint import AWQ_MODULES_NAME, ShardWriter, make_public, TensorStore, write_json_atomic
+from .checkpoint import AWQ_MODULES_NAME, ShardWriter, replace_folder, TensorStore, write_json_atomic
 from .qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
@@ -100,10 +100,7 @@ def pack_qat_checkpoint(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                                                    "modules": sorted(layers)})
         report = PackReport(len(layers), max_err, max_res, store.file_bytes(),
                             sum(p.stat().st_size for p in tmp.glob("*.safetensors")))
-        make_public(tmp, folder=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..formats.awq import pack_awq
-from ..formats.checkpoint import (AWQ_MODULES_NAME, PROJECTOR_PREFIX, VISION_PREFIX, ShardWriter, make_public,
+from ..formats.checkpoint import (AWQ_MODULES_NAME, PROJECTOR_PREFIX, VISION_PREFIX, ShardWriter, replace_folder,
                                   write_json_atomic)
 from ..formats.qat import SIDECAR_NAME
 from .loader import LINEAR_NAMES
@@ -175,10 +175,7 @@ def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", fmt: str = "awq
             write_json_atomic(tmp / AWQ_MODULES_NAME, {"bits": 4, "group_size": 128, "modules": sorted(modules)})
         elif fmt == "qat":
             torch.save(sidecar, tmp / SIDECAR_NAME)
-        make_public(tmp, folder=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
