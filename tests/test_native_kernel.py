@@ -23,6 +23,7 @@ LAYERS = [  # in, out, group, bias, symmetric (GRACE zeros = 8)
     (1024, 48, 128, False, False), (512, 16, 512, True, False), (192, 24, 64, False, True),
     (2304, 24, 192, True, False),  # K blocks of 1920 + 384 inputs, groups of an odd number of chunks
     (2112, 16, 32, False, False), (4096, 8, 4096, False, True),  # K blocks 2048 + 64; one group > K block
+    (2560, 24, 128, True, False),  # AVX-512: K blocks 2048 + 512, 20 groups = a full and a partial lane set
 ]
 ROWS = [1, 2, 3, 7, 16, 33, 300]
 
@@ -151,25 +152,33 @@ def test_thread_count_does_not_change_results(mode, monkeypatch):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # rows are split, never K
 
 
+PATHS = {0: "scalar", 2: "AVX2", 3: "AVX-512 VNNI"}
+
+
 @needs_lib
+@pytest.mark.parametrize("level", sorted(PATHS))
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_scalar_path_matches_reference(mode):
-    if LIB.gv_isa() == 0:
-        pytest.skip("no AVX2 here: the scalar path is what every other test runs")
-    layer = make_layer(128, 8, 32, True, False)
-    wide = make_layer(1024, 48, 128, False, False)
+def test_every_code_path_matches_reference(mode, level):
+    """Each code path this CPU has (scalar always; AVX2; AVX-512 VNNI for g % 128 == 0) agrees with the
+    reference, and keeps rows independent of their batch."""
+    best = LIB.gv_set_isa(-1)
+    if level > best:
+        pytest.skip(f"this CPU has no {PATHS[level]} path")
+    layers = [make_layer(*args) for args in LAYERS[:6]] + [make_layer(*LAYERS[8]), make_layer(*LAYERS[9])]
     try:
-        LIB.gv_set_isa(0)
-        assert LIB.gv_isa() == 0
-        for lay in (layer, wide):
-            x = torch.randn(3, lay.in_features)
-            assert rel_err(small_m(MODES[mode][0]).matmul(lay, x), reference(lay, x)) <= MODES[mode][1]
-            gemm = native.NativeBackend()
-            gemm.gemm_min_rows = 1
-            assert rel_err(gemm.matmul(lay, x), reference(lay, x)) <= 5e-6
+        assert LIB.gv_set_isa(level) == level
+        for lay in layers:
+            x = torch.randn(6, lay.in_features)
+            y = small_m(MODES[mode][0]).matmul(lay, x)
+            # the scalar path sums a group in one sequential fp32 accumulator (4e-6 for g = 4096)
+            assert rel_err(y, reference(lay, x)) <= MODES[mode][1] * (5 if level == 0 else 1)
+            assert torch.equal(y[4], small_m(MODES[mode][0]).matmul(lay, x[4:5])[0])
+        gemm = native.NativeBackend()
+        gemm.gemm_min_rows = 1
+        x = torch.randn(3, layers[0].in_features)
+        assert rel_err(gemm.matmul(layers[0], x), reference(layers[0], x)) <= 5e-6
     finally:
-        LIB.gv_set_isa(-1)
-    assert LIB.gv_isa() == 2
+        assert LIB.gv_set_isa(-1) == best
 
 
 @needs_lib

@@ -540,13 +540,11 @@ class BatchScheduler:
             x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, i, slots, pos, positions)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = lm.model.norm(x)
-        head = lm.lm_head
-        wdtype = head.weight.dtype
-        if b == 1 or not isinstance(head, torch.nn.Linear):
-            logits = head(x.to(wdtype))
+        if lm.head_rows_independent(b):
+            logits = lm.logits(x)
         else:
-            logits = torch.cat([head(x[r:r + 1].to(wdtype)) for r in range(b)])
-        return logits.to(torch.float32)[:, -1]
+            logits = torch.cat([lm.logits(x[r:r + 1]) for r in range(b)])
+        return logits[:, -1]
 
     def _attention(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                    slots: torch.Tensor, pos: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -568,11 +566,10 @@ class BatchScheduler:
         vc[slot_idx, :, pos] = v.transpose(1, 2).to(vc.dtype)
         groups = s.num_heads // s.num_kv_heads
         outs = []
-        for r in range(b):
+        for r, slot in enumerate(slots.tolist()):
             span = positions[r] + 1
-            row = slots[r:r + 1]
-            keys = kc[row, :, :span].to(q.dtype)
-            values = vc[row, :, :span].to(q.dtype)
+            keys = kc[slot:slot + 1, :, :span].to(q.dtype)  # a view of the cache, not a gathered copy
+            values = vc[slot:slot + 1, :, :span].to(q.dtype)
             if groups > 1:
                 keys = keys.repeat_interleave(groups, dim=1)
                 values = values.repeat_interleave(groups, dim=1)

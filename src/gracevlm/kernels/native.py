@@ -84,12 +84,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv_source_hash.restype = ctypes.c_char_p
     lib.gv_isa.restype = c_int
     lib.gv_set_isa.argtypes = [c_int]
+    lib.gv_set_isa.restype = c_int
     lib.gv_has_openmp.restype = c_int
     lib.gv_layout.argtypes = [c_int, c_int, c_int, ctypes.POINTER(c_i64)]
     lib.gv_repack.argtypes = [vp, vp, vp, c_int, c_int, c_int, c_int, vp, c_int]
     lib.gv_matmul.argtypes = [vp, c_int, c_int, c_int, c_int, vp, c_i64, c_int, vp, vp, c_int, c_int]
     lib.gv_dequant.argtypes = [vp, c_int, c_int, c_int, c_int, c_int, c_int, vp, c_i64, c_int]
-    for fn in (lib.gv_layout, lib.gv_repack, lib.gv_matmul, lib.gv_dequant):
+    lib.gv_matmul_half.argtypes = [vp, c_int, c_int, c_int, vp, c_i64, c_int, vp, c_int]
+    for fn in (lib.gv_layout, lib.gv_repack, lib.gv_matmul, lib.gv_dequant, lib.gv_matmul_half):
         fn.restype = c_int
     return lib
 
@@ -168,6 +170,30 @@ def _buffer(numel: int) -> torch.Tensor:
 # Largest dequantized weight tile (fp32 elements) of the large-M path: 2 Mi = 8 MiB, so that the tile is
 # still in cache when the GEMM reads it (a whole 4096x11008 matrix would go through DRAM: 2.3x slower).
 MAX_TILE_ELEMS = 2 << 20
+
+
+def half_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """``x [M, I]`` (any float dtype) @ ``weight [O, I]`` (fp16 or bf16, CPU) -> fp32 ``[M, O]``, each weight
+    converted exactly, fp32 accumulation, rows computed independently (``gv_matmul_half``). None when the
+    native library is unavailable or the arguments are not CPU tensors of those dtypes."""
+    lib = load_library()
+    if (lib is None or weight.device.type != "cpu" or x.device.type != "cpu" or x.dim() != 2
+            or weight.dtype not in (torch.float16, torch.bfloat16) or not weight.is_contiguous()):
+        return None
+    out_f, in_f = weight.shape
+    if x.shape[1] != in_f:
+        raise ValueError(f"half_matmul: x has {x.shape[1]} features, the weight {in_f}")
+    xf = x.to(torch.float32)
+    if xf.stride(-1) != 1 or xf.stride(0) < in_f:
+        xf = xf.contiguous()
+    y = torch.empty(x.shape[0], out_f, dtype=torch.float32)
+    if x.shape[0] == 0:
+        return y
+    rc = lib.gv_matmul_half(weight.data_ptr(), in_f, out_f, int(weight.dtype == torch.bfloat16), xf.data_ptr(),
+                            xf.stride(0), x.shape[0], y.data_ptr(), num_threads())
+    if rc != 0:
+        raise RuntimeError(f"gv_matmul_half failed with code {rc}")
+    return y
 
 
 class NativeBackend:

@@ -119,12 +119,17 @@ class Attention(nn.Module):
         else:
             kc, vc = cache.k[layer], cache.v[layer]
             span = mask.shape[-1]
+            if isinstance(slots, slice):  # consecutive slots: work on views of the cache, no gather copy
+                kc, vc = kc[slots], vc[slots]
+                slot_idx = torch.arange(b, device=x.device).view(b, 1).expand(b, t)
+            else:
+                slot_idx = slots.view(b, 1).expand(b, t)
             # write new K/V at (slot, position); then attend over the first `span` cache positions
-            slot_idx = slots.view(b, 1).expand(b, t)
             kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
             vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
-            keys = kc[slots, :, :span].to(q.dtype)
-            values = vc[slots, :, :span].to(q.dtype)
+            rows = slice(None) if isinstance(slots, slice) else slots
+            keys = kc[rows, :, :span].to(q.dtype)
+            values = vc[rows, :, :span].to(q.dtype)
         groups = s.num_heads // s.num_kv_heads
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
@@ -159,6 +164,17 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache, layer, slots, positions, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _slot_selector(slots: torch.Tensor | None, b: int) -> slice | torch.Tensor:
+    """Cache slots of the ``b`` rows: a slice when they are consecutive (the attention then uses views of
+    the cache), else the index tensor."""
+    if slots is None:
+        return slice(0, b)
+    ids = slots.tolist()
+    if ids == list(range(ids[0], ids[0] + b)):
+        return slice(ids[0], ids[0] + b)
+    return slots
 
 
 class LlamaForCausalLM(nn.Module):
@@ -219,8 +235,7 @@ class LlamaForCausalLM(nn.Module):
         ``[B, T, V]`` (``"all"``).
         """
         b, t, _ = embeds.shape
-        if slots is None:
-            slots = torch.arange(b, device=embeds.device)
+        slots = _slot_selector(slots, b)
         span = int(positions.max()) + 1
         # query at position p may see cache positions 0..p of its own slot
         mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)  # [B, T, span]
@@ -230,9 +245,19 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, cache, i, slots, positions, mask)
         if logits_for == "last":
             x = x[:, -1:]
-        x = self.model.norm(x)
-        logits = self.lm_head(x.to(self.lm_head.weight.dtype)).to(torch.float32)
+        logits = self.logits(self.model.norm(x))
         return logits[:, -1] if logits_for == "last" else logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[..., D]`` -> float32 logits ``[..., V]`` (``lm_head`` in its own
+        compute dtype: the weight's for ``nn.Linear``, fp32 for a ``HalfLinear``)."""
+        head = self.lm_head
+        return head(x.to(getattr(head, "compute_dtype", head.weight.dtype))).to(torch.float32)
+
+    def head_rows_independent(self, rows: int) -> bool:
+        """Whether ``logits`` of ``rows`` rows computes each row bitwise as it would alone."""
+        check = getattr(self.lm_head, "rows_independent", None)
+        return rows == 1 or (check is not None and check(rows))
 
     def forward_train(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:

@@ -21,7 +21,7 @@ from ..formats.hf_map import open_mapped, vision_config_dict
 from ..formats.hub import resolve_model_path
 from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 from ..formats.rtn import rtn_quantize
-from ..nn import Int4Linear
+from ..nn import HalfLinear, Int4Linear
 from .llama import LlamaForCausalLM, LlamaSpec, Rotary
 from .llava import LlavaModel, Projector
 from .tokenizer import LlamaTokenizer
@@ -165,6 +165,15 @@ def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype
                               f"{cfg.mm_vision_tower!r}): {exc}") from exc
 
 
+def _keep_half_head(src: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Keep an fp16/bf16 ``lm_head`` as stored (``HalfLinear``: exact fp32 results, half the bytes read per
+    token) when the model runs in fp32 with the native CPU kernels; else it is converted to ``dtype``."""
+    from ..kernels import native
+
+    return (dtype == torch.float32 and src.dtype in (torch.float16, torch.bfloat16)
+            and src.device.type == "cpu" and native.load_library() is not None)
+
+
 def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
                     quantize: str | None = None, vision_dtype: torch.dtype | None = None,
                     fuse: bool = True) -> LoadedModel:
@@ -215,9 +224,12 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
         if key not in store:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {folder}")
         src = store.get(key)
+        used.add(key)
+        if name == "lm_head.weight" and _keep_half_head(src, dtype):
+            lm.lm_head = HalfLinear(src.to(torch.device("cpu")).contiguous())
+            continue
         target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
         _assign(lm, name, src.to(target_dtype))
-        used.add(key)
 
     if fuse:
         lm.fuse_projections()

@@ -8,7 +8,7 @@
  *   [zoff, zoff+G)     zero points z[o, 0..G) as uint8 (0..15)
  *   [coff, coff+I/2)   codes: per chunk c (inputs k = 64c .. 64c+63) 32 bytes; byte j holds
  *                      u[o, 64c+j] in its low nibble and u[o, 64c+32+j] in its high nibble
- * coff and stride are multiples of 32. Requires I % 64 == 0 and g == 32 or g % 64 == 0 (g <= 4096).
+ * coff and stride are multiples of 64 (a row's codes start on a cache line). Requires I % 64 == 0 and g == 32 or g % 64 == 0 (g <= 4096).
  * Weights: W[o, k] = (u[o, k] - z[o, k/g]) * s[o, k/g], exactly as the AWQ tensors define them.
  *
  * Modes of the small-M matmul (gv_matmul). All keep the weights exact and factor the group scale out
@@ -51,13 +51,20 @@
 #endif
 #define GV_INLINE static inline __attribute__((always_inline))
 
+/* Software prefetch distance in bytes of packed weights (measured on the 2-core development VM, M=1,
+ * weights out of cache: 4 KiB ahead takes the AVX-512 kernel from ~9 to ~15 GB/s; the hardware
+ * prefetchers alone keep too few lines in flight). Rows are back to back, so it runs into the next rows. */
+#ifndef GV_PF
+#define GV_PF 4096
+#endif
+
 enum { GV_MODE_F32 = 0, GV_MODE_I8X2 = 2, GV_MODE_I8X3 = 3 };
 #define MAX_PLANES 3
 #define MT_MAX 4     /* activation rows handled per pass over a weight row (the row stays in L1) */
 #define MT_F32 2     /* the same for the fp32 kernel (its accumulators fill the registers) */
 #define K_BLOCK 2048 /* inputs per pass for tiles of 2+ rows: 2 fp32 or 4 int8x3 rows of it are <= 24 KB */
 #define ROWS_MAX 64  /* output rows per scheduling task */
-#define SCRATCH_FLOATS(G) ((size_t)(2 + MT_MAX) * (G) + (size_t)ROWS_MAX * MT_MAX * 8 + 16)
+#define SCRATCH_FLOATS(G) ((size_t)(2 + MT_MAX) * (G) + (size_t)ROWS_MAX * MT_MAX * 32 + 16)
 
 /* Integer modes: a group whose max |x| is below TINY is taken as zero (qmax / max|x| would overflow);
  * a group holding inf or NaN gets step NaN, so the outputs it touches are NaN as in fp32. */
@@ -70,14 +77,28 @@ static float qmax(int planes) { return planes == 2 ? 32639.f : 8355711.f; }
 /* ------------------------------------------------------------------------------------------ */
 /* Runtime dispatch                                                                            */
 
-static int g_isa = -1; /* 2: AVX2+FMA+F16C, 0: scalar */
+static int g_isa = -1; /* 3: AVX-512 F/BW/VL/VNNI on top of 2, 2: AVX2+FMA+F16C, 0: scalar */
+
+#ifdef GV_X86
+/* XCR0 bits the OS must enable: SSE+AVX state (0x6), and for AVX-512 also opmask and ZMM (0xE0). */
+static unsigned long long xcr0(void) {
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+#endif
 
 static int detect_isa(void) {
 #ifdef GV_X86
     unsigned a, b, c, d;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_F16C)) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_F16C) || !(c & bit_OSXSAVE)) return 0;
+    const unsigned long long x = xcr0();
+    if ((x & 0x6) != 0x6) return 0;
+    if ((x & 0xE6) == 0xE6 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return 3;
     return 2;
 #else
     return 0;
@@ -89,11 +110,16 @@ static int isa(void) {
     return g_isa;
 }
 
-/* The code path in use: 2 = AVX2/FMA/F16C, 0 = portable scalar. */
+/* The code path in use: 3 = AVX-512 VNNI, 2 = AVX2/FMA/F16C, 0 = portable scalar. */
 GV_API int gv_isa(void) { return isa(); }
 
-/* Force the scalar path (level 0) or go back to detection (level < 0 or >= 2). For tests. */
-GV_API void gv_set_isa(int level) { g_isa = level == 0 ? 0 : detect_isa(); }
+/* Use code path `level` (0, 2 or 3) if this CPU has it, else the best it has; level < 0: detect. For
+ * tests and benchmarks. Returns the path now in use. */
+GV_API int gv_set_isa(int level) {
+    const int best = detect_isa();
+    g_isa = level < 0 || level > best ? best : level >= 3 ? 3 : level >= 2 ? 2 : 0;
+    return g_isa;
+}
 
 GV_API const char *gv_source_hash(void) { return GV_SOURCE_HASH; }
 
@@ -126,7 +152,7 @@ static layout_t make_layout(const uint8_t *base, int I, int O, int g, int ss) {
     layout_t L;
     L.base = base; L.I = I; L.O = O; L.g = g; L.G = I / g; L.ss = ss;
     L.zoff = (int64_t)L.G * ss;
-    L.coff = (L.zoff + L.G + 31) / 32 * 32;
+    L.coff = (L.zoff + L.G + 63) / 64 * 64;
     L.stride = L.coff + I / 2;
     return L;
 }
@@ -227,13 +253,22 @@ typedef struct {
     const float *x; /* [M, ldx] */
     int64_t ldx;
     int M, mode;
-    int8_t *q;       /* [M, I/64, P, 64] */
+    int8_t *q;       /* [M, I/64, P, 64], or with blk128 [M, I/128, P, 128] */
     float *d, *xsum; /* [M, G] */
+    int blk128;      /* the AVX-512 order: see digit_at */
 } acts_t;
 
+/* Where digit j of input k of row m lives. Any 32 inputs k..k+31 (k % 32 == 0) are 32 bytes in a row.
+ * blk128 (AVX-512 path, g % 128 == 0): per 128-input block and plane, 128 bytes in the order of the two
+ * nibble vectors of the block's 64 code bytes: low nibbles = inputs 0..31, 64..95; high = 32..63, 96..127. */
 static int8_t *digit_at(const layout_t *L, const acts_t *A, int m, int k, int j) {
     const int P = A->mode;
-    return A->q + (size_t)m * L->I * P + (size_t)(k / 64) * 64 * P + j * 64 + k % 64;
+    int8_t *row = A->q + (size_t)m * L->I * P;
+    if (A->blk128) {
+        const int r = k % 128, hi = (r / 32) & 1, pos = r % 32 + (r >= 64 ? 32 : 0);
+        return row + (size_t)(k / 128) * 128 * P + j * 128 + hi * 64 + pos;
+    }
+    return row + (size_t)(k / 64) * 64 * P + j * 64 + k % 64;
 }
 
 static void prep_row_scalar(const layout_t *L, const acts_t *A, int m) {
@@ -386,6 +421,7 @@ GV_INLINE GV_AVX2 void mul_avx2(const float *a, const float *b, float *out, int 
 /* One chunk (64 inputs) into the accumulator pairs acc[2*(m*NP + p)] (low half) and [.. + 1] (high). */
 GV_INLINE GV_AVX2 void f32_chunk(const uint8_t *p, const float *const *x, size_t off, int MT, int NP, __m256 *acc) {
     const __m256i m4 = _mm256_set1_epi32(0xF);
+    _mm_prefetch((const char *)(p + GV_PF), _MM_HINT_T0);
     for (int q = 0; q < 4; q++) {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * q)));
         __m256 flo = _mm256_cvtepi32_ps(_mm256_and_si256(b, m4));
@@ -472,6 +508,7 @@ GV_INLINE GV_AVX2 void tile_int_avx2(const uint8_t *codes, int nchunk, int g, co
     if (g == 32) { /* the low half of chunk c is group 2c, the high half group 2c+1 */
         for (int c = 0; c < nchunk; c++) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
+            _mm_prefetch((const char *)(codes + 32 * (size_t)c + GV_PF), _MM_HINT_T0);
             const __m256i u0 = _mm256_and_si256(w, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
             for (int m = 0; m < MT; m++) {
                 const int8_t *q = xq[m] + c * cs;
@@ -490,6 +527,7 @@ GV_INLINE GV_AVX2 void tile_int_avx2(const uint8_t *codes, int nchunk, int g, co
     } else if (g == 64) { /* chunk c is group c */
         for (int c = 0; c < nchunk; c++) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
+            _mm_prefetch((const char *)(codes + 32 * (size_t)c + GV_PF), _MM_HINT_T0);
             const __m256i u0 = _mm256_and_si256(w, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
             for (int m = 0; m < MT; m++) {
                 const int8_t *q = xq[m] + c * cs;
@@ -506,6 +544,7 @@ GV_INLINE GV_AVX2 void tile_int_avx2(const uint8_t *codes, int nchunk, int g, co
             const int c = 2 * gi;
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c + 32));
+            _mm_prefetch((const char *)(codes + 32 * (size_t)c + GV_PF), _MM_HINT_T0);
             const __m256i u0 = _mm256_and_si256(w0, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4);
             const __m256i u2 = _mm256_and_si256(w1, m4), u3 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4);
             for (int m = 0; m < MT; m++) {
@@ -528,6 +567,7 @@ GV_INLINE GV_AVX2 void tile_int_avx2(const uint8_t *codes, int nchunk, int g, co
             for (int c = gi * cpg, e = c + cpg; c < e; c += 2) {
                 const int two = c + 1 < e;
                 const __m256i w0 = _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c));
+                _mm_prefetch((const char *)(codes + 32 * (size_t)c + GV_PF), _MM_HINT_T0);
                 const __m256i w1 = two ? _mm256_loadu_si256((const __m256i *)(codes + 32 * (size_t)c + 32))
                                        : _mm256_setzero_si256();
                 const __m256i u0 = _mm256_and_si256(w0, m4), u1 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4);
@@ -650,6 +690,202 @@ static GV_AVX2 void dequant_rows_avx2(const layout_t *L, float *w, int64_t ldw, 
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* AVX-512 VNNI path: integer modes, g % 128 == 0                                              */
+
+#define GV_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* The scales of groups g0 .. g0+15 of a row as fp32 lanes (lanes outside mask k are 0). */
+GV_INLINE GV_AVX512 __m512 scales16(const layout_t *L, const uint8_t *row, int g0, __mmask16 k) {
+    return L->ss == 2 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, row + 2 * (size_t)g0))
+                      : _mm512_maskz_loadu_ps(k, row + 4 * (size_t)g0);
+}
+
+/* Groups [g0, g0 + gn) of one weight row against activation rows m0 .. m0+MT-1, everything in registers:
+ *   tot[m] += sum_g (s_g d_mg) * (16 lanes of u . q over the group), the integer dot products on vpdpbusd
+ *   (per lane at most 8 * g/128 products |u * digit| <= 15 * 128, so 256 * lane fits int32 for g <= 4096);
+ *   zt[m]  += z_g s_g xsum_mg, one group per lane.
+ * The same operations for a row whatever MT and its place in the tile. */
+GV_INLINE GV_AVX512 void row_int_512(const layout_t *L, const uint8_t *row, int g0, int gn, const acts_t *A,
+                                     int m0, int MT, int P, __m512 *tot, __m512 *zt) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const int cpb = L->g / 128, G = L->G;
+    const size_t bs = 128 * (size_t)P; /* bytes of one 128-input block in a row's digit planes */
+    const uint8_t *codes = row + L->coff + (size_t)g0 * L->g / 2;
+    const int8_t *xq[MT_MAX];
+    const float *d[MT_MAX], *xs[MT_MAX];
+    for (int m = 0; m < MT; m++) {
+        xq[m] = A->q + ((size_t)(m0 + m) * L->I + (size_t)g0 * L->g) * P;
+        d[m] = A->d + (size_t)(m0 + m) * G + g0;
+        xs[m] = A->xsum + (size_t)(m0 + m) * G + g0;
+    }
+    float sdb[MT_MAX][16] __attribute__((aligned(64)));
+    for (int i = 0, b = 0; i < gn; i += 16) {
+        const int n = gn - i < 16 ? gn - i : 16;
+        const __mmask16 k = (__mmask16)((1u << n) - 1);
+        const __m512 s = scales16(L, row, g0 + i, k);
+        const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, row + L->zoff + g0 + i)));
+        const __m512 zs = _mm512_mul_ps(z, s); /* exact: a 4-bit integer times an fp16 value */
+        for (int m = 0; m < MT; m++) {
+            _mm512_store_ps(sdb[m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, d[m] + i)));
+            zt[m] = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(k, xs[m] + i), zt[m]);
+        }
+        for (int j = 0; j < n; j++) {
+            __m512i acc[MT_MAX][MAX_PLANES];
+            for (int m = 0; m < MT; m++)
+                for (int p = 0; p < P; p++) acc[m][p] = _mm512_setzero_si512();
+            for (int e = b + cpb; b < e; b++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(codes + 64 * (size_t)b));
+                _mm_prefetch((const char *)(codes + 64 * (size_t)b + GV_PF), _MM_HINT_T0);
+                const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+                for (int m = 0; m < MT; m++) {
+                    const int8_t *q = xq[m] + b * bs;
+                    for (int p = 0; p < P; p++) {
+                        acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], lo, _mm512_loadu_si512((const void *)(q + 128 * p)));
+                        acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], hi, _mm512_loadu_si512((const void *)(q + 128 * p + 64)));
+                    }
+                }
+            }
+            for (int m = 0; m < MT; m++) {
+                __m512 v = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(acc[m][P - 1], 8), acc[m][P - 2]));
+                if (P == 3) v = _mm512_fmadd_ps(v, _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(acc[m][0]));
+                tot[m] = _mm512_fmadd_ps(v, _mm512_set1_ps(sdb[m][j]), tot[m]);
+            }
+        }
+    }
+}
+
+/* Output rows o0..o1 for activation rows m0..m0+MT-1 (MT, P compile-time constants after inlining). Same
+ * loop order and K blocking as rows_avx2; a row's two accumulators stay in registers, and in `state`
+ * (32 floats per activation row) only between K blocks. */
+GV_INLINE GV_AVX512 void rows_512_tile(const layout_t *L, const acts_t *A, const float *bias, float *y,
+                                       int o0, int o1, int m0, int MT, int P, float *tots) {
+    const int g = L->g;
+    const int kb = MT == 1 || L->I <= K_BLOCK ? L->I : g > K_BLOCK ? g : K_BLOCK / g * g; /* whole groups */
+    for (int k0 = 0; k0 < L->I; k0 += kb) {
+        const int kn = L->I - k0 < kb ? L->I - k0 : kb, last = k0 + kn == L->I;
+        for (int o = o0; o < o1; o++) {
+            const uint8_t *row = L->base + (size_t)o * L->stride;
+            float *state = tots + (size_t)(o - o0) * MT_MAX * 32;
+            __m512 tot[MT_MAX], zt[MT_MAX];
+            for (int m = 0; m < MT; m++) {
+                tot[m] = k0 ? _mm512_loadu_ps(state + 32 * m) : _mm512_setzero_ps();
+                zt[m] = k0 ? _mm512_loadu_ps(state + 32 * m + 16) : _mm512_setzero_ps();
+            }
+            row_int_512(L, row, k0 / g, kn / g, A, m0, MT, P, tot, zt);
+            if (!last) {
+                for (int m = 0; m < MT; m++) {
+                    _mm512_storeu_ps(state + 32 * m, tot[m]);
+                    _mm512_storeu_ps(state + 32 * m + 16, zt[m]);
+                }
+                continue;
+            }
+            for (int m = 0; m < MT; m++)
+                y[(size_t)(m0 + m) * L->O + o] = _mm512_reduce_add_ps(_mm512_sub_ps(tot[m], zt[m])) + (bias ? bias[o] : 0.f);
+        }
+    }
+}
+
+/* rows_avx2 for the integer modes on the AVX-512 path (g % 128 == 0). */
+static GV_AVX512 void rows_avx512(const layout_t *L, const acts_t *A, const float *bias, float *y,
+                                  int o0, int o1, float *scratch) {
+    for (int m0 = 0; m0 < A->M; m0 += MT_MAX) {
+        const int MT = A->M - m0 < MT_MAX ? A->M - m0 : MT_MAX;
+        if (A->mode == GV_MODE_I8X2) {
+            GV_DISPATCH_MT(MT, rows_512_tile(L, A, bias, y, o0, o1, m0, mt, 2, scratch));
+        } else {
+            GV_DISPATCH_MT(MT, rows_512_tile(L, A, bias, y, o0, o1, m0, mt, 3, scratch));
+        }
+    }
+}
+
+/* ---- dense fp16 / bf16 weights (the lm_head): y[m, o] = sum_k float(w[o, k]) * x[m, k] */
+
+GV_INLINE GV_AVX512 __m512 half16_512(const uint16_t *p, int bf16) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+/* Four independent lane accumulators per row over 64 inputs at a time, then the inputs past I - I % 64 one
+ * by one: the same operations for every row whatever MT. */
+static GV_AVX512 void half_rows_512(const uint16_t *w, int I, int bf16, const float *x, int64_t ldx, int M,
+                                    float *y, int O, int o0, int o1) {
+    const int main_end = I / 64 * 64;
+    for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+        const int MT = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+        for (int o = o0; o < o1; o++) {
+            const uint16_t *wr = w + (size_t)o * I;
+            __m512 acc[MT_MAX][4];
+            for (int m = 0; m < MT; m++)
+                for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+            for (int k = 0; k < main_end; k += 64) {
+                _mm_prefetch((const char *)(wr + k) + GV_PF, _MM_HINT_T0);
+                _mm_prefetch((const char *)(wr + k) + GV_PF + 64, _MM_HINT_T0);
+                __m512 wv[4];
+                for (int j = 0; j < 4; j++) wv[j] = half16_512(wr + k + 16 * j, bf16);
+                for (int m = 0; m < MT; m++) {
+                    const float *xm = x + (size_t)(m0 + m) * ldx + k;
+                    for (int j = 0; j < 4; j++) acc[m][j] = _mm512_fmadd_ps(wv[j], _mm512_loadu_ps(xm + 16 * j), acc[m][j]);
+                }
+            }
+            for (int m = 0; m < MT; m++) {
+                const float *xm = x + (size_t)(m0 + m) * ldx;
+                float r = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                             _mm512_add_ps(acc[m][2], acc[m][3])));
+                for (int k = main_end; k < I; k++) {
+                    uint32_t bits = (uint32_t)wr[k] << 16;
+                    float v;
+                    if (bf16) memcpy(&v, &bits, 4);
+                    else v = _cvtsh_ss(wr[k]);
+                    r += v * xm[k];
+                }
+                y[(size_t)(m0 + m) * O + o] = r;
+            }
+        }
+    }
+}
+
+GV_INLINE GV_AVX2 __m256 half8_256(const uint16_t *p, int bf16) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+/* half_rows_512 with 8-lane vectors (four accumulators over 32 inputs at a time). */
+static GV_AVX2 void half_rows_avx2(const uint16_t *w, int I, int bf16, const float *x, int64_t ldx, int M,
+                                   float *y, int O, int o0, int o1) {
+    const int main_end = I / 32 * 32;
+    for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+        const int MT = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+        for (int o = o0; o < o1; o++) {
+            const uint16_t *wr = w + (size_t)o * I;
+            __m256 acc[MT_MAX][4];
+            for (int m = 0; m < MT; m++)
+                for (int j = 0; j < 4; j++) acc[m][j] = _mm256_setzero_ps();
+            for (int k = 0; k < main_end; k += 32) {
+                _mm_prefetch((const char *)(wr + k) + GV_PF, _MM_HINT_T0);
+                __m256 wv[4];
+                for (int j = 0; j < 4; j++) wv[j] = half8_256(wr + k + 8 * j, bf16);
+                for (int m = 0; m < MT; m++) {
+                    const float *xm = x + (size_t)(m0 + m) * ldx + k;
+                    for (int j = 0; j < 4; j++) acc[m][j] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xm + 8 * j), acc[m][j]);
+                }
+            }
+            for (int m = 0; m < MT; m++) {
+                const float *xm = x + (size_t)(m0 + m) * ldx;
+                float r = hsum8(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+                for (int k = main_end; k < I; k++) {
+                    uint32_t bits = (uint32_t)wr[k] << 16;
+                    float v;
+                    if (bf16) memcpy(&v, &bits, 4);
+                    else v = _cvtsh_ss(wr[k]);
+                    r += v * xm[k];
+                }
+                y[(size_t)(m0 + m) * O + o] = r;
+            }
+        }
+    }
+}
 #endif /* GV_X86 */
 
 /* ------------------------------------------------------------------------------------------ */
@@ -703,6 +939,25 @@ static void dequant_rows_scalar(const layout_t *L, float *w, int64_t ldw, int o0
     }
 }
 
+static void half_rows_scalar(const uint16_t *w, int I, int bf16, const float *x, int64_t ldx, int M,
+                             float *y, int O, int o0, int o1) {
+    for (int o = o0; o < o1; o++) {
+        const uint16_t *wr = w + (size_t)o * I;
+        for (int m = 0; m < M; m++) {
+            const float *xm = x + (size_t)m * ldx;
+            float r = 0.f;
+            for (int k = 0; k < I; k++) {
+                uint32_t bits = (uint32_t)wr[k] << 16;
+                float v;
+                if (bf16) memcpy(&v, &bits, 4);
+                else v = half_to_float(wr[k]);
+                r += v * xm[k];
+            }
+            y[(size_t)m * O + o] = r;
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Entry points                                                                                */
 
@@ -730,14 +985,15 @@ GV_API int gv_matmul(const uint8_t *packed, int I, int O, int g, int ss, const f
     const int G = L.G, R = rows_per_task(O, nthreads), ntasks = (O + R - 1) / R;
     nthreads = clamp_threads(nthreads, ntasks);
     const size_t per_thread = SCRATCH_FLOATS(G); /* its +16 keeps threads' scratch off a shared line */
-    const size_t nf = (size_t)M * G * 2 + (size_t)nthreads * per_thread;
+    const size_t nf = ((size_t)M * G * 2 + (size_t)nthreads * per_thread + 15) / 16 * 16; /* digits on a line */
     const size_t nq = mode == GV_MODE_F32 ? 0 : (size_t)M * I * mode;
-    float *mem = malloc(nf * sizeof(float) + nq);
-    if (!mem) return -2;
-    acts_t A = {x, ldx, M, mode, nq ? (int8_t *)(mem + nf) : NULL, mem, mem + (size_t)M * G};
-    float *scratch = mem + (size_t)M * G * 2;
-    const int use_avx2 = isa() == 2;
+    float *mem = NULL;
+    if (posix_memalign((void **)&mem, 64, nf * sizeof(float) + nq)) return -2;
+    const int use_avx512 = isa() == 3 && mode != GV_MODE_F32 && g % 128 == 0;
+    const int use_avx2 = isa() >= 2;
     (void)use_avx2;
+    acts_t A = {x, ldx, M, mode, nq ? (int8_t *)(mem + nf) : NULL, mem, mem + (size_t)M * G, use_avx512};
+    float *scratch = mem + (size_t)M * G * 2;
     GV_OMP(omp parallel num_threads(nthreads))
     {
         GV_OMP(omp for schedule(static))
@@ -753,7 +1009,8 @@ GV_API int gv_matmul(const uint8_t *packed, int I, int O, int g, int ss, const f
         for (int t = 0; t < ntasks; t++) {
             const int o0 = t * R, o1 = o0 + R < O ? o0 + R : O;
 #ifdef GV_X86
-            if (use_avx2) rows_avx2(&L, &A, bias, y, o0, o1, mine);
+            if (use_avx512) rows_avx512(&L, &A, bias, y, o0, o1, mine);
+            else if (use_avx2) rows_avx2(&L, &A, bias, y, o0, o1, mine);
             else
 #endif
                 rows_scalar(&L, &A, bias, y, o0, o1, mine);
@@ -775,7 +1032,7 @@ GV_API int gv_dequant(const uint8_t *packed, int I, int O, int g, int ss, int o0
     const size_t per_thread = (size_t)2 * G + 16;
     float *scratch = malloc((size_t)nthreads * per_thread * sizeof(float));
     if (!scratch) return -2;
-    const int use_avx2 = isa() == 2;
+    const int use_avx2 = isa() >= 2;
     (void)use_avx2;
     GV_OMP(omp parallel num_threads(nthreads))
     {
@@ -792,5 +1049,28 @@ GV_API int gv_dequant(const uint8_t *packed, int I, int O, int g, int ss, int o0
         }
     }
     free(scratch);
+    return 0;
+}
+
+/* y[M, O] = x[M, I] @ w^T in fp32 for a dense weight w [O, I] of fp16 (bf16 = 0) or bf16 (bf16 = 1) values,
+ * each converted exactly to fp32 (the lm_head, read at half the bytes of an fp32 copy). x rows have stride
+ * ldx >= I; y contiguous [M, O]. Output rows are split across threads; every y[m, o] is computed by the
+ * same operations whatever M and the thread count. Returns 0 or -1 for bad arguments. */
+GV_API int gv_matmul_half(const uint16_t *w, int I, int O, int bf16, const float *x, int64_t ldx, int M,
+                          float *y, int nthreads) {
+    if (I <= 0 || O <= 0 || M <= 0 || ldx < I) return -1;
+    const int R = rows_per_task(O, nthreads), ntasks = (O + R - 1) / R, level = isa();
+    (void)level;
+    nthreads = clamp_threads(nthreads, ntasks);
+    GV_OMP(omp parallel for schedule(dynamic, 1) num_threads(nthreads))
+    for (int t = 0; t < ntasks; t++) {
+        const int o0 = t * R, o1 = o0 + R < O ? o0 + R : O;
+#ifdef GV_X86
+        if (level == 3) half_rows_512(w, I, bf16, x, ldx, M, y, O, o0, o1);
+        else if (level == 2) half_rows_avx2(w, I, bf16, x, ldx, M, y, O, o0, o1);
+        else
+#endif
+            half_rows_scalar(w, I, bf16, x, ldx, M, y, O, o0, o1);
+    }
     return 0;
 }
