@@ -201,16 +201,18 @@ class NativeBackend:
     ``kernel_cache["native"]`` (the AWQ buffers stay untouched, so ``to_awq()`` stays exact).
 
     Layout: per output row, the scales (fp16 as stored, else fp32) and uint8 zero points of its groups,
-    then its 4-bit codes, the 64 inputs of a chunk in 32 bytes (low nibbles: inputs 0..31, high: 32..63).
+    then (from a 64-byte boundary) its 4-bit codes, the 64 inputs of a chunk in 32 bytes (low nibbles:
+    inputs 0..31, high: 32..63).
 
-    M < ``gemm_min_rows``: ``gv_matmul`` streams each weight row once per 4 rows of x, the group scale
+    M < ``min_gemm_rows(layer)``: ``gv_matmul`` streams each weight row once per 4 rows of x, the group scale
     factored out of the inner loop; rows are split across ``num_threads()`` threads, never the reduction.
     Each output row is bitwise what that input row gives alone (whatever M, its place, the thread count),
     so batching decode steps does not change results. Weights and scales are exact; this backend rounds
     the activations per group to 24-bit fixed point (three int8 digit planes; exact integer dot products
-    on vpmaddubsw, ~1.5x faster than fp32 FMAs at M=1). Measured relative L2 error vs ``reference``:
-    4e-7..1.4e-6, the order of fp32 summation error.
-    M >= ``gemm_min_rows``: exact fp32 weight tiles (``gv_dequant``, bit-identical to ``reference``'s
+    on vpdpbusd with AVX-512 VNNI for group sizes that are multiples of 128, else on vpmaddubsw; both
+    faster than fp32 FMAs). Measured relative L2 error vs ``reference``: 4e-7..1.4e-6, the order of fp32
+    summation error.
+    M >= ``min_gemm_rows(layer)`` (16 on the AVX2 path, 48 on the AVX-512 one): exact fp32 weight tiles (``gv_dequant``, bit-identical to ``reference``'s
     weights) then ``torch.addmm``: error ~1e-7 (summation order only).
     Layers outside the layout (in_features % 64 != 0; group_size not 32 or a multiple of 64 up to 4096)
     go to ``dense``.
@@ -218,11 +220,24 @@ class NativeBackend:
 
     name = "native"
     mode = MODE_I8X3
-    # Crossover, measured with benchmarks/bench_native.py (1 thread, fastest of repeats, on the shared
-    # 2-core machine), small-M kernel vs dequantize + GEMM in ms: M=16: 4096x4096 11.5 vs 17.3,
-    # 11008x4096 49 vs 46, 4096x11008 44 vs 34; M=24: 19 vs 16, 48 vs 47, 49 vs 46; M=8: the kernel wins
-    # by 1.0-3x. The kernel's cost grows ~linearly in M, the GEMM's far slower.
-    gemm_min_rows = 16
+    # Crossover: rows from which dequantize + GEMM beats the small-M kernel; None = by code path:
+    # AVX2 path (benchmarks/bench_native.py, 1 thread, fastest of repeats, 2-core machine), small-M kernel vs
+    # dequantize + GEMM in ms: M=16: 4096x4096 11.5 vs 17.3, 11008x4096 49 vs 46, 4096x11008 44 vs 34;
+    # M=24: 19 vs 16, 48 vs 47, 49 vs 46; M=8: the kernel wins by 1.0-3x.
+    # AVX-512 VNNI path (2 threads, 4 layers each, best of 3): M=32: 9.6 vs 19.3, 34 vs 92 (22016x4096),
+    # 18 vs 25 ms; M=48: 14 vs 21, 66 vs 112, 33 vs 36; M=64: 19 vs 16, 88 vs 88, 62 vs 35.
+    gemm_min_rows: int | None = None
+    gemm_min_rows_avx2 = 16
+    gemm_min_rows_avx512 = 48
+
+    def min_gemm_rows(self, layer) -> int:
+        """Rows from which this backend dequantizes and runs a GEMM instead of the small-M kernel."""
+        if self.gemm_min_rows is not None:
+            return self.gemm_min_rows
+        lib = load_library()
+        avx512 = (lib is not None and lib.gv_isa() == 3 and self.mode != MODE_F32
+                  and layer.group_size % 128 == 0)
+        return self.gemm_min_rows_avx512 if avx512 else self.gemm_min_rows_avx2
 
     def available(self, device: torch.device) -> bool:
         return device.type == "cpu" and load_library() is not None
@@ -279,7 +294,7 @@ class NativeBackend:
             xf = xf.contiguous()
         nt = num_threads()
         bias = st["bias"]
-        if rows < self.gemm_min_rows:
+        if rows < self.min_gemm_rows(layer):
             y = torch.empty(rows, out_f, dtype=torch.float32)
             rc = lib.gv_matmul(st["packed"].data_ptr(), in_f, out_f, g, st["ss"], xf.data_ptr(), xf.stride(0), rows,
                                None if bias is None else bias.data_ptr(), y.data_ptr(), self.mode, nt)
@@ -309,7 +324,8 @@ class NativeF32Backend(NativeBackend):
     name = "native-f32"
     mode = MODE_F32
     # M=16 (same measurement as native): 13.7 vs 17.3, 52 vs 46, 37 vs 34 ms; M=8: the kernel wins.
-    gemm_min_rows = 16
+    # (The fp32 kernel has no AVX-512 path.)
+    gemm_min_rows_avx512 = 16
 
 
 class NativeI8X2Backend(NativeBackend):
@@ -319,9 +335,10 @@ class NativeI8X2Backend(NativeBackend):
 
     name = "native-i8x2"
     mode = MODE_I8X2
-    # M=24 (same measurement as native): 14.1 vs 16.0, 45 vs 47, 32 vs 46 ms; M=16: 8.0 vs 17.3, 37 vs 46,
-    # 24 vs 34 ms.
-    gemm_min_rows = 32
+    # AVX2, M=24 (same measurement as native): 14.1 vs 16.0, 45 vs 47, 32 vs 46 ms; M=16: 8.0 vs 17.3,
+    # 37 vs 46, 24 vs 34 ms. AVX-512, M=48: 12 vs 21, 59 vs 94, 30 vs 30; M=64: 18 vs 18, 56 vs 82, 26 vs 42.
+    gemm_min_rows_avx2 = 32
+    gemm_min_rows_avx512 = 64
 
 
 _DENSE = DenseBackend()
