@@ -210,35 +210,46 @@ GV_API int gv_repack(const int32_t *qweight, const int32_t *qzeros, const void *
                      int I, int O, int g, int ss, uint8_t *out, int nthreads) {
     int64_t info[3];
     if (O <= 0 || O % 8 || gv_layout(I, g, ss, info)) return -1;
-    static const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7}; /* storage nibble -> column offset */
     const layout_t L = make_layout(out, I, O, g, ss);
     const int ncol = O / 8, nblk = (ncol + 15) / 16; /* 16 words: one 64-byte line of a qweight row */
+    /* AWQ stores the outputs 8c + {0, 2, 4, 6, 1, 3, 5, 7} in nibbles 0..7 of word c. For inputs k and k+32
+     * (the low and high nibble of one code byte), with a = qweight[k, c] and b = qweight[k + 32, c]:
+     *   even = (a & 0x0F0F0F0F) | (b & 0x0F0F0F0F) << 4   holds the bytes of nibbles 0, 2, 4, 6,
+     *   odd  = (a >> 4 & 0x0F0F0F0F) | (b & 0xF0F0F0F0)   those of nibbles 1, 3, 5, 7;
+     * byte j of even belongs to output 8c + {0, 4, 1, 5}[j], byte j of odd to 8c + {2, 6, 3, 7}[j]. */
+    static const int even_col[4] = {0, 4, 1, 5}, odd_col[4] = {2, 6, 3, 7};
     (void)nthreads;
 GV_OMP(omp parallel for schedule(dynamic, 1) num_threads(nthreads))
     for (int blk = 0; blk < nblk; blk++) {
         const int c0 = blk * 16, c1 = c0 + 16 < ncol ? c0 + 16 : ncol;
-        for (int c = c0; c < c1; c++)
-            for (int n = 0; n < 8; n++)
-                memset(out + (size_t)(8 * c + order[n]) * L.stride + L.coff, 0, (size_t)I / 2);
-        for (int k = 0; k < I; k++) {
-            const size_t byte = (size_t)L.coff + (k / 64) * 32 + (k % 32);
-            const int shift = (k % 64) >= 32 ? 4 : 0;
-            for (int c = c0; c < c1; c++) {
-                const uint32_t w = (uint32_t)qweight[(size_t)k * ncol + c];
-                for (int n = 0; n < 8; n++)
-                    out[(size_t)(8 * c + order[n]) * L.stride + byte] |= (uint8_t)(((w >> (4 * n)) & 0xF) << shift);
+        for (int kc = 0; kc < I / 64; kc++)
+            for (int k = 64 * kc; k < 64 * kc + 32; k++) {
+                const size_t byte = (size_t)L.coff + (size_t)kc * 32 + (k - 64 * kc);
+                const uint32_t *ra = (const uint32_t *)qweight + (size_t)k * ncol, *rb = ra + (size_t)32 * ncol;
+                for (int c = c0; c < c1; c++) {
+                    const uint32_t a = ra[c], b = rb[c];
+                    const uint32_t even = (a & 0x0F0F0F0Fu) | (b & 0x0F0F0F0Fu) << 4;
+                    const uint32_t odd = (a >> 4 & 0x0F0F0F0Fu) | (b & 0xF0F0F0F0u);
+                    uint8_t *rows = out + (size_t)8 * c * L.stride + byte;
+                    for (int j = 0; j < 4; j++) {
+                        rows[(size_t)even_col[j] * L.stride] = (uint8_t)(even >> 8 * j);
+                        rows[(size_t)odd_col[j] * L.stride] = (uint8_t)(odd >> 8 * j);
+                    }
+                }
             }
-        }
         for (int gi = 0; gi < L.G; gi++)
             for (int c = c0; c < c1; c++) {
                 const uint32_t zw = (uint32_t)qzeros[(size_t)gi * ncol + c];
                 for (int n = 0; n < 8; n++) {
-                    const int o = 8 * c + order[n];
+                    const int o = 8 * c + (n < 4 ? 2 * n : 2 * (n - 4) + 1); /* nibble n -> column offset */
                     uint8_t *row = out + (size_t)o * L.stride;
                     row[L.zoff + gi] = (uint8_t)((zw >> (4 * n)) & 0xF);
                     memcpy(row + (size_t)gi * ss, (const uint8_t *)scales + ((size_t)gi * O + o) * ss, ss);
                 }
             }
+        for (int c = c0; c < c1; c++) /* padding between the zero points and the codes */
+            for (int n = 0; n < 8; n++)
+                memset(out + (size_t)(8 * c + n) * L.stride + L.zoff + L.G, 0, (size_t)(L.coff - L.zoff - L.G));
     }
     return 0;
 }
