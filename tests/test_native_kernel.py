@@ -294,3 +294,19 @@ def test_compile_on_first_use(tmp_path, monkeypatch):
     lib = native._load()
     assert lib.gv_source_hash().decode() == native.source_hash()
     assert list((tmp_path / "gracevlm").glob("gv_int4-*.so"))
+
+
+@needs_lib
+@pytest.mark.parametrize("args", [LAYERS[2], LAYERS[5], (1024, 200, 128, False, False)])  # 200/8 = 25 words
+def test_repack_is_the_same_on_every_code_path(args):
+    """The vectorized repack writes the very bytes of the scalar one (padding included)."""
+    layer = make_layer(*args)
+    best = LIB.gv_set_isa(-1)
+    try:
+        packed = []
+        for level in sorted({0, best}):
+            LIB.gv_set_isa(level)
+            packed.append(native.NativeBackend._repack(layer, LIB)["packed"])
+    finally:
+        LIB.gv_set_isa(-1)
+    assert all(torch.equal(packed[0], p) for p in packed[1:])

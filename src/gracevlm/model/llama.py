@@ -185,7 +185,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        weight = torch.empty(spec.vocab_size, spec.hidden_size)
+        if not weight.is_meta:  # on meta (the loader), skip nn.Embedding's init: its first call costs ~1.5 s
+            nn.init.normal_(weight)
+        self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=weight)
         self.model.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)

@@ -203,6 +203,72 @@ static void header_scalar(const layout_t *L, const uint8_t *row, float *s, float
     }
 }
 
+/* t[j] = the bytes j of e[0], e[1], e[2], e[3] (in that order, little endian). */
+static inline void transpose4x4_bytes(const uint32_t *e, uint32_t *t) {
+    const uint32_t lo01 = (e[0] & 0x00FF00FFu) | (e[1] & 0x00FF00FFu) << 8; /* e0[0] e1[0] e0[2] e1[2] */
+    const uint32_t hi01 = (e[0] >> 8 & 0x00FF00FFu) | (e[1] & 0xFF00FF00u);  /* e0[1] e1[1] e0[3] e1[3] */
+    const uint32_t lo23 = (e[2] & 0x00FF00FFu) | (e[3] & 0x00FF00FFu) << 8;
+    const uint32_t hi23 = (e[2] >> 8 & 0x00FF00FFu) | (e[3] & 0xFF00FF00u);
+    t[0] = (lo01 & 0xFFFFu) | lo23 << 16;
+    t[1] = (hi01 & 0xFFFFu) | hi23 << 16;
+    t[2] = lo01 >> 16 | (lo23 & 0xFFFF0000u);
+    t[3] = hi01 >> 16 | (hi23 & 0xFFFF0000u);
+}
+
+/* qweight words (8 outputs each) per repack task: 4 lines of a qweight row per fetch; the task's 512 output
+ * rows x 64 bytes of codes being written stay in L1/L2. */
+#ifndef RP_WORDS
+#define RP_WORDS 64
+#endif
+
+#ifdef GV_X86
+GV_INLINE GV_AVX2 void transpose4x4_bytes_avx2(const __m256i *e, __m256i *t) {
+    const __m256i m00ff = _mm256_set1_epi32(0x00FF00FF), mff00 = _mm256_set1_epi32((int)0xFF00FF00u);
+    const __m256i mlo = _mm256_set1_epi32(0xFFFF), mhi = _mm256_set1_epi32((int)0xFFFF0000u);
+    const __m256i lo01 = _mm256_or_si256(_mm256_and_si256(e[0], m00ff), _mm256_slli_epi32(_mm256_and_si256(e[1], m00ff), 8));
+    const __m256i hi01 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(e[0], 8), m00ff), _mm256_and_si256(e[1], mff00));
+    const __m256i lo23 = _mm256_or_si256(_mm256_and_si256(e[2], m00ff), _mm256_slli_epi32(_mm256_and_si256(e[3], m00ff), 8));
+    const __m256i hi23 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(e[2], 8), m00ff), _mm256_and_si256(e[3], mff00));
+    t[0] = _mm256_or_si256(_mm256_and_si256(lo01, mlo), _mm256_slli_epi32(lo23, 16));
+    t[1] = _mm256_or_si256(_mm256_and_si256(hi01, mlo), _mm256_slli_epi32(hi23, 16));
+    t[2] = _mm256_or_si256(_mm256_srli_epi32(lo01, 16), _mm256_and_si256(lo23, mhi));
+    t[3] = _mm256_or_si256(_mm256_srli_epi32(hi01, 16), _mm256_and_si256(hi23, mhi));
+}
+
+/* The inner step of gv_repack for 8 words c .. c+7 at a time (same bytes as the scalar loop); returns the
+ * first word it left for the scalar loop. dst: the codes byte of inputs k..k+3 in output row 0. */
+static GV_AVX2 int repack_quad_avx2(const uint32_t *ra, const uint32_t *rb, int ncol, int c0, int c1,
+                                    uint8_t *dst, int64_t stride) {
+    static const int even_col[4] = {0, 4, 1, 5}, odd_col[4] = {2, 6, 3, 7};
+    const __m256i m0f = _mm256_set1_epi32(0x0F0F0F0F), mf0 = _mm256_set1_epi32((int)0xF0F0F0F0u);
+    int c = c0;
+    for (; c + 8 <= c1; c += 8) {
+        __m256i even[4], odd[4], te[4], to[4];
+        for (int i = 0; i < 4; i++) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(ra + (size_t)i * ncol + c));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(rb + (size_t)i * ncol + c));
+            even[i] = _mm256_or_si256(_mm256_and_si256(a, m0f), _mm256_slli_epi32(_mm256_and_si256(b, m0f), 4));
+            odd[i] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 4), m0f), _mm256_and_si256(b, mf0));
+        }
+        transpose4x4_bytes_avx2(even, te);
+        transpose4x4_bytes_avx2(odd, to);
+        uint32_t lanes[8][8]; /* [j or 4 + j][word] */
+        for (int j = 0; j < 4; j++) {
+            _mm256_storeu_si256((__m256i *)lanes[j], te[j]);
+            _mm256_storeu_si256((__m256i *)lanes[4 + j], to[j]);
+        }
+        for (int l = 0; l < 8; l++) {
+            uint8_t *rows = dst + (size_t)8 * (c + l) * stride;
+            for (int j = 0; j < 4; j++) {
+                memcpy(rows + (size_t)even_col[j] * stride, &lanes[j][l], 4);
+                memcpy(rows + (size_t)odd_col[j] * stride, &lanes[4 + j][l], 4);
+            }
+        }
+    }
+    return c;
+}
+#endif
+
 /* Repack AWQ GEMM tensors into the layout above.
  * qweight int32 [I, O/8], qzeros int32 [I/g, O/8], scales [I/g, O] (fp16 bits if ss == 2, fp32 if 4);
  * out: O * stride bytes. Returns 0, or -1 for an unsupported shape. */
@@ -211,29 +277,41 @@ GV_API int gv_repack(const int32_t *qweight, const int32_t *qzeros, const void *
     int64_t info[3];
     if (O <= 0 || O % 8 || gv_layout(I, g, ss, info)) return -1;
     const layout_t L = make_layout(out, I, O, g, ss);
-    const int ncol = O / 8, nblk = (ncol + 15) / 16; /* 16 words: one 64-byte line of a qweight row */
+    const int ncol = O / 8, nblk = (ncol + RP_WORDS - 1) / RP_WORDS;
     /* AWQ stores the outputs 8c + {0, 2, 4, 6, 1, 3, 5, 7} in nibbles 0..7 of word c. For inputs k and k+32
      * (the low and high nibble of one code byte), with a = qweight[k, c] and b = qweight[k + 32, c]:
      *   even = (a & 0x0F0F0F0F) | (b & 0x0F0F0F0F) << 4   holds the bytes of nibbles 0, 2, 4, 6,
      *   odd  = (a >> 4 & 0x0F0F0F0F) | (b & 0xF0F0F0F0)   those of nibbles 1, 3, 5, 7;
      * byte j of even belongs to output 8c + {0, 4, 1, 5}[j], byte j of odd to 8c + {2, 6, 3, 7}[j]. */
     static const int even_col[4] = {0, 4, 1, 5}, odd_col[4] = {2, 6, 3, 7};
+    const int avx2 = isa() >= 2;
     (void)nthreads;
+    (void)avx2;
 GV_OMP(omp parallel for schedule(dynamic, 1) num_threads(nthreads))
     for (int blk = 0; blk < nblk; blk++) {
-        const int c0 = blk * 16, c1 = c0 + 16 < ncol ? c0 + 16 : ncol;
+        const int c0 = blk * RP_WORDS, c1 = c0 + RP_WORDS < ncol ? c0 + RP_WORDS : ncol;
         for (int kc = 0; kc < I / 64; kc++)
-            for (int k = 64 * kc; k < 64 * kc + 32; k++) {
+            for (int k = 64 * kc; k < 64 * kc + 32; k += 4) { /* 4 inputs: one 32-bit store per output row */
                 const size_t byte = (size_t)L.coff + (size_t)kc * 32 + (k - 64 * kc);
                 const uint32_t *ra = (const uint32_t *)qweight + (size_t)k * ncol, *rb = ra + (size_t)32 * ncol;
-                for (int c = c0; c < c1; c++) {
-                    const uint32_t a = ra[c], b = rb[c];
-                    const uint32_t even = (a & 0x0F0F0F0Fu) | (b & 0x0F0F0F0Fu) << 4;
-                    const uint32_t odd = (a >> 4 & 0x0F0F0F0Fu) | (b & 0xF0F0F0F0u);
+                int c = c0;
+#ifdef GV_X86
+                if (avx2) c = repack_quad_avx2(ra, rb, ncol, c0, c1, out + byte, L.stride);
+#endif
+                for (; c < c1; c++) {
+                    uint32_t even[4], odd[4];
+                    for (int i = 0; i < 4; i++) {
+                        const uint32_t a = ra[(size_t)i * ncol + c], b = rb[(size_t)i * ncol + c];
+                        even[i] = (a & 0x0F0F0F0Fu) | (b & 0x0F0F0F0Fu) << 4;
+                        odd[i] = (a >> 4 & 0x0F0F0F0Fu) | (b & 0xF0F0F0F0u);
+                    }
+                    uint32_t te[4], to[4];
+                    transpose4x4_bytes(even, te); /* te[j]: byte j of even[0..3], the 4 inputs of one row */
+                    transpose4x4_bytes(odd, to);
                     uint8_t *rows = out + (size_t)8 * c * L.stride + byte;
                     for (int j = 0; j < 4; j++) {
-                        rows[(size_t)even_col[j] * L.stride] = (uint8_t)(even >> 8 * j);
-                        rows[(size_t)odd_col[j] * L.stride] = (uint8_t)(odd >> 8 * j);
+                        memcpy(rows + (size_t)even_col[j] * L.stride, &te[j], 4);
+                        memcpy(rows + (size_t)odd_col[j] * L.stride, &to[j], 4);
                     }
                 }
             }
