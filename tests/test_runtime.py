@@ -110,6 +110,28 @@ def test_generation_contract(ckpts, image):
     assert "".join(vlm.stream("What is it?", images=[image], max_new_tokens=10)) == gen.text
 
 
+def test_vision_dtype_and_half_lm_head(ckpts, image):
+    """fp32 model: the fp16 lm_head is kept as stored (HalfLinear, fp32 results); vision_dtype moves only the
+    tower and projector, and their bf16 features stay close to the fp32 ones."""
+    from gracevlm.kernels import native
+    from gracevlm.nn import HalfLinear
+
+    ref = load(ckpts["awq"], device="cpu")
+    if native.load_library() is not None:
+        head = ref.model.language_model.lm_head
+        assert isinstance(head, HalfLinear) and head.weight.dtype == torch.float16
+    fast = load(ckpts["awq"], device="cpu", vision_dtype="bfloat16")
+    assert next(fast.model.vision_tower.parameters()).dtype == torch.bfloat16
+    assert fast.model.projector[0].weight.dtype == torch.bfloat16
+    assert fast.model.language_model.model.norm.weight.dtype == torch.float32
+    f32, _ = ref.encode_images([image])
+    bf16, _ = fast.encode_images([image])
+    assert bf16.dtype == torch.float32 and float((bf16 - f32).norm() / f32.norm()) < 5e-2
+    assert fast.generate("What is it?", images=[image], max_new_tokens=4).finish_reason in ("stop", "length")
+    with pytest.raises(InputError, match="vision_dtype"):
+        load(ckpts["awq"], device="cpu", vision_dtype="int8")
+
+
 def test_sampling_is_seeded_and_stop_strings_cut(ckpts):
     vlm = load(ckpts["awq"], device="cpu")
     a = vlm.generate("Tell me", temperature=0.9, top_p=0.9, top_k=50, seed=3, max_new_tokens=12)

@@ -7,7 +7,7 @@ Sections (each measured in this run, never assumed):
   model       a synthesized llava-1.5-7b checkpoint (or a --layers slice): load time, peak RSS, decode
               tok/s, prefill tok/s (512-token prompt), batched decode step time for M = 1, 2, 4, 8, 16,
               and the GRACE-style baseline estimated from its per-matrix time
-  vision      CLIP-L/336 time per image in fp32 and bf16 and the feature difference between them
+  vision      CLIP-L/336 time per image in fp32, fp16 and bf16, and the feature and logits error of each
   llama.cpp   the same shapes in llama.cpp (random Q4_0 GGUF written from our checkpoint) when
               ``llama_cpp`` is importable
 """
@@ -168,25 +168,45 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
 
 
 def vision_worker(path: str) -> dict:
-    """CLIP tower time per image in fp32 vs bf16 (same weights) and the feature difference."""
+    """CLIP tower + projector time per image in fp32, fp16 and bf16 (same weights), and what each costs in
+    accuracy: relative L2 error of the image features and of the next-token logits of an image prompt
+    (language model in fp32) against the fp32 tower, and whether the top token stays the same."""
     import gracevlm
-    from .model.preprocess import preprocess_images
     from PIL import Image
 
+    from .model.preprocess import preprocess_images
+    from .model.prompts import tokenize_with_images
+
     vlm = gracevlm.load(path, device="cpu")
-    img = Image.new("RGB", (640, 480), (120, 60, 200))
-    pixels = preprocess_images([img], vlm.image_spec)
+    gen = torch.Generator().manual_seed(0)
+    noise = (torch.rand(336, 448, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    pixels = preprocess_images([Image.fromarray(noise)], vlm.image_spec)
+    ids = tokenize_with_images(vlm.build_prompt([{"role": "user", "content": "<image>\nWhat is shown in this image?"}]),
+                               vlm.tokenizer)
+    lm = vlm.model.language_model
+
+    def next_logits(feats):
+        embeds = vlm.model.embed_prompt(ids, feats)[None]
+        cache = vlm.model.new_cache(1, embeds.shape[1] + 1)
+        return lm(embeds, torch.arange(embeds.shape[1])[None], cache)[0]
+
     out = {}
     with torch.inference_mode():
-        feats = {}
-        for dtype in (torch.float32, torch.bfloat16):
+        ref_feats = ref_logits = None
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):  # fp32 first: each cast is from exact values
             vlm.model.vision_tower.to(dtype)
             vlm.model.projector.to(dtype)
             sec = _median_time(lambda: vlm.model.encode_images(pixels), repeats=3, budget=20)
-            feats[dtype] = vlm.model.encode_images(pixels).float()
-            out[str(dtype).replace("torch.", "")] = sec
-        ref = feats[torch.float32]
-        out["bf16_rel_l2"] = float((feats[torch.bfloat16] - ref).norm() / ref.norm())
+            feats = vlm.model.encode_images(pixels).float()
+            logits = next_logits(feats)
+            name = str(dtype).replace("torch.", "")
+            if ref_feats is None:
+                ref_feats, ref_logits = feats, logits
+                out[name] = {"s": sec}
+                continue
+            out[name] = {"s": sec, "feature_rel_l2": float((feats - ref_feats).norm() / ref_feats.norm()),
+                         "logits_rel_l2": float((logits - ref_logits).norm() / ref_logits.norm()),
+                         "top1_same": bool(logits.argmax() == ref_logits.argmax())}
     return out
 
 
@@ -377,8 +397,11 @@ def format_report(r: dict) -> str:
             for b in m["batched"]))
     if "vision" in r:
         v = r["vision"]
-        lines.append(f"vision tower per image: fp32 {v['float32']:.2f} s, bf16 {v['bfloat16']:.2f} s, "
-                     f"bf16 feature rel. L2 error {v['bf16_rel_l2']:.1e}")
+        lines.append("vision tower + projector per image: " + ", ".join(
+            f"{name} {v[name]['s']:.2f} s" for name in ("float32", "float16", "bfloat16")))
+        for name in ("float16", "bfloat16"):
+            lines.append(f"  {name} vs float32: image features rel. L2 {v[name]['feature_rel_l2']:.1e}, next-token "
+                         f"logits rel. L2 {v[name]['logits_rel_l2']:.1e}, same top token: {v[name]['top1_same']}")
     if "llama.cpp" in r:
         c = r["llama.cpp"]
         if "skipped" in c:

@@ -47,6 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize a plain fp16 checkpoint at load (round-to-nearest W4G128)")
     p.add_argument("--device", default="auto")
     p.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
+    p.add_argument("--vision-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of the vision tower and projector (default: the model's; bfloat16 is ~3x faster "
+                        "per image on CPUs with AMX/AVX512-BF16, features ~1e-2 relative off fp32)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +70,7 @@ def _load(args):
     from .engine.vlm import load
 
     return load(args.model, device=args.device, backend=args.backend, quantize=args.quantize,
-                conv_mode=args.conv_mode)
+                conv_mode=args.conv_mode, vision_dtype=getattr(args, "vision_dtype", None))
 
 
 def _load_summary(vlm) -> dict:

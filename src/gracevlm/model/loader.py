@@ -182,6 +182,8 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     presents those as LLaVA-original names + AWQ triples).
 
     ``fuse`` concatenates q/k/v and gate/up into single linears after loading (exact, fewer calls).
+    ``vision_dtype``: dtype of the vision tower and projector (default ``dtype``). With ``dtype`` float32 on
+    CPU an fp16/bf16 ``lm_head`` stays as stored (``HalfLinear``: fp32 results, half the bytes per token).
     """
     t0 = time.perf_counter()
     folder = resolve_model_path(model)
@@ -243,7 +245,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
             projector = Projector(cfg.mm_hidden_size, cfg.hidden_size)
         for name, _ in list(projector.named_parameters()):
             key = PROJECTOR_PREFIX + name
-            _assign(projector, name, store.get(key).to(dtype))
+            _assign(projector, name, store.get(key).to(vision_dtype or dtype))
             used.add(key)
     vision = _load_vision_tower(cfg, store, folder, vision_dtype or dtype) if projector is not None else None
     unused = [k for k in store.keys() if k not in used and not k.startswith(VISION_PREFIX) and not is_ignored_key(k)]

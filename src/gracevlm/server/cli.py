@@ -56,6 +56,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="INT4 kernel: auto (default), reference, dense, native, ...")
     p.add_argument("--device", default="auto")
     p.add_argument("--quantize", choices=["rtn"], default=None, help="quantize a plain fp16 checkpoint at load")
+    p.add_argument("--vision-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of the vision tower and projector (default: the model's; see gracevlm run --help)")
     p.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false")
@@ -83,7 +85,8 @@ def config_from_args(args: argparse.Namespace):
         request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
         allowed_local_media_path=local, allow_remote_images=args.allow_remote_images,
-        backend=args.backend, device=args.device, quantize=args.quantize, conv_mode=args.conv_mode)
+        backend=args.backend, device=args.device, quantize=args.quantize, conv_mode=args.conv_mode,
+        vision_dtype=args.vision_dtype)
 
 
 def _is_loopback(host: str) -> bool:

@@ -66,6 +66,7 @@ class ServerConfig:
     backend: str | None = None
     device: str = "auto"
     quantize: str | None = None
+    vision_dtype: str | None = None
     conv_mode: str | None = None
 
     @property
@@ -180,7 +181,7 @@ def _default_loader(config: ServerConfig):
     from ..engine.vlm import load
 
     return load(config.model, device=config.device, backend=config.backend, quantize=config.quantize,
-                conv_mode=config.conv_mode)
+                conv_mode=config.conv_mode, vision_dtype=config.vision_dtype)
 
 
 # -- request parsing -----------------------------------------------------------------------------------
