@@ -310,3 +310,34 @@ def test_repack_is_the_same_on_every_code_path(args):
     finally:
         LIB.gv_set_isa(-1)
     assert all(torch.equal(packed[0], p) for p in packed[1:])
+
+
+@needs_lib
+@pytest.mark.parametrize("args", [LAYERS[0], LAYERS[2], LAYERS[4], LAYERS[9]])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_released_awq_buffers_are_rebuilt_exactly(args, scale_dtype):
+    """release_awq frees the AWQ tensors; every way of reading them gives the original bits back."""
+    src = make_layer(*args)
+    awq = src.to_awq()
+    layer = Int4Linear.from_awq(awq.qweight, awq.qzeros, awq.scales.to(scale_dtype), awq.bias,
+                                group_size=awq.group_size)
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(5, layer.in_features)
+    before = layer(x)
+    nbytes = layer.nbytes()
+    assert native.NativeBackend().release_awq(layer) and layer.awq_released
+    assert "qweight" not in dict(layer.named_buffers())  # really freed
+    assert torch.equal(layer(x), before)
+    assert layer.nbytes() == nbytes and layer.device.type == "cpu"
+    for name in ("qweight", "qzeros", "scales"):
+        assert torch.equal(getattr(layer, name), original[name]) and getattr(layer, name).dtype == original[name].dtype
+    got = layer.state_dict()
+    assert set(got) == set(original) and all(torch.equal(got[k], original[k]) for k in original)
+    back = layer.to_awq()
+    assert torch.equal(back.qweight, original["qweight"]) and torch.equal(back.scales, original["scales"])
+    assert torch.equal(kernels.get_backend("reference").matmul(layer, x), reference(layer, x))
+    fused = Int4Linear.concat([layer, src])  # concat reads the released tensors
+    assert torch.equal(fused.to_awq().qweight[:, :layer.out_features // 8], original["qweight"])
+    layer.to("cpu")  # moving restores the buffers (and drops the kernel layouts)
+    assert not layer.awq_released and torch.equal(layer.qweight, original["qweight"])
+    assert torch.equal(layer(x), before)

@@ -50,9 +50,9 @@ def test_qat_loads_packed_and_equals_its_packed_awq(ckpts, image, tmp_path):
 
 def test_fp16_checkpoint_dense_and_rtn(ckpts, image):
     dense = load(ckpts["fp16"], device="cpu")
-    assert dense.memory()["int4_linears"] == 0
+    assert dense.memory()["int4_linears"] == dense.memory()["int4_kernel_layouts"] == 0
     rtn = load(ckpts["fp16"], device="cpu", quantize="rtn")
-    assert rtn.memory()["int4_linears"] > 0
+    assert rtn.memory()["int4_linears"] + rtn.memory()["int4_kernel_layouts"] > 0
     assert rtn.memory()["language_dense"] < dense.memory()["language_dense"]
     # synthesized fp16 weights are q*s with |q| <= 8, so RTN with s = max/7 is close but not identical
     g1 = dense.generate("Hi", images=[image], max_new_tokens=4)
@@ -120,6 +120,15 @@ def test_vision_dtype_and_half_lm_head(ckpts, image):
     if native.load_library() is not None:
         head = ref.model.language_model.lm_head
         assert isinstance(head, HalfLinear) and head.weight.dtype == torch.float16
+        # on CPU the AWQ buffers are freed once the native layout holds them; keep_awq keeps them
+        layers = [m for m in ref.model.modules() if hasattr(m, "awq_released")]
+        assert layers and all(m.awq_released for m in layers)
+        mem = ref.memory()
+        assert mem["int4_linears"] == 0 and mem["int4_kernel_layouts"] > 0
+        kept = load(ckpts["awq"], device="cpu", keep_awq=True)
+        assert not any(m.awq_released for m in kept.model.modules() if hasattr(m, "awq_released"))
+        assert kept.memory()["int4_linears"] > 0
+        assert kept.generate("Hi", max_new_tokens=5).token_ids == ref.generate("Hi", max_new_tokens=5).token_ids
     fast = load(ckpts["awq"], device="cpu", vision_dtype="bfloat16")
     assert next(fast.model.vision_tower.parameters()).dtype == torch.bfloat16
     assert fast.model.projector[0].weight.dtype == torch.bfloat16

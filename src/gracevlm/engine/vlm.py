@@ -146,7 +146,7 @@ class VLM:
 
 def load(model: str | Path, device: str = "auto", backend: str | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, conv_mode: str | None = None,
-         vision_dtype: torch.dtype | str | None = None) -> VLM:
+         vision_dtype: torch.dtype | str | None = None, keep_awq: bool | None = None) -> VLM:
     """Load a GRACE AWQ / GRACE QAT / plain LLaVA-1.5 checkpoint (folder or Hub id) as a ``VLM``.
 
     ``device``: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]". ``dtype`` defaults to float32
@@ -154,6 +154,8 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
     ``quantize="rtn"`` quantizes a plain fp16 checkpoint to W4G128 at load (round to nearest).
     ``vision_dtype`` runs the CLIP tower and projector in another dtype than ``dtype`` (e.g. "bfloat16":
     ~3x faster per image on CPUs with AMX/AVX512-BF16, image features ~1e-2 relative off fp32; README).
+    ``keep_awq``: keep the AWQ buffers beside the CPU kernels' layout (default: only off the CPU, where the
+    model is moved after loading; see ``load_checkpoint``).
     """
     if isinstance(vision_dtype, str):
         names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -167,7 +169,10 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
         raise InputError("device 'cuda' requested but CUDA is not available in this torch build")
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    loaded = load_checkpoint(model, dtype=dtype, backend=backend, quantize=quantize, vision_dtype=vision_dtype)
+    if keep_awq is None:
+        keep_awq = dev.type != "cpu"
+    loaded = load_checkpoint(model, dtype=dtype, backend=backend, quantize=quantize, vision_dtype=vision_dtype,
+                             keep_awq=keep_awq)
     if dev.type != "cpu":
         loaded.model.to(dev)
     return VLM(loaded, conv_mode)

@@ -91,7 +91,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv_matmul.argtypes = [vp, c_int, c_int, c_int, c_int, vp, c_i64, c_int, vp, vp, c_int, c_int]
     lib.gv_dequant.argtypes = [vp, c_int, c_int, c_int, c_int, c_int, c_int, vp, c_i64, c_int]
     lib.gv_matmul_half.argtypes = [vp, c_int, c_int, c_int, vp, c_i64, c_int, vp, c_int]
-    for fn in (lib.gv_layout, lib.gv_repack, lib.gv_matmul, lib.gv_dequant, lib.gv_matmul_half):
+    lib.gv_unpack.argtypes = [vp, c_int, c_int, c_int, c_int, vp, vp, vp, c_int]
+    for fn in (lib.gv_layout, lib.gv_repack, lib.gv_matmul, lib.gv_dequant, lib.gv_matmul_half, lib.gv_unpack):
         fn.restype = c_int
     return lib
 
@@ -250,8 +251,22 @@ class NativeBackend:
     def prepare(self, layer) -> None:
         """Build the native layout now (e.g. at load) rather than on the first call."""
         lib = load_library()
-        if lib is not None and self.supports(layer) and layer.qweight.device.type == "cpu":
+        if lib is not None and self.supports(layer) and layer.device.type == "cpu":
             self._prepare(layer, lib)
+
+    def release_awq(self, layer) -> bool:
+        """Build the native layout and free the layer's AWQ buffers: the layout holds the same bits, and
+        ``layer.qweight`` / ``to_awq()`` / ``state_dict()`` rebuild them from it on demand (``gv_unpack``).
+        Halves the resident INT4 weights. Returns False (nothing freed) where the layout cannot be built."""
+        lib = load_library()
+        if lib is None or not self.supports(layer) or layer.device.type != "cpu":
+            return False
+        if layer.awq_released:
+            return True
+        state = self._prepare(layer, lib)
+        scale_dtype = layer.scales.dtype
+        layer.release_awq(lambda: _unpack(lib, layer, state, scale_dtype))
+        return True
 
     def _prepare(self, layer, lib: ctypes.CDLL) -> dict:
         state = layer.kernel_cache.get("native")
@@ -315,6 +330,22 @@ class NativeBackend:
                 return yt.to(x.dtype)
             y[:, o0:o1] = yt
         return y.to(x.dtype)
+
+
+def _unpack(lib: ctypes.CDLL, layer, state: dict, scale_dtype: torch.dtype):
+    """The AWQ tensors of ``layer`` rebuilt from its native layout (bit-exact)."""
+    from ..formats.qat import AwqTensors
+
+    in_f, out_f, g = layer.in_features, layer.out_features, layer.group_size
+    qweight = torch.empty(in_f, out_f // 8, dtype=torch.int32)
+    qzeros = torch.empty(in_f // g, out_f // 8, dtype=torch.int32)
+    stored = torch.float16 if state["ss"] == 2 else torch.float32
+    scales = torch.empty(in_f // g, out_f, dtype=stored)
+    rc = lib.gv_unpack(state["packed"].data_ptr(), in_f, out_f, g, state["ss"], qweight.data_ptr(),
+                       qzeros.data_ptr(), scales.data_ptr(), num_threads())
+    if rc != 0:
+        raise RuntimeError(f"gv_unpack failed with code {rc}")
+    return qweight, qzeros, scales.to(scale_dtype)  # fp32 -> the stored bf16/fp32 dtype is exact
 
 
 class NativeF32Backend(NativeBackend):

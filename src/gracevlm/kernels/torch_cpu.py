@@ -63,7 +63,7 @@ class DenseBackend:
         """``W^T`` ``[I, O]`` float32 with columns in storage order (see ``_prepare``)."""
         st = self._prepare(layer)
         in_f, out_f, g = layer.in_features, layer.out_features, layer.group_size
-        w = out if out is not None else _buffer(in_f * out_f, layer.qweight.device)
+        w = out if out is not None else _buffer(in_f * out_f, layer.device)
         w8 = w.view(in_f, 8, out_f // 8)
         qw = layer.qweight
         tmp = torch.empty_like(qw)

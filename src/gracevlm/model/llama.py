@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import Int4Linear
+
 
 @dataclass
 class LlamaSpec:
@@ -212,19 +214,23 @@ class LlamaForCausalLM(nn.Module):
                 fused += 1
         return fused
 
-    def prepare_kernels(self) -> int:
+    def prepare_kernels(self, release_awq: bool = False) -> int:
         """Let each packed linear's decode backend build its layout now instead of on the first token;
-        returns how many layers were prepared."""
+        with ``release_awq``, also free the AWQ buffers where the backend's layout holds the same bits
+        (``Int4Linear.release_awq``). Returns how many layers were prepared."""
         from .. import kernels
 
         n = 0
         for module in self.modules():
-            if hasattr(module, "kernel_cache") and hasattr(module, "qweight"):
-                backend = kernels.select_backend(module.qweight.device, 1, module.backend)
+            if isinstance(module, Int4Linear):
+                backend = kernels.select_backend(module.device, 1, module.backend)
                 prepare = getattr(backend, "prepare", None)
                 if prepare is not None:
                     prepare(module)
                     n += 1
+                release = getattr(backend, "release_awq", None)
+                if release_awq and release is not None:
+                    release(module)
         return n
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -176,14 +176,17 @@ def _keep_half_head(src: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
                     quantize: str | None = None, vision_dtype: torch.dtype | None = None,
-                    fuse: bool = True) -> LoadedModel:
+                    fuse: bool = True, keep_awq: bool = False, half_lm_head: bool = True) -> LoadedModel:
     """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference; also
     AutoAWQ GEMM, compressed-tensors W4A16 and dense llava-hf checkpoints (``formats.hf_map.open_mapped``
     presents those as LLaVA-original names + AWQ triples).
 
     ``fuse`` concatenates q/k/v and gate/up into single linears after loading (exact, fewer calls).
+    ``keep_awq``: keep each INT4 layer's AWQ buffers next to the CPU kernels' own layout; by default they
+    are freed once that layout holds the same bits (rebuilt on demand: ``Int4Linear.release_awq``).
     ``vision_dtype``: dtype of the vision tower and projector (default ``dtype``). With ``dtype`` float32 on
-    CPU an fp16/bf16 ``lm_head`` stays as stored (``HalfLinear``: fp32 results, half the bytes per token).
+    CPU and ``half_lm_head`` an fp16/bf16 ``lm_head`` stays as stored (``HalfLinear``: fp32 results, half
+    the bytes per token; inference only: training passes ``half_lm_head=False`` for a trainable nn.Linear).
     """
     t0 = time.perf_counter()
     folder = resolve_model_path(model)
@@ -227,7 +230,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {folder}")
         src = store.get(key)
         used.add(key)
-        if name == "lm_head.weight" and _keep_half_head(src, dtype):
+        if name == "lm_head.weight" and half_lm_head and _keep_half_head(src, dtype):
             lm.lm_head = HalfLinear(src.to(torch.device("cpu")).contiguous())
             continue
         target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
@@ -235,7 +238,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
 
     if fuse:
         lm.fuse_projections()
-    lm.prepare_kernels()
+    lm.prepare_kernels(release_awq=not keep_awq)
 
     projector = None
     if f"{PROJECTOR_PREFIX}0.weight" in store:
@@ -254,8 +257,9 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     model = LlavaModel(vision, projector, lm, cfg.mm_vision_select_layer, cfg.mm_vision_select_feature).eval()
     stats = LoadStats(fmt, file_bytes=store.file_bytes())
     stats.bytes_by_part = {
-        "int4_linears": sum(m.nbytes() for m in packed.values()),
-        "language_dense": _nbytes(lm) - sum(_nbytes(m) for m in packed.values()),
+        "int4_linears": sum(m.nbytes() for m in lm.modules() if isinstance(m, Int4Linear) and not m.awq_released),
+        "int4_kernel_layouts": sum(m.cache_nbytes() for m in lm.modules() if isinstance(m, Int4Linear)),
+        "language_dense": _nbytes(lm) - sum(_nbytes(m) for m in lm.modules() if isinstance(m, Int4Linear)),
         "vision_tower": _nbytes(vision) if vision is not None else 0,
         "projector": _nbytes(projector) if projector is not None else 0,
     }

@@ -16,7 +16,13 @@ class Int4Linear(nn.Module):
     ``qzeros [I/g, O/8]`` int32, ``scales [I/g, O]`` (fp16), optional ``bias [O]``.
     Input ``x [..., I]`` of any float dtype; output ``[..., O]`` in x's dtype.
     ``backend`` (or env ``GRACEVLM_BACKEND``) forces a kernel; default is automatic by device and rows.
+
+    ``release_awq`` (used by the CPU loader once the native kernels hold an exact copy in their own layout)
+    frees ``qweight``/``qzeros``/``scales``; reading them, ``to_awq()`` and ``state_dict()`` then rebuild the
+    exact tensors from that copy, and moving the layer (``.to``/``.cuda``) restores them first.
     """
+
+    _AWQ_NAMES = ("qweight", "qzeros", "scales")
 
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None, group_size: int = 128, backend: str | None = None,
@@ -30,6 +36,58 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.kernel_cache: dict = {}
+        self._rebuild = None  # set by release_awq: () -> (qweight, qzeros, scales)
+        self._awq_nbytes = 0
+
+    # -- released AWQ buffers ------------------------------------------------------------------------
+    def release_awq(self, rebuild) -> int:
+        """Free the AWQ buffers; ``rebuild()`` must return the exact ``(qweight, qzeros, scales)``. Returns
+        the bytes freed."""
+        if self._rebuild is not None:
+            return 0
+        freed = sum(self._buffers[n].numel() * self._buffers[n].element_size() for n in self._AWQ_NAMES)
+        self._awq_nbytes = freed
+        self._awq_device = self._buffers["qweight"].device
+        for n in self._AWQ_NAMES:
+            del self._buffers[n]
+        self._rebuild = rebuild
+        return freed
+
+    @property
+    def device(self) -> torch.device:
+        """The layer's device (without rebuilding released buffers)."""
+        return self._buffers["qweight"].device if self._rebuild is None else self._awq_device
+
+    @property
+    def awq_released(self) -> bool:
+        return self._rebuild is not None
+
+    def restore_awq(self) -> None:
+        """Bring the AWQ buffers back (undoes ``release_awq``)."""
+        if self._rebuild is None:
+            return
+        tensors = self._rebuild()
+        self._rebuild = None
+        for n, t in zip(self._AWQ_NAMES, tensors):
+            self.register_buffer(n, t)
+
+    def __getattr__(self, name: str):
+        if name in Int4Linear._AWQ_NAMES:
+            rebuild = self.__dict__.get("_rebuild")
+            if rebuild is not None:
+                return rebuild()[Int4Linear._AWQ_NAMES.index(name)]
+        return super().__getattr__(name)
+
+    def _awq_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._rebuild is not None:
+            return self._rebuild()
+        return self.qweight, self.qzeros, self.scales
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._rebuild is not None:
+            for n, t in zip(self._AWQ_NAMES, self._rebuild()):
+                destination[prefix + n] = t
 
     @classmethod
     def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -52,18 +110,19 @@ class Int4Linear(nn.Module):
         if len({l.bias is None for l in layers}) > 1:
             raise ValueError("Int4Linear.concat needs all layers with a bias or none")
         bias = None if first.bias is None else torch.cat([l.bias for l in layers])
-        return cls(torch.cat([l.qweight for l in layers], 1), torch.cat([l.qzeros for l in layers], 1),
-                   torch.cat([l.scales for l in layers], 1), bias, first.group_size, first.backend)
+        parts = [l._awq_tensors() for l in layers]
+        return cls(*(torch.cat([p[i] for p in parts], 1) for i in range(3)), bias, first.group_size, first.backend)
 
     def split_awq(self, sizes: list[int]) -> list[AwqTensors]:
         """Inverse of ``concat``: the AWQ tensors of each part (``sizes`` = out_features of the parts)."""
         if sum(sizes) != self.out_features or any(n % 8 for n in sizes):
             raise ValueError(f"sizes {sizes} must be multiples of 8 adding up to {self.out_features}")
         out, start = [], 0
+        qweight, qzeros, scales = self._awq_tensors()
         for n in sizes:
-            out.append(AwqTensors(self.qweight[:, start // 8:(start + n) // 8].clone(),
-                                  self.qzeros[:, start // 8:(start + n) // 8].clone(),
-                                  self.scales[:, start:start + n].clone(),
+            out.append(AwqTensors(qweight[:, start // 8:(start + n) // 8].clone(),
+                                  qzeros[:, start // 8:(start + n) // 8].clone(),
+                                  scales[:, start:start + n].clone(),
                                   None if self.bias is None else self.bias[start:start + n].clone(),
                                   self.group_size))
             start += n
@@ -71,8 +130,10 @@ class Int4Linear(nn.Module):
 
     def to_awq(self) -> AwqTensors:
         """The original AWQ tensors, bit-exact (clones; safe to modify)."""
-        return AwqTensors(self.qweight.clone(), self.qzeros.clone(), self.scales.clone(),
-                          None if self.bias is None else self.bias.clone(), self.group_size)
+        qweight, qzeros, scales = self._awq_tensors()
+        if self._rebuild is None:
+            qweight, qzeros, scales = qweight.clone(), qzeros.clone(), scales.clone()
+        return AwqTensors(qweight, qzeros, scales, None if self.bias is None else self.bias.clone(), self.group_size)
 
     @property
     def symmetric(self) -> bool:
@@ -81,8 +142,10 @@ class Int4Linear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes of the packed tensors (excluding backend caches)."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales, self.bias)
-                   if t is not None)
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        if self._rebuild is not None:
+            return self._awq_nbytes + bias
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales)) + bias
 
     def cache_nbytes(self) -> int:
         """Bytes held by backend-prepared layouts."""
@@ -94,7 +157,8 @@ class Int4Linear(nn.Module):
         return total
 
     def _apply(self, fn, recurse=True):
-        self.kernel_cache = {}  # prepared layouts belong to the old device/dtype
+        self.restore_awq()  # the prepared layouts belong to the old device/dtype: take the exact tensors along
+        self.kernel_cache = {}
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,4 +173,5 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, "
-                f"backend={self.backend or 'auto'}, packed_bytes={self.nbytes()}")
+                f"backend={self.backend or 'auto'}, packed_bytes={self.nbytes()}"
+                + (", awq=released" if self._rebuild is not None else ""))

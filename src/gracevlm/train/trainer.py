@@ -174,7 +174,7 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def _load_model(folder: str, device: str, fuse: bool):
-    loaded = load_checkpoint(folder, dtype=torch.float32, fuse=fuse)
+    loaded = load_checkpoint(folder, dtype=torch.float32, fuse=fuse, half_lm_head=False)
     model = loaded.model
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         raise CheckpointError(f"{folder} is a packed INT4 ({loaded.stats.format}) checkpoint; training needs "

@@ -1163,3 +1163,39 @@ GV_API int gv_matmul_half(const uint16_t *w, int I, int O, int bf16, const float
     }
     return 0;
 }
+
+/* Inverse of gv_repack: the AWQ GEMM tensors back from the layout, bit-exact. qweight int32 [I, O/8],
+ * qzeros int32 [I/g, O/8], scales [I/g, O] (ss bytes each, as stored). Returns 0 or -1. */
+GV_API int gv_unpack(const uint8_t *packed, int I, int O, int g, int ss, int32_t *qweight, int32_t *qzeros,
+                     void *scales, int nthreads) {
+    int64_t info[3];
+    if (O <= 0 || O % 8 || gv_layout(I, g, ss, info)) return -1;
+    const layout_t L = make_layout(packed, I, O, g, ss);
+    const int ncol = O / 8;
+    (void)nthreads;
+GV_OMP(omp parallel for schedule(static) num_threads(nthreads))
+    for (int k = 0; k < I; k++) {
+        const size_t byte = (size_t)L.coff + (size_t)(k / 64) * 32 + (k % 32);
+        const int shift = (k % 64) >= 32 ? 4 : 0;
+        for (int c = 0; c < ncol; c++) {
+            uint32_t w = 0;
+            for (int n = 0; n < 8; n++) {
+                const int o = 8 * c + (n < 4 ? 2 * n : 2 * (n - 4) + 1); /* nibble n -> column offset */
+                w |= (uint32_t)((L.base[(size_t)o * L.stride + byte] >> shift) & 0xF) << (4 * n);
+            }
+            qweight[(size_t)k * ncol + c] = (int32_t)w;
+        }
+    }
+    for (int gi = 0; gi < L.G; gi++)
+        for (int c = 0; c < ncol; c++) {
+            uint32_t w = 0;
+            for (int n = 0; n < 8; n++) {
+                const int o = 8 * c + (n < 4 ? 2 * n : 2 * (n - 4) + 1);
+                const uint8_t *row = L.base + (size_t)o * L.stride;
+                w |= (uint32_t)(row[L.zoff + gi] & 0xF) << (4 * n);
+                memcpy((uint8_t *)scales + ((size_t)gi * O + o) * ss, row + (size_t)gi * ss, ss);
+            }
+            qzeros[(size_t)gi * ncol + c] = (int32_t)w;
+        }
+    return 0;
+}
