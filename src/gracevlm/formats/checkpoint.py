@@ -129,10 +129,38 @@ class LlavaConfig:
         return cls.from_dict(data, str(path))
 
 
-class TensorStore:
-    """Memory-mapped read access to a folder's safetensors (single file or index + shards).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
-    ``get`` returns tensors backed by the mapped file (no copy until the caller converts them).
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+    """key -> (dtype name, shape, first byte, end byte) in the file, from the safetensors header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {k: (v["dtype"], v["shape"], base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:done + (1 << 30)]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
+class TensorStore:
+    """Read access to a folder's safetensors (single file or index + shards), validated at open.
+
+    ``get`` returns a tensor the caller owns, read with ``pread`` (the data passes through the page cache,
+    not this process's memory map: loading does not leave every byte of the files in the resident size).
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -155,6 +183,8 @@ class TensorStore:
                                       f"{INDEX_NAME} with shards)")
         self._handles = {}
         self._key_file: dict[str, str] = {}
+        self._offsets: dict[str, tuple] = {}  # key -> (file, dtype name, shape, start, end)
+        self._fds: dict[str, int] = {}
         for name in files:
             path = self.folder / name
             if not path.is_file():
@@ -168,6 +198,10 @@ class TensorStore:
             self._handles[name] = handle
             for key in handle.keys():
                 self._key_file[key] = name
+            try:
+                self._offsets.update({k: (name, *v) for k, v in _safetensors_offsets(path).items()})
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unusual header: get() reads such tensors through safetensors instead
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if self._key_file.get(k) != f]
             if missing:
@@ -185,9 +219,43 @@ class TensorStore:
         if name is None:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.folder}")
         try:
-            return self._handles[name].get_tensor(key)
+            direct = self._read(key)
+            if direct is not None:
+                return direct
+            return self._handles[name].get_tensor(key).clone()
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"cannot read tensor {key!r} from {self.folder / name}: {exc}") from exc
+
+    def _read(self, key: str) -> torch.Tensor | None:
+        entry = self._offsets.get(key)
+        if entry is None or not hasattr(os, "preadv"):
+            return None
+        name, dtype_name, shape, start, end = entry
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            return None
+        out = torch.empty(shape, dtype=dtype)
+        nbytes = out.numel() * out.element_size()
+        if end - start != nbytes:
+            raise CheckpointError(f"tensor {key!r} in {self.folder / name} spans {end - start} bytes; "
+                                  f"{dtype_name}{list(shape)} needs {nbytes} (corrupt header?)")
+        if nbytes:
+            fd = self._fds.get(name)
+            if fd is None:
+                fd = self._fds[name] = os.open(self.folder / name, os.O_RDONLY)
+            _pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), start)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def get_slice_shape(self, key: str) -> list[int]:
         name = self._key_file.get(key)

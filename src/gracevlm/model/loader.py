@@ -165,6 +165,20 @@ def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype
                               f"{cfg.mm_vision_tower!r}): {exc}") from exc
 
 
+def _return_freed_memory() -> None:
+    """Hand memory freed during loading (file buffers, unfused parts, released AWQ tensors) back to the OS.
+    glibc keeps freed blocks below its adaptive mmap threshold (up to 32 MiB: the q/k/v parts) in the heap,
+    where they would stay in the resident size. No-op without glibc."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _keep_half_head(src: torch.Tensor, dtype: torch.dtype) -> bool:
     """Keep an fp16/bf16 ``lm_head`` as stored (``HalfLinear``: exact fp32 results, half the bytes read per
     token) when the model runs in fp32 with the native CPU kernels; else it is converted to ``dtype``."""
@@ -219,6 +233,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
                                   f"match the config ({target.in_features}->{target.out_features})")
         _set_module(lm, name, module)
     used = {f"{n}.{s}" for n in packed for s in ("qweight", "qzeros", "scales", "bias", "weight")}
+    del packed  # the model holds the layers now: fusing below frees each part as it goes
     lm.rotary = Rotary(spec)  # computed tables, not checkpoint tensors
     for name, tensor in list(lm.named_parameters()) + list(lm.named_buffers()):
         if not tensor.is_meta:
@@ -231,7 +246,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
         src = store.get(key)
         used.add(key)
         if name == "lm_head.weight" and half_lm_head and _keep_half_head(src, dtype):
-            lm.lm_head = HalfLinear(src.to(torch.device("cpu")).contiguous())
+            lm.lm_head = HalfLinear(src)
             continue
         target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
         _assign(lm, name, src.to(target_dtype))
@@ -239,6 +254,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     if fuse:
         lm.fuse_projections()
     lm.prepare_kernels(release_awq=not keep_awq)
+    _return_freed_memory()
 
     projector = None
     if f"{PROJECTOR_PREFIX}0.weight" in store:
