@@ -101,7 +101,6 @@ def bench_kernels(bandwidth: float, rows=(1,), backends=None, working_set: int =
                     sec = _median_time(lambda: [backend.matmul(c, x) for c in copies]) / len(copies)
                 out.append(dict(shape=label, rows=m, method=name, ms=sec * 1e3, gbps=nbytes / sec / 1e9,
                                 of_bandwidth=nbytes / sec / 1e9 / bandwidth, speedup=base / sec))
-        del copies
     return out
 
 

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import GraceVLMError, InputError
 from ..model.prompts import tokenize_with_images
@@ -532,55 +531,7 @@ class BatchScheduler:
     # -- the batch-invariant decode forward -----------------------------------------------------------
     def _decode_forward(self, tokens: torch.Tensor, positions: list[int], slots: torch.Tensor) -> torch.Tensor:
         """One token per row -> logits float32 ``[B, V]``; each row computed as ``LlamaForCausalLM`` computes
-        a lone sequence (per-row attention span, per-row ``lm_head``), the projections batched."""
-        lm = self.lm
+        a lone sequence (``rows_alone``: per-row attention span and, unless row-invariant, ``lm_head``)."""
         b = tokens.shape[0]
         pos = torch.tensor(positions, device=self.device).view(b, 1)
-        x = lm.embed(tokens.view(b, 1), self.dtype)
-        cos, sin = lm.rotary(pos)
-        for i, layer in enumerate(lm.model.layers):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, i, slots, pos, positions)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = lm.model.norm(x)
-        if lm.head_rows_independent(b):
-            logits = lm.logits(x)
-        else:
-            logits = torch.cat([lm.logits(x[r:r + 1]) for r in range(b)])
-        return logits[:, -1]
-
-    def _attention(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                   slots: torch.Tensor, pos: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        b, t, _ = x.shape
-        s = attn.spec
-        if hasattr(attn, "qkv_proj"):
-            q, k, v = attn.qkv_proj(x).split(attn.qkv_sizes, dim=-1)
-        else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
-        k = k.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = v.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        slot_idx = slots.view(b, 1).expand(b, t)
-        kc[slot_idx, :, pos] = k.transpose(1, 2).to(kc.dtype)
-        vc[slot_idx, :, pos] = v.transpose(1, 2).to(vc.dtype)
-        groups = s.num_heads // s.num_kv_heads
-        outs = []
-        for r, slot in enumerate(slots.tolist()):
-            span = positions[r] + 1
-            keys = kc[slot:slot + 1, :, :span].to(q.dtype)  # a view of the cache, not a gathered copy
-            values = vc[slot:slot + 1, :, :span].to(q.dtype)
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
-            mask = torch.ones(1, 1, 1, span, dtype=torch.bool, device=q.device)
-            outs.append(F.scaled_dot_product_attention(q[r:r + 1], keys, values, attn_mask=mask))
-        out = torch.cat(outs)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+        return self.lm(self.lm.embed(tokens.view(b, 1), self.dtype), pos, self.cache, slots, rows_alone=True)

@@ -333,9 +333,7 @@ class NativeBackend:
 
 
 def _unpack(lib: ctypes.CDLL, layer, state: dict, scale_dtype: torch.dtype):
-    """The AWQ tensors of ``layer`` rebuilt from its native layout (bit-exact)."""
-    from ..formats.qat import AwqTensors
-
+    """The AWQ tensors ``(qweight, qzeros, scales)`` of ``layer`` rebuilt from its native layout (bit-exact)."""
     in_f, out_f, g = layer.in_features, layer.out_features, layer.group_size
     qweight = torch.empty(in_f, out_f // 8, dtype=torch.int32)
     qzeros = torch.empty(in_f // g, out_f // 8, dtype=torch.int32)

@@ -46,7 +46,7 @@ class DenseBackend:
     def _prepare(self, layer) -> dict:
         state = layer.kernel_cache.get(self.name)
         if state is None:
-            in_f, out_f, g = layer.in_features, layer.out_features, layer.group_size
+            out_f = layer.out_features
             zeros = unpack_nibbles(layer.qzeros)  # zeros [I/g, O] logical order
             # Column order of the dequantized buffer: nibble plane k, then word c -> logical 8c+ORDER[k].
             perm = (torch.arange(out_f // 8).unsqueeze(0) * 8 + torch.tensor(AWQ_ORDER).unsqueeze(1)).reshape(-1)

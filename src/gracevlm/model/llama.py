@@ -103,7 +103,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(spec.num_heads * hd, spec.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, slots, positions, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, slots, positions, mask,
+                alone: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """``alone``: one ``(slot, span)`` per row (one token each): attend row by row over that row's own
+        cache span, exactly as a lone sequence would, instead of over the batch's padded span with ``mask``."""
         b, t, _ = x.shape
         s = self.spec
         if hasattr(self, "qkv_proj"):
@@ -133,11 +136,23 @@ class Attention(nn.Module):
             keys = kc[rows, :, :span].to(q.dtype)
             values = vc[rows, :, :span].to(q.dtype)
         groups = s.num_heads // s.num_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)
-            values = values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
+        if alone is not None:
+            kc, vc = cache.k[layer], cache.v[layer]
+            out = torch.cat([_attend(q[r:r + 1], kc[slot:slot + 1, :, :span].to(q.dtype),
+                                     vc[slot:slot + 1, :, :span].to(q.dtype),
+                                     torch.ones(1, 1, 1, span, dtype=torch.bool, device=q.device), groups)
+                             for r, (slot, span) in enumerate(alone)])
+        else:
+            out = _attend(q, keys, values, mask.unsqueeze(1), groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+def _attend(q, keys, values, mask, groups: int) -> torch.Tensor:
+    """SDPA of ``q [B, H, T, d]`` over ``keys/values [B, H/groups, S, d]`` with boolean ``mask [B, 1, T, S]``."""
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -163,8 +178,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, slots, positions, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
+    def forward(self, x, cos, sin, cache, layer, slots, positions, mask, alone=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask, alone)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -237,13 +252,23 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(ids).to(dtype)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor | None = None, logits_for: str = "last") -> torch.Tensor:
+                slots: torch.Tensor | None = None, logits_for: str = "last",
+                rows_alone: bool = False) -> torch.Tensor:
         """``embeds [B, T, D]`` at absolute ``positions [B, T]`` into cache ``slots [B]``.
 
         Returns logits float32 ``[B, V]`` for each row's last token (``logits_for="last"``) or
         ``[B, T, V]`` (``"all"``).
+        ``rows_alone`` (decode, T = 1): every row's logits are bitwise those it gets as a lone sequence
+        (per-row attention span; ``lm_head`` per row unless it is row-invariant); the projections still run
+        batched, which the CPU INT4 kernels compute row by row below their GEMM crossover.
         """
         b, t, _ = embeds.shape
+        alone = None
+        if rows_alone:
+            if t != 1:
+                raise ValueError("rows_alone is for decode steps (one token per row)")
+            ids = list(range(b)) if slots is None else slots.tolist()
+            alone = [(slot, p + 1) for slot, p in zip(ids, positions[:, -1].tolist())]
         slots = _slot_selector(slots, b)
         span = int(positions.max()) + 1
         # query at position p may see cache positions 0..p of its own slot
@@ -251,10 +276,14 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary(positions)
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, slots, positions, mask)
+            x = layer(x, cos, sin, cache, i, slots, positions, mask, alone)
         if logits_for == "last":
             x = x[:, -1:]
-        logits = self.logits(self.model.norm(x))
+        x = self.model.norm(x)
+        if alone is not None and not self.head_rows_independent(b):
+            logits = torch.cat([self.logits(x[r:r + 1]) for r in range(b)])
+        else:
+            logits = self.logits(x)
         return logits[:, -1] if logits_for == "last" else logits
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, FormatError
-from ..formats.awq import check_awq
 from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
                                   detect_format, is_ignored_key, read_awq_modules)
 from ..formats.hf_map import open_mapped, vision_config_dict

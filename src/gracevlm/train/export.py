@@ -73,7 +73,7 @@ def llava_config(model: nn.Module, conv_mode: str | None = None, max_length: int
     describing a bundled CLIP-style tower)."""
     layout = _layout(model)
     if layout == "hf":
-        tc, vc = model.config.text_config, model.config.vision_config
+        tc = model.config.text_config
         hidden, inter, layers = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
         heads, kv, vocab = tc.num_attention_heads, tc.num_key_value_heads, tc.vocab_size
         eps, theta = tc.rms_norm_eps, getattr(tc, "rope_theta", None) or 10000.0
