@@ -185,6 +185,18 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
+/* r + sum_{k0 <= k < k1} float(w[k]) * x[k], one product at a time; w holds fp16 (bf16 = 0) or bf16 bits. */
+static float half_dot(const uint16_t *w, const float *x, int k0, int k1, int bf16, float r) {
+    for (int k = k0; k < k1; k++) {
+        const uint32_t bits = (uint32_t)w[k] << 16;
+        float v;
+        if (bf16) memcpy(&v, &bits, 4);
+        else v = half_to_float(w[k]);
+        r += v * x[k];
+    }
+    return r;
+}
+
 /* Row header -> s[G] and zs[G] = z * s (exact for fp16 scales: a 4-bit integer times an 11-bit
  * significand fits fp32). */
 static void header_scalar(const layout_t *L, const uint8_t *row, float *s, float *zs) {
@@ -920,16 +932,9 @@ static GV_AVX512 void half_rows_512(const uint16_t *w, int I, int bf16, const fl
             }
             for (int m = 0; m < MT; m++) {
                 const float *xm = x + (size_t)(m0 + m) * ldx;
-                float r = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                             _mm512_add_ps(acc[m][2], acc[m][3])));
-                for (int k = main_end; k < I; k++) {
-                    uint32_t bits = (uint32_t)wr[k] << 16;
-                    float v;
-                    if (bf16) memcpy(&v, &bits, 4);
-                    else v = _cvtsh_ss(wr[k]);
-                    r += v * xm[k];
-                }
-                y[(size_t)(m0 + m) * O + o] = r;
+                const float r = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                                   _mm512_add_ps(acc[m][2], acc[m][3])));
+                y[(size_t)(m0 + m) * O + o] = half_dot(wr, xm, main_end, I, bf16, r);
             }
         }
     }
@@ -962,15 +967,9 @@ static GV_AVX2 void half_rows_avx2(const uint16_t *w, int I, int bf16, const flo
             }
             for (int m = 0; m < MT; m++) {
                 const float *xm = x + (size_t)(m0 + m) * ldx;
-                float r = hsum8(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
-                for (int k = main_end; k < I; k++) {
-                    uint32_t bits = (uint32_t)wr[k] << 16;
-                    float v;
-                    if (bf16) memcpy(&v, &bits, 4);
-                    else v = _cvtsh_ss(wr[k]);
-                    r += v * xm[k];
-                }
-                y[(size_t)(m0 + m) * O + o] = r;
+                const float r = hsum8(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]),
+                                                    _mm256_add_ps(acc[m][2], acc[m][3])));
+                y[(size_t)(m0 + m) * O + o] = half_dot(wr, xm, main_end, I, bf16, r);
             }
         }
     }
@@ -1033,16 +1032,7 @@ static void half_rows_scalar(const uint16_t *w, int I, int bf16, const float *x,
     for (int o = o0; o < o1; o++) {
         const uint16_t *wr = w + (size_t)o * I;
         for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * ldx;
-            float r = 0.f;
-            for (int k = 0; k < I; k++) {
-                uint32_t bits = (uint32_t)wr[k] << 16;
-                float v;
-                if (bf16) memcpy(&v, &bits, 4);
-                else v = half_to_float(wr[k]);
-                r += v * xm[k];
-            }
-            y[(size_t)m * O + o] = r;
+            y[(size_t)m * O + o] = half_dot(wr, x + (size_t)m * ldx, 0, I, bf16, 0.f);
         }
     }
 }
