@@ -129,3 +129,16 @@ def test_backends_work_in_and_out_of_inference_mode(backend, rng):
     with torch.inference_mode():
         inside = layer(x)
     torch.testing.assert_close(layer(x), inside)
+
+
+def test_selfcheck_reports_every_backend_within_its_tolerance(capsys):
+    from gracevlm.cli import main as cli
+
+    assert cli(["selfcheck", "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) == set(kernels.backend_names())
+    for name, errs in report.items():
+        assert set(errs) == {"rows_4", "rows_64"}
+        assert max(errs.values()) <= max(TOLERANCE.get(name, 1e-5), 1e-6), name

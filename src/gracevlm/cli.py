@@ -22,15 +22,16 @@ def cmd_selfcheck(args) -> int:
     qweight, qzeros = pack_awq(codes, zeros)
     assert torch.equal(unpack_awq(qweight, qzeros)[0], codes), "pack/unpack round trip failed"
     layer = Int4Linear.from_awq(qweight, qzeros, (torch.rand(2, 96, generator=gen) * 0.01).half())
-    x = torch.randn(4, 256, generator=gen)
+    xs = {rows: torch.randn(rows, 256, generator=gen) for rows in (4, 64)}  # decode-like and prefill-like
     layer.backend = "reference"
-    ref = layer(x)
+    refs = {rows: layer(x) for rows, x in xs.items()}
     report = {}
     for name in kernels.backend_names():
         layer.backend = name
-        err = float((layer(x) - ref).norm() / ref.norm())
-        report[name] = err
-        print(f"backend {name:<14} relative error vs reference {err:.2e}")
+        errs = {rows: float((layer(x) - refs[rows]).norm() / refs[rows].norm()) for rows, x in xs.items()}
+        report[name] = {f"rows_{rows}": e for rows, e in errs.items()}
+        print(f"backend {name:<14} relative error vs reference: "
+              + ", ".join(f"{rows} rows {e:.2e}" for rows, e in errs.items()))
     print("pack/unpack round trip: exact")
     if args.json:
         print(json.dumps(report))
