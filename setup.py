@@ -16,25 +16,31 @@ OPENMP = ["-fopenmp"]
 
 
 class OptionalBuildExt(build_ext):
-    """Build with OpenMP, retry without it, and only warn if the C compiler fails altogether."""
+    """Build with OpenMP; retry without the AVX-512 code (compilers without its intrinsics), then without
+    OpenMP; only warn if the C compiler fails altogether."""
 
     def get_export_symbols(self, ext):
         return []  # not a Python extension module: no PyInit_ symbol to export
 
     def build_extension(self, ext):
-        try:
-            super().build_extension(ext)
+        base_args, base_link, base_macros = list(ext.extra_compile_args), list(ext.extra_link_args), list(ext.define_macros)
+        variants = [(True, False), (True, True), (False, False), (False, True)]  # (OpenMP, GV_NO_AVX512)
+        errors = []
+        for openmp, no_avx512 in variants:
+            ext.extra_compile_args = [a for a in base_args if openmp or a not in OPENMP]
+            ext.extra_link_args = [a for a in base_link if openmp or a not in OPENMP]
+            ext.define_macros = base_macros + ([("GV_NO_AVX512", "1")] if no_avx512 else [])
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # compiler missing, rejects -fopenmp or the AVX-512 intrinsics
+                errors.append(exc)
+                continue
+            if not openmp or no_avx512:
+                self.warn("gracevlm: built the native INT4 kernels" + (" without OpenMP (single-threaded)"
+                          if not openmp else "") + (" without the AVX-512 code" if no_avx512 else ""))
             return
-        except Exception as exc:  # compiler missing or rejects -fopenmp
-            first = exc
-        ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in OPENMP]
-        ext.extra_link_args = [a for a in ext.extra_link_args if a not in OPENMP]
-        try:
-            super().build_extension(ext)
-            self.warn("gracevlm: built the native INT4 kernels without OpenMP (single-threaded)")
-        except Exception as exc:
-            self.warn(f"gracevlm: native INT4 kernels not built ({first}; {exc}); "
-                      "they will be compiled on first use or replaced by torch kernels")
+        self.warn(f"gracevlm: native INT4 kernels not built ({errors[0]}; {errors[-1]}); "
+                  "they will be compiled on first use or replaced by torch kernels")
 
 
 digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]

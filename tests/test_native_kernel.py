@@ -297,6 +297,35 @@ def test_compile_on_first_use(tmp_path, monkeypatch):
 
 
 @needs_lib
+def test_compiler_without_avx512_gets_the_avx2_build(tmp_path, monkeypatch):
+    """A compiler that rejects the AVX-512 code still yields a working library (AVX2 and scalar paths)."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "cc-without-avx512"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *GV_NO_AVX512*) exec {cc} "$@";; esac\n'
+                       'echo "error: unknown target attribute avx512vnni" >&2; exit 1\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    out = tmp_path / "lib.so"
+    native.compile_library(out, native.source_hash())
+    import ctypes
+    lib = native._bind(ctypes.CDLL(str(out)))
+    assert lib.gv_isa() in (0, 2)
+    layer = make_layer(*LAYERS[2])
+    info = (ctypes.c_int64 * 3)()
+    assert lib.gv_layout(layer.in_features, layer.group_size, 2, info) == 0
+    x = torch.randn(3, layer.in_features)
+    state = native.NativeBackend._repack(layer, lib)
+    y = torch.empty(3, layer.out_features)
+    bias = state["bias"]
+    assert lib.gv_matmul(state["packed"].data_ptr(), layer.in_features, layer.out_features, layer.group_size, 2,
+                         x.data_ptr(), layer.in_features, 3, None if bias is None else bias.data_ptr(),
+                         y.data_ptr(), native.MODE_I8X3, 2) == 0
+    assert rel_err(y, reference(layer, x)) <= 2e-6
+
+
+@needs_lib
 @pytest.mark.parametrize("args", [LAYERS[2], LAYERS[5], (1024, 200, 128, False, False)])  # 200/8 = 25 words
 def test_repack_is_the_same_on_every_code_path(args):
     """The vectorized repack writes the very bytes of the scalar one (padding included)."""

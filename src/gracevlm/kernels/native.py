@@ -54,15 +54,17 @@ def cache_dir() -> Path:
 
 
 def compile_library(out: Path, digest: str) -> None:
-    """Compile SOURCE into the shared library ``out`` with ``$CC`` (default ``cc``), with OpenMP if the
-    compiler has it. Raises RuntimeError with the compiler's first error on failure."""
+    """Compile SOURCE into the shared library ``out`` with ``$CC`` (default ``cc``), with OpenMP and the
+    AVX-512 code where the compiler has them. Raises RuntimeError with the compiler's first error on failure."""
     cc = os.environ.get("CC", "cc")
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for openmp in (["-fopenmp"], []):
+    # with OpenMP, then without the AVX-512 code (older compilers), then single-threaded
+    variants = (["-fopenmp"], ["-fopenmp", "-DGV_NO_AVX512"], [], ["-DGV_NO_AVX512"])
+    for flags in variants:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [cc, "-O3", "-fPIC", "-shared", "-fvisibility=hidden", f'-DGV_SOURCE_HASH="{digest}"', *openmp,
+        cmd = [cc, "-O3", "-fPIC", "-shared", "-fvisibility=hidden", f'-DGV_SOURCE_HASH="{digest}"', *flags,
                str(SOURCE), "-o", tmp, "-lm"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

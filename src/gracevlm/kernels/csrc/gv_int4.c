@@ -96,9 +96,11 @@ static int detect_isa(void) {
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_F16C) || !(c & bit_OSXSAVE)) return 0;
     const unsigned long long x = xcr0();
     if ((x & 0x6) != 0x6) return 0;
+#ifndef GV_NO_AVX512
     if ((x & 0xE6) == 0xE6 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
         return 3;
+#endif
     return 2;
 #else
     return 0;
@@ -793,7 +795,10 @@ static GV_AVX2 void dequant_rows_avx2(const layout_t *L, float *w, int64_t ldw, 
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* AVX-512 VNNI path: integer modes, g % 128 == 0                                              */
+/* AVX-512 VNNI path: integer modes, g % 128 == 0 (left out with -DGV_NO_AVX512, for compilers without
+ * these intrinsics: the build retries that way before giving up on the library)                */
+#ifndef GV_NO_AVX512
+#define GV_HAVE_AVX512 1
 
 #define GV_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
@@ -939,6 +944,8 @@ static GV_AVX512 void half_rows_512(const uint16_t *w, int I, int bf16, const fl
         }
     }
 }
+
+#endif /* GV_NO_AVX512 */
 
 GV_INLINE GV_AVX2 __m256 half8_256(const uint16_t *p, int bf16) {
     const __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -1088,8 +1095,11 @@ GV_API int gv_matmul(const uint8_t *packed, int I, int O, int g, int ss, const f
         for (int t = 0; t < ntasks; t++) {
             const int o0 = t * R, o1 = o0 + R < O ? o0 + R : O;
 #ifdef GV_X86
+#ifdef GV_HAVE_AVX512
             if (use_avx512) rows_avx512(&L, &A, bias, y, o0, o1, mine);
-            else if (use_avx2) rows_avx2(&L, &A, bias, y, o0, o1, mine);
+            else
+#endif
+            if (use_avx2) rows_avx2(&L, &A, bias, y, o0, o1, mine);
             else
 #endif
                 rows_scalar(&L, &A, bias, y, o0, o1, mine);
@@ -1145,8 +1155,11 @@ GV_API int gv_matmul_half(const uint16_t *w, int I, int O, int bf16, const float
     for (int t = 0; t < ntasks; t++) {
         const int o0 = t * R, o1 = o0 + R < O ? o0 + R : O;
 #ifdef GV_X86
+#ifdef GV_HAVE_AVX512
         if (level == 3) half_rows_512(w, I, bf16, x, ldx, M, y, O, o0, o1);
-        else if (level == 2) half_rows_avx2(w, I, bf16, x, ldx, M, y, O, o0, o1);
+        else
+#endif
+        if (level == 2) half_rows_avx2(w, I, bf16, x, ldx, M, y, O, o0, o1);
         else
 #endif
             half_rows_scalar(w, I, bf16, x, ldx, M, y, O, o0, o1);
