@@ -383,3 +383,15 @@ def test_bf16_gemm_backend_is_documented_approximation(layer_args):
     big = torch.randn(bf16.min_gemm_rows(layer) + 5, layer.in_features)
     err = rel_err(bf16.matmul(layer, big), reference(layer, big))
     assert 1e-5 < err <= 6e-3  # really bf16, and no worse than documented (2.9e-3 measured)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_stream_read_probe_reads_every_word(threads):
+    """The bandwidth probe of the benchmarks really reads the whole buffer (XOR of its 64-bit words)."""
+    words = torch.randint(-2**62, 2**62, (64 * 1000 + 8 * 37,), dtype=torch.int64, generator=torch.Generator().manual_seed(1))
+    n = words.numel() * 8 // 64 * 64
+    expected = 0
+    for w in words[: n // 8].tolist():
+        expected ^= w & (2**64 - 1)
+    assert LIB.gv_stream_read(words.data_ptr(), n, threads) == expected

@@ -94,6 +94,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv_dequant.argtypes = [vp, c_int, c_int, c_int, c_int, c_int, c_int, vp, c_i64, c_int]
     lib.gv_matmul_half.argtypes = [vp, c_int, c_int, c_int, vp, c_i64, c_int, vp, c_int]
     lib.gv_unpack.argtypes = [vp, c_int, c_int, c_int, c_int, vp, vp, vp, c_int]
+    lib.gv_stream_read.argtypes = [vp, c_i64, c_int]
+    lib.gv_stream_read.restype = ctypes.c_uint64
     for fn in (lib.gv_layout, lib.gv_repack, lib.gv_matmul, lib.gv_dequant, lib.gv_matmul_half, lib.gv_unpack):
         fn.restype = c_int
     return lib

@@ -1202,3 +1202,33 @@ GV_OMP(omp parallel for schedule(static) num_threads(nthreads))
         }
     return 0;
 }
+
+/* Reads n bytes (n % 64 == 0) once with nthreads threads, each a contiguous part, and returns the XOR of
+ * all 64-bit words: a memory-bandwidth probe for the benchmarks, with the kernels' access pattern
+ * (sequential streams, software prefetch GV_PF bytes ahead). */
+GV_API uint64_t gv_stream_read(const uint8_t *buf, int64_t n, int nthreads) {
+    uint64_t total = 0;
+    (void)nthreads;
+GV_OMP(omp parallel num_threads(nthreads) reduction(^ : total))
+    {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int64_t t = 0, nt = 1;
+#endif
+        const int64_t lines = n / 64, lo = lines * t / nt * 64, hi = lines * (t + 1) / nt * 64;
+        uint64_t acc[8] = {0};
+        for (int64_t i = lo; i < hi; i += 64) {
+#ifdef GV_X86
+            _mm_prefetch((const char *)(buf + i + GV_PF), _MM_HINT_T0);
+#endif
+            for (int j = 0; j < 8; j++) {
+                uint64_t w;
+                memcpy(&w, buf + i + 8 * j, 8);
+                acc[j] ^= w;
+            }
+        }
+        for (int j = 0; j < 8; j++) total ^= acc[j];
+    }
+    return total;
+}
