@@ -22,6 +22,7 @@ class HalfLinear(nn.Module):
 
     gemm_min_rows = 16
     tile_elems = 4 << 20  # weight elements converted to fp32 per GEMM tile (16 MiB)
+    compute_dtype = torch.float32  # what LlamaForCausalLM.logits feeds it
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -29,8 +30,6 @@ class HalfLinear(nn.Module):
             raise ValueError(f"HalfLinear needs a 2-D fp16/bf16 weight, got {tuple(weight.shape)} {weight.dtype}")
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.out_features, self.in_features = weight.shape
-
-    compute_dtype = torch.float32
 
     def rows_independent(self, rows: int) -> bool:
         """Whether ``rows`` input rows are each computed as they would be alone (bitwise)."""
