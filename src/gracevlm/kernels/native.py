@@ -1,7 +1,10 @@
 """``native``: our own C INT4 kernels for CPU (``csrc/gv_int4.c``), called through ctypes.
 
 Backends: ``native`` (the automatic choice on CPU when the library loads), ``native-f32`` (the fp32
-kernel at every M) and ``native-i8x2`` (approximate, opt-in); see ``NativeBackend``.
+small-M kernel), ``native-i8x2`` (approximate, opt-in) and ``native-bf16`` (bf16 GEMM for large M,
+approximate, opt-in); see ``NativeBackend``. Also ``half_matmul`` (fp16/bf16 dense weights, exact fp32
+results; ``nn.HalfLinear``) and ``NativeBackend.release_awq`` (frees a layer's AWQ tensors once the native
+layout holds them; rebuilt exactly by ``gv_unpack``).
 
 Build and fallback: ``pip install -e .`` compiles the library (setup.py) into ``_gv_int4<EXT_SUFFIX>``
 next to this file, stamped with a hash of the source it was built from. When no library here matches the
