@@ -17,7 +17,8 @@ class Projector(nn.Sequential):
 
 
 class LlavaModel(nn.Module):
-    """``vision_tower`` is a transformers ``CLIPVisionModel`` (or None for text-only models)."""
+    """``vision_tower`` is a ``CLIPVisionTower`` (or transformers' ``CLIPVisionModel``, which has the same
+    interface; None for text-only models)."""
 
     def __init__(self, vision_tower: nn.Module | None, projector: nn.Module | None,
                  language_model: LlamaForCausalLM, select_layer: int = -2, select_feature: str = "patch"):

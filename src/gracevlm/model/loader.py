@@ -21,6 +21,7 @@ from ..formats.hub import resolve_model_path
 from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 from ..formats.rtn import rtn_quantize
 from ..nn import HalfLinear, Int4Linear
+from .clip import CLIPVisionSpec, load_clip_folder, tower_from_tensors
 from .llama import LlamaForCausalLM, LlamaSpec, Rotary
 from .llava import LlavaModel, Projector
 from .tokenizer import LlamaTokenizer
@@ -121,45 +122,25 @@ def _packed_linears(cfg: LlavaConfig, store: TensorStore, fmt: str, folder: Path
     return out
 
 
-def _vision_config(cfg: LlavaConfig, store: TensorStore):
-    from transformers import CLIPVisionConfig
-
-    if cfg.vision_config:
-        return CLIPVisionConfig(**cfg.vision_config)
-    return CLIPVisionConfig(**vision_config_dict(cfg, store.keys(), store.get_slice_shape))
+def _vision_config(cfg: LlavaConfig, store: TensorStore) -> CLIPVisionSpec:
+    """``mm_vision_config`` (CLIP-L/336 values for the keys it leaves out), else implied by the tensors."""
+    return CLIPVisionSpec.from_dict(vision_config_dict(cfg, store.keys(), store.get_slice_shape),
+                                    f"the vision tower config of {store.folder}")
 
 
 def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype: torch.dtype) -> nn.Module | None:
-    from transformers import CLIPVisionModel
-
+    """The CLIP tower: bundled in the checkpoint (``VISION_PREFIX`` tensors), else the transformers CLIP
+    folder or Hub id ``mm_vision_tower`` names (LLaVA-1.5: openai/clip-vit-large-patch14-336)."""
     keys = [k for k in store.keys() if k.startswith(VISION_PREFIX)]
     if keys:
-        vcfg = _vision_config(cfg, store)
-        with torch.device("meta"):
-            tower = CLIPVisionModel(vcfg)
-        expected = set(tower.state_dict())
-        for key in keys:
-            local = key[len(VISION_PREFIX):]
-            if local not in expected:
-                if local.endswith("position_ids"):
-                    continue
-                raise CheckpointError(f"vision tower tensor {key!r} does not belong to a CLIP vision model")
-            _assign(tower, local, store.get(key).to(dtype))
-            expected.discard(local)
-        if expected:
-            raise CheckpointError(f"vision tower tensors missing from the checkpoint: {sorted(expected)[:3]}")
-        # non-persistent buffers (position_ids) are still on meta
-        for mod in tower.modules():
-            for bname, buf in list(mod._buffers.items()):
-                if buf is not None and buf.is_meta:
-                    mod._buffers[bname] = torch.arange(buf.shape[-1]).expand(buf.shape).contiguous()
-        return tower.eval()
+        return tower_from_tensors(_vision_config(cfg, store),
+                                  {k[len(VISION_PREFIX):]: store.get(k) for k in keys}, dtype, str(folder))
     if not cfg.mm_vision_tower:
         return None
     path = resolve_model_path(cfg.mm_vision_tower, base=folder)
     try:
-        return CLIPVisionModel.from_pretrained(str(path), dtype=dtype).eval()
-    except Exception as exc:  # noqa: BLE001
+        return load_clip_folder(path, dtype)
+    except CheckpointError as exc:
         raise CheckpointError(f"cannot load the vision tower from {path} (mm_vision_tower="
                               f"{cfg.mm_vision_tower!r}): {exc}") from exc
 
