@@ -156,12 +156,13 @@ class CLIPVisionTower(nn.Module):
 def tower_from_tensors(spec: CLIPVisionSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                        source: str) -> CLIPVisionTower:
     """Build the tower on the meta device and fill it from ``tensors`` (local names such as
-    ``encoder.layers.0.mlp.fc1.weight``), converted to ``dtype``. Every parameter must be
-    given; ``position_ids`` is ignored (computed)."""
+    ``encoder.layers.0.mlp.fc1.weight``), converted to ``dtype``; ``tensors`` is emptied as it goes. Every
+    parameter must be given; ``position_ids`` is ignored (computed)."""
     with torch.device("meta"):
         tower = CLIPVisionTower(spec)
     params = dict(tower.named_parameters())
-    for name, t in tensors.items():
+    for name in list(tensors):
+        t = tensors.pop(name)  # the file-dtype copy can go as soon as it is converted
         if name.endswith("position_ids"):
             continue
         if name not in params:

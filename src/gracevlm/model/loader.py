@@ -234,7 +234,6 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     if fuse:
         lm.fuse_projections()
     lm.prepare_kernels(release_awq=not keep_awq)
-    _return_freed_memory()
 
     projector = None
     if f"{PROJECTOR_PREFIX}0.weight" in store:
@@ -251,6 +250,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     if unused:
         log.warning("%d checkpoint tensors are not used by the model (e.g. %s)", len(unused), unused[0])
     model = LlavaModel(vision, projector, lm, cfg.mm_vision_select_layer, cfg.mm_vision_select_feature).eval()
+    _return_freed_memory()
     stats = LoadStats(fmt, file_bytes=store.file_bytes())
     stats.bytes_by_part = {
         "int4_linears": sum(m.nbytes() for m in lm.modules() if isinstance(m, Int4Linear) and not m.awq_released),
