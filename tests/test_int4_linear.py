@@ -6,20 +6,14 @@ from gracevlm import kernels
 from gracevlm.errors import FormatError, InputError
 from gracevlm.formats.awq import pack_awq
 from gracevlm.nn import Int4Linear
+from int4_helpers import random_int4_layer
 
 # relative L2 tolerance of each backend vs reference (stated in the backends' docstrings)
 TOLERANCE = {"reference": 0.0, "dense": 1e-5, "int4pack": 1e-5, "int4pack-bf16": 1e-2,
              "native": 1e-5, "native-f32": 1e-5, "native-i8x2": 1.5e-4, "native-bf16": 6e-3}
 
 
-def make_layer(in_f, out_f, g, bias, symmetric, gen):
-    codes = torch.randint(0, 16, (in_f, out_f), dtype=torch.uint8, generator=gen)
-    zeros = (torch.full((in_f // g, out_f), 8, dtype=torch.uint8) if symmetric
-             else torch.randint(0, 16, (in_f // g, out_f), dtype=torch.uint8, generator=gen))
-    qweight, qzeros = pack_awq(codes, zeros)
-    scales = (torch.rand(in_f // g, out_f, generator=gen) * 0.02 + 1e-3).half()
-    b = torch.randn(out_f, generator=gen).half() if bias else None
-    return Int4Linear.from_awq(qweight, qzeros, scales, b, group_size=g)
+make_layer = random_int4_layer
 
 
 def rel_err(a, b):

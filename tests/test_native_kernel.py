@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gracevlm import kernels
-from gracevlm.formats.awq import dequantize_awq, pack_awq
+from gracevlm.formats.awq import dequantize_awq
 from gracevlm.kernels import native
 from gracevlm.nn import Int4Linear
+from int4_helpers import random_int4_layer
 
 LIB = native.load_library()
 needs_lib = pytest.mark.skipif(LIB is None, reason="native INT4 library could not be built or loaded")
@@ -30,14 +31,7 @@ ROWS = [1, 2, 3, 7, 16, 33, 300]
 
 @functools.lru_cache(maxsize=None)
 def make_layer(in_f, out_f, g, bias, symmetric, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (in_f, out_f), dtype=torch.uint8, generator=gen)
-    zeros = (torch.full((in_f // g, out_f), 8, dtype=torch.uint8) if symmetric
-             else torch.randint(0, 16, (in_f // g, out_f), dtype=torch.uint8, generator=gen))
-    qweight, qzeros = pack_awq(codes, zeros)
-    scales = (torch.rand(in_f // g, out_f, generator=gen) * 0.02 + 1e-3).half()
-    b = torch.randn(out_f, generator=gen).half() if bias else None
-    return Int4Linear.from_awq(qweight, qzeros, scales, b, group_size=g)
+    return random_int4_layer(in_f, out_f, g, bias, symmetric, torch.Generator().manual_seed(seed))
 
 
 _DENSE_W: dict[int, tuple] = {}  # id(layer) -> (layer, weight); holding the layer keeps its id unique
@@ -395,3 +389,16 @@ def test_stream_read_probe_reads_every_word(threads):
     for w in words[: n // 8].tolist():
         expected ^= w & (2**64 - 1)
     assert LIB.gv_stream_read(words.data_ptr(), n, threads) == expected
+
+
+@needs_lib
+def test_backend_reading_awq_tensors_restores_a_released_layer_once():
+    """A forced torch backend on a released layer brings the AWQ buffers back once (not a rebuild per call)."""
+    src = make_layer(*LAYERS[2])
+    layer = Int4Linear.from_awq(*src.awq_tensors(), src.bias, group_size=src.group_size)
+    assert native.NativeBackend().release_awq(layer)
+    layer.backend = "dense"
+    x = torch.randn(2, layer.in_features)
+    y = layer(x)
+    assert not layer.awq_released and "qweight" in dict(layer.named_buffers())
+    assert rel_err(y, reference(layer, x)) <= 1e-5

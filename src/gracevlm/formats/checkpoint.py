@@ -120,13 +120,19 @@ class LlavaConfig:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path} not found: a checkpoint folder needs its config.json")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json_object(path), str(path))
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object, or a CheckpointError naming the file and the problem."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
 
 
 _SAFETENSORS_DTYPES = {

@@ -32,7 +32,6 @@ along the *output* dim. Dequant ``W = (q - zp) * s = (u - z) * s``: exactly the 
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 
 from ..errors import CheckpointError, FormatError
 from .awq import pack_awq
-from .checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore
+from .checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore, read_json_object
 
 AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
@@ -98,7 +97,7 @@ def is_llava_hf_config(d: dict) -> bool:
 
 VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                "patch_size", "hidden_act", "layer_norm_eps", "num_channels")
-_CLIP_L336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+CLIP_L336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
               "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
               "num_channels": 3}
 
@@ -122,7 +121,7 @@ def vision_config_dict(cfg: LlavaConfig, keys: list[str], shape) -> dict:
     """The CLIP vision config of a LLaVA checkpoint: explicit (``mm_vision_config`` / llava-hf
     ``vision_config``) when present, else derived from the bundled tensors."""
     if cfg.vision_config:
-        out = dict(_CLIP_L336)
+        out = dict(CLIP_L336)
         out.update({k: cfg.vision_config[k] for k in VISION_KEYS if k in cfg.vision_config})
         return out
     return vision_config_from_tensors(keys, shape)
@@ -173,7 +172,7 @@ def llava_config_from_hf(d: dict, preprocessor: dict | None = None, source: str 
         "mm_vision_select_layer": layer, "mm_vision_select_feature": "patch" if strategy == "default" else "cls_patch",
         "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": aspect,
         "tokenizer_model_max_length": d.get("tokenizer_model_max_length", 2048), "conv_mode": d.get("conv_mode"),
-        "mm_vision_config": {k: vision[k] for k in VISION_KEYS if k in vision} or dict(_CLIP_L336),
+        "mm_vision_config": {k: vision[k] for k in VISION_KEYS if k in vision} or dict(CLIP_L336),
     }
     return LlavaConfig.from_dict(flat, source)
 
@@ -406,15 +405,7 @@ class MappedStore:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else None
 
 
 def _awq_settings(qc: dict, source: str) -> tuple[int, bool]:

@@ -228,6 +228,7 @@ class NativeBackend:
 
     name = "native"
     mode = MODE_I8X3
+    reads_own_layout = True  # works on layers whose AWQ buffers were released (Int4Linear.forward)
     # Crossover: rows from which dequantize + GEMM beats the small-M kernel; None = by code path:
     # AVX2 path (benchmarks/bench_native.py, 1 thread, fastest of repeats, 2-core machine), small-M kernel vs
     # dequantize + GEMM in ms: M=16: 4096x4096 11.5 vs 17.3, 11008x4096 49 vs 46, 4096x11008 44 vs 34;

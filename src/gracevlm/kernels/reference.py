@@ -16,7 +16,8 @@ class ReferenceBackend:
         return True
 
     def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize_awq(layer.qweight, layer.qzeros, layer.scales, layer.group_size)
+        qweight, qzeros, scales = layer.awq_tensors()
+        w = dequantize_awq(qweight, qzeros, scales, layer.group_size)
         y = x.to(torch.float32) @ w
         if layer.bias is not None:
             y = y + layer.bias.to(torch.float32)

@@ -4,7 +4,6 @@ flattened) ``CLIPVisionModel``: ``embeddings.*``, ``pre_layrnorm.*``, ``encoder.
 (2-4 s of the load time on the development machine); tests check it against transformers' class."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,29 +13,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..formats.checkpoint import TensorStore, read_json_object
+from ..formats.hf_map import CLIP_L336
 
 
 @dataclass
 class CLIPVisionSpec:
-    """The fields of a transformers ``CLIPVisionConfig`` this tower uses (defaults: CLIP ViT-L/14-336)."""
+    """The fields of a transformers ``CLIPVisionConfig`` this tower uses."""
 
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
-    num_channels: int = 3
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_act: str
+    layer_norm_eps: float
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "vision config") -> "CLIPVisionSpec":
         """From a ``CLIPVisionConfig`` dict, or a ``CLIPConfig`` dict (its ``vision_config``); other keys are
-        ignored."""
+        ignored, missing ones take CLIP ViT-L/14-336's values (``formats.hf_map.CLIP_L336``)."""
         if isinstance(d.get("vision_config"), dict):
             d = d["vision_config"]
-        spec = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        spec = cls(**{f.name: d[f.name] if d.get(f.name) is not None else CLIP_L336[f.name] for f in fields(cls)})
         if spec.hidden_act not in _ACTIVATIONS:
             raise CheckpointError(f"{source}: hidden_act {spec.hidden_act!r} is not supported "
                                   f"(one of {sorted(_ACTIVATIONS)})")
@@ -183,13 +184,11 @@ def load_clip_folder(path: Path, dtype: torch.dtype) -> CLIPVisionTower:
     """A transformers CLIP folder: a ``CLIPVisionModel`` (flat names, or under ``vision_model.`` as older
     versions and whole ``CLIPModel`` checkpoints such as openai/clip-vit-large-patch14-336 store them; the
     text tower is ignored), from safetensors or from ``pytorch_model.bin`` read with ``weights_only=True``."""
-    from ..formats.checkpoint import TensorStore
-
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json: not a CLIP model folder")
-    spec = CLIPVisionSpec.from_dict(json.loads(cfg_file.read_text()), str(cfg_file))
+    spec = CLIPVisionSpec.from_dict(read_json_object(cfg_file), str(cfg_file))
     if list(path.glob("*.safetensors")):
         store = TensorStore(path)
         names, get = store.keys(), store.get

@@ -35,8 +35,6 @@ class LlamaSpec:
 
 
 def _concat_linears(parts: list[nn.Module]) -> nn.Module:
-    from ..nn import Int4Linear
-
     if all(isinstance(p, Int4Linear) for p in parts):
         return Int4Linear.concat(parts)
     if all(type(p) is nn.Linear and p.bias is None for p in parts):

@@ -78,7 +78,9 @@ class Int4Linear(nn.Module):
                 return rebuild()[Int4Linear._AWQ_NAMES.index(name)]
         return super().__getattr__(name)
 
-    def _awq_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def awq_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(qweight, qzeros, scales)`` without copies (one rebuild when released): read them this way
+        rather than attribute by attribute, which rebuilds each time."""
         if self._rebuild is not None:
             return self._rebuild()
         return self.qweight, self.qzeros, self.scales
@@ -110,7 +112,7 @@ class Int4Linear(nn.Module):
         if len({l.bias is None for l in layers}) > 1:
             raise ValueError("Int4Linear.concat needs all layers with a bias or none")
         bias = None if first.bias is None else torch.cat([l.bias for l in layers])
-        parts = [l._awq_tensors() for l in layers]
+        parts = [l.awq_tensors() for l in layers]
         return cls(*(torch.cat([p[i] for p in parts], 1) for i in range(3)), bias, first.group_size, first.backend)
 
     def split_awq(self, sizes: list[int]) -> list[AwqTensors]:
@@ -118,7 +120,7 @@ class Int4Linear(nn.Module):
         if sum(sizes) != self.out_features or any(n % 8 for n in sizes):
             raise ValueError(f"sizes {sizes} must be multiples of 8 adding up to {self.out_features}")
         out, start = [], 0
-        qweight, qzeros, scales = self._awq_tensors()
+        qweight, qzeros, scales = self.awq_tensors()
         for n in sizes:
             out.append(AwqTensors(qweight[:, start // 8:(start + n) // 8].clone(),
                                   qzeros[:, start // 8:(start + n) // 8].clone(),
@@ -130,7 +132,7 @@ class Int4Linear(nn.Module):
 
     def to_awq(self) -> AwqTensors:
         """The original AWQ tensors, bit-exact (clones; safe to modify)."""
-        qweight, qzeros, scales = self._awq_tensors()
+        qweight, qzeros, scales = self.awq_tensors()
         if self._rebuild is None:
             qweight, qzeros, scales = qweight.clone(), qzeros.clone(), scales.clone()
         return AwqTensors(qweight, qzeros, scales, None if self.bias is None else self.bias.clone(), self.group_size)
@@ -167,6 +169,8 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = kernels.select_backend(x.device, x2.shape[0], self.backend)
+        if self._rebuild is not None and not getattr(backend, "reads_own_layout", False):
+            self.restore_awq()  # this backend computes from the AWQ tensors: bring them back once
         y = backend.matmul(self, x2)
         return y.reshape(*lead, self.out_features)
 
