@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="gracevlm-load-")
             model = args.model
             if args.tiny:
-                from gracevlm.model.synth import synthesize
+                from gracevlm.synth.checkpoint import synthesize
 
                 model = str(synthesize(os.path.join(tmp.name, "tiny"), "tiny", "awq", seed=0, progress=False))
             extra = list(args.server_arg) + ["--max-batch-size", str(max(levels))]

@@ -1,5 +1,5 @@
 """Shared by the export tests: one tiny synthesized checkpoint per format per session."""
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 
 
 def tiny_checkpoint(tmp_path_factory, fmt="awq"):

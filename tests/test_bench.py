@@ -4,7 +4,7 @@ import json
 
 from gracevlm import bench
 from gracevlm.cli import main as cli
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 
 
 def test_bench_model_and_vision_sections(tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from gracevlm.errors import CheckpointError
-from gracevlm.model.clip import CLIPVisionSpec, load_clip_folder, tower_from_tensors
+from gracevlm.models.llava.vision import CLIPVisionSpec, load_clip_folder, tower_from_tensors
 
 SPEC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=56,
             patch_size=14, layer_norm_eps=1e-5)

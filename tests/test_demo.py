@@ -71,7 +71,7 @@ needs_model = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(),
 
 @needs_model
 def test_bundled_model_is_a_grace_awq_release():
-    from gracevlm.formats.inspect import inspect_checkpoint
+    from gracevlm.models.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(MODEL_DIR)
     assert info["format"] == "grace-awq"

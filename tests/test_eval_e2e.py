@@ -8,7 +8,7 @@ from PIL import Image
 from gracevlm.eval import cli
 from gracevlm.eval.answers import read_jsonl
 from gracevlm.eval.common import MC_INSTRUCTION, SHORT_ANSWER
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 
 
 @pytest.fixture(scope="module")

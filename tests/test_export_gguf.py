@@ -13,7 +13,7 @@ from gracevlm.engine.generate import Generation
 from gracevlm.export import export_model
 from gracevlm.export.chat_template import chat_template
 from gracevlm.export.source import SourceModel
-from gracevlm.formats.gguf_map import llama_tensor_name, q4_0_from_codes, q4_0_to_codes, qk_row_permutation
+from gracevlm.models.llava.gguf_names import llama_tensor_name, q4_0_from_codes, q4_0_to_codes, qk_row_permutation
 
 gguf = pytest.importorskip("gguf")
 

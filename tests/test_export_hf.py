@@ -13,9 +13,9 @@ import gracevlm
 from gracevlm.export import export_model
 from gracevlm.export.chat_template import chat_template
 from gracevlm.export.source import SourceModel
-from gracevlm.formats.hf_map import original_to_hf
-from gracevlm.model.preprocess import preprocess_images
-from gracevlm.model.prompts import prepare_user_text, render_prompt
+from gracevlm.models.llava.weights import original_to_hf
+from gracevlm.models.llava.processing import preprocess_images
+from gracevlm.models.llava.chat import prepare_user_text, render_prompt
 
 transformers = pytest.importorskip("transformers")
 QUERY = "What is shown in this image?"

@@ -15,8 +15,8 @@ from gracevlm.export import LossyExportError, export_model
 from gracevlm.export.source import SourceModel
 from gracevlm.formats.awq import dequantize_awq, pack_nibbles
 from gracevlm.formats.checkpoint import AWQ_MODULES_NAME, detect_format
-from gracevlm.formats.hf_map import llava_hf_config, original_to_hf
-from gracevlm.formats.inspect import inspect_checkpoint
+from gracevlm.models.llava.weights import llava_hf_config, original_to_hf
+from gracevlm.models.inspect import inspect_checkpoint
 
 AWQ_QC = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
           "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"]}

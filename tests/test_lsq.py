@@ -167,9 +167,9 @@ def test_export_pack_load_matches_fake_quant_student(tmp_path):
     the fp16 rounding of the scales (the only change packing makes). Tolerance: max |diff| <= 2e-3 * max|logit|."""
     from gracevlm.demo.world import draw_scene, generate_split, sample_corpus
     from gracevlm.engine.vlm import load
-    from gracevlm.model.preprocess import ImageSpec, preprocess_images
-    from gracevlm.model.prompts import render_prompt, tokenize_with_images
-    from gracevlm.model.tokenizer import train_tokenizer
+    from gracevlm.models.llava.processing import ImageSpec, preprocess_images
+    from gracevlm.models.llava.chat import render_prompt, tokenize_with_images
+    from gracevlm.models.tokenizer import train_tokenizer
 
     tok = train_tokenizer(tmp_path / "tok", sample_corpus(), 320)
     model = _tiny_model().eval()

@@ -1,4 +1,4 @@
-"""gracevlm.model.preprocess: loading, LLaVA pad-to-square and CLIP preprocessing.
+"""gracevlm.models.llava.processing: loading, LLaVA pad-to-square and CLIP preprocessing.
 
 The CLIP part is checked bit for bit against transformers' PIL-backend ``CLIPImageProcessor``.
 """
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from gracevlm.errors import InputError
-from gracevlm.model.preprocess import (
+from gracevlm.models.llava.processing import (
     CLIP_FILL,
     CLIP_MEAN,
     CLIP_STD,

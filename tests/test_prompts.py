@@ -4,8 +4,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gracevlm.errors import InputError
-from gracevlm.model.corpus import default_corpus
-from gracevlm.model.prompts import (
+from gracevlm.synth.corpus import default_corpus
+from gracevlm.models.llava.chat import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
     default_conv_mode,
@@ -14,7 +14,7 @@ from gracevlm.model.prompts import (
     render_prompt,
     tokenize_with_images,
 )
-from gracevlm.model.tokenizer import train_tokenizer
+from gracevlm.models.tokenizer import train_tokenizer
 
 VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
@@ -40,7 +40,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tok_dir):
-    from gracevlm.model.tokenizer import LlamaTokenizer
+    from gracevlm.models.tokenizer import LlamaTokenizer
 
     return LlamaTokenizer.from_dir(tok_dir)
 

@@ -11,7 +11,7 @@ from gracevlm.engine.vlm import load
 from gracevlm.errors import CheckpointError, InputError
 from gracevlm.formats.checkpoint import VISION_PREFIX, TensorStore
 from gracevlm.formats.pack import pack_qat_checkpoint
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_bad_generation_input(ckpts, image, tmp_path):
 
 
 def test_bomb_image_refused(ckpts, tmp_path):
-    from gracevlm.model.preprocess import ImageSpec, preprocess_image
+    from gracevlm.models.llava.processing import ImageSpec, preprocess_image
     big = tmp_path / "big.png"
     Image.new("1", (9000, 9000)).save(big)
     with pytest.raises(InputError, match="pixels"):

@@ -5,8 +5,8 @@ from PIL import Image
 
 from gracevlm.engine.vlm import load
 from gracevlm.formats.awq import dequantize_awq
-from gracevlm.model.prompts import IMAGE_TOKEN_INDEX
-from gracevlm.model.synth import synthesize
+from gracevlm.models.llava.chat import IMAGE_TOKEN_INDEX
+from gracevlm.synth.checkpoint import synthesize
 from gracevlm.nn import Int4Linear
 
 
@@ -88,7 +88,7 @@ def test_logits_match_transformers_llava(tiny_awq, image):
     gen = vlm.generate("What is in the picture?", images=[image], max_new_tokens=1)
     ids = gen.prompt_token_ids
     assert ids.count(IMAGE_TOKEN_INDEX) == 1
-    from gracevlm.model.preprocess import preprocess_images
+    from gracevlm.models.llava.processing import preprocess_images
     pixels = preprocess_images([image], vlm.image_spec)
     features, _ = vlm.encode_images([image])
     ours = our_logits(vlm, ids, features)

@@ -12,7 +12,7 @@ from gracevlm.engine.sampling import SamplingParams
 from gracevlm.engine.scheduler import BatchScheduler, QueueFull, SchedulerClosed, prepare_chat, prepare_raw
 from gracevlm.engine.vlm import load
 from gracevlm.errors import InputError
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 
 N = 16
 

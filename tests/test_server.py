@@ -20,7 +20,7 @@ from PIL import Image
 from gracevlm.engine.generate import Generation, stream_generate
 from gracevlm.engine.sampling import SamplingParams
 from gracevlm.engine.vlm import load
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 
 KEY = "test-key-123"
 NAME = "tiny-vlm"

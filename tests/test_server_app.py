@@ -11,7 +11,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from gracevlm.engine.vlm import load
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 from gracevlm.server import serving
 from gracevlm.server.app import create_app
 from gracevlm.server.media import MediaError, MediaPolicy, decode_image, fetch_bytes

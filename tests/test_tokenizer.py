@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gracevlm.errors import CheckpointError, InputError
-from gracevlm.model.corpus import default_corpus
-from gracevlm.model.tokenizer import LlamaTokenizer, StreamDecoder, train_tokenizer
+from gracevlm.synth.corpus import default_corpus
+from gracevlm.models.tokenizer import LlamaTokenizer, StreamDecoder, train_tokenizer
 
 VOCAB = 1000
 
@@ -257,8 +257,8 @@ def test_stream_decoder_window_stays_small(tok):
 def test_non_legacy_tokenizer_drops_prefix_after_special_tokens(tmp_path):
     import json
 
-    from gracevlm.model.tokenizer import LlamaTokenizer, train_tokenizer
-    from gracevlm.model.corpus import default_corpus
+    from gracevlm.models.tokenizer import LlamaTokenizer, train_tokenizer
+    from gracevlm.synth.corpus import default_corpus
 
     legacy = train_tokenizer(tmp_path, default_corpus(), 600)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())

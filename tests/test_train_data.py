@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from gracevlm.demo.world import sample_corpus
-from gracevlm.model.preprocess import ImageSpec
-from gracevlm.model.prompts import IMAGE_TOKEN_INDEX
-from gracevlm.model.tokenizer import LlamaTokenizer, train_tokenizer
+from gracevlm.models.llava.processing import ImageSpec
+from gracevlm.models.llava.chat import IMAGE_TOKEN_INDEX
+from gracevlm.models.tokenizer import LlamaTokenizer, train_tokenizer
 from gracevlm.train.data import IGNORE_INDEX, ConversationDataset, tokenize_conversation
 
 RECORD = {"id": "x", "image": "a.png", "conversations": [

@@ -89,7 +89,7 @@ def test_resume_refuses_a_different_data_order(workspace, tmp_path):
 
 def test_export_writes_qat_and_packed_folders(workspace, tmp_path):
     from gracevlm.engine.vlm import load
-    from gracevlm.formats.inspect import inspect_checkpoint
+    from gracevlm.models.inspect import inspect_checkpoint
 
     summary = train(_cfg(workspace, tmp_path / "run", steps=1, export=True))
     assert summary["pack"]["layers"] == 14 and summary["pack"]["max_code_error"] == 0
@@ -140,7 +140,7 @@ def test_two_process_gloo_ranks_stay_identical(workspace, tmp_path):
 def test_fp16_checkpoint_trains_in_fp32(workspace, tmp_path):
     """Release checkpoints are fp16 (the loader even keeps embed_tokens in the file dtype): the trainer must
     hold fp32 master weights, or AdamW's epsilon underflows and parameters turn into NaN."""
-    from gracevlm.model.loader import load_checkpoint
+    from gracevlm.models.loader import load_checkpoint
     from gracevlm.train import save_dense_checkpoint
 
     fp16 = tmp_path / "fp16"
@@ -157,7 +157,7 @@ def test_fp16_checkpoint_trains_in_fp32(workspace, tmp_path):
 def test_forward_train_matches_cached_inference_forward():
     """The cache-free training forward and the KV-cache inference forward give the same logits, and
     hidden_states[-2] is the output of the second-to-last layer."""
-    from gracevlm.model.llama import KVCache, LlamaForCausalLM, LlamaSpec
+    from gracevlm.models.llama import KVCache, LlamaForCausalLM, LlamaSpec
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaSpec(128, 256, 3, 2, 2, 100)).eval()

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image, ImageDraw
 from starlette.testclient import TestClient
 
-from gracevlm.model.synth import synthesize
+from gracevlm.synth.checkpoint import synthesize
 from gracevlm.server.app import create_app
 from gracevlm.server.cli import add_serve_args
 from gracevlm.server.serving import ServerConfig

@@ -210,8 +210,8 @@ def vision_worker(path: str) -> dict:
     import gracevlm
     from PIL import Image
 
-    from .model.preprocess import preprocess_images
-    from .model.prompts import tokenize_with_images
+    from .models.llava.processing import preprocess_images
+    from .models.llava.chat import tokenize_with_images
 
     vlm = gracevlm.load(path, device="cpu")
     gen = torch.Generator().manual_seed(0)
@@ -351,7 +351,7 @@ def llamacpp_worker(gguf_path: str, threads: int, decode_steps: int, prefill_tok
 def ensure_checkpoint(model: str | None, layers: int) -> Path:
     if model:
         return Path(model)
-    from .model.synth import synthesize
+    from .synth.checkpoint import synthesize
 
     folder = Path(os.environ.get("GRACEVLM_BENCH_DIR", Path.home() / ".cache" / "gracevlm" / "bench")) \
         / f"llava-1.5-7b-{layers}l"

@@ -127,7 +127,7 @@ def cmd_chat(args) -> int:
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                from .model.preprocess import load_image
+                from .models.llava.processing import load_image
                 load_image(path)
             except GraceVLMError as exc:
                 print(f"error: {exc}", file=sys.stderr)
@@ -153,7 +153,7 @@ def cmd_chat(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .formats.hub import resolve_model_path
-    from .formats.inspect import format_report, inspect_checkpoint
+    from .models.inspect import format_report, inspect_checkpoint
 
     from pathlib import Path
     path = Path(args.path)
@@ -163,7 +163,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .model.synth import synthesize
+    from .synth.checkpoint import synthesize
 
     out = synthesize(args.out, args.preset, args.format, seed=args.seed, force=args.force, layers=args.layers)
     print(out)

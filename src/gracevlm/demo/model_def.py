@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..model.llama import LlamaForCausalLM, LlamaSpec, Rotary
-from ..model.llava import LlavaModel, Projector
+from ..models.llama import LlamaForCausalLM, LlamaSpec, Rotary
+from ..models.llava.model import LlavaModel, Projector
 
 
 @dataclass(frozen=True)

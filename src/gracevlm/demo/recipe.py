@@ -63,7 +63,7 @@ def _say(msg: str) -> None:
 
 def prepare_workspace(cfg: RecipeConfig, force: bool = False) -> dict[str, Path]:
     """Stages 1-3: the data splits, the tokenizer and the randomly initialized model checkpoint."""
-    from ..model.tokenizer import train_tokenizer
+    from ..models.tokenizer import train_tokenizer
     from ..train.export import llava_config, save_dense_checkpoint
     from .world import corpus_lines, write_split
 

@@ -210,7 +210,7 @@ def scene_dict(scene: Scene) -> dict:
 
 def corpus_lines(records: list[dict], template: str = "vicuna_v1") -> list[str]:
     """The conversations rendered with the chat template: the tokenizer's training text."""
-    from ..model.prompts import render_prompt
+    from ..models.llava.chat import render_prompt
 
     lines = []
     for r in records:

@@ -11,8 +11,8 @@ from typing import Iterator
 import torch
 
 from ..errors import InputError
-from ..model.llava import LlavaModel
-from ..model.tokenizer import LlamaTokenizer, StreamDecoder
+from ..models.llava.model import LlavaModel
+from ..models.tokenizer import LlamaTokenizer, StreamDecoder
 from .sampling import Sampler, SamplingParams
 
 

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import GraceVLMError, InputError
-from ..model.prompts import tokenize_with_images
+from ..models.llava.chat import tokenize_with_images
 from .generate import Generation, TokenStream, check_prompt_length, logits_rows
 from .sampling import SamplingParams
 

@@ -8,10 +8,10 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..errors import InputError
-from ..model.loader import LoadedModel, load_checkpoint
-from ..model.preprocess import ImageSpec, preprocess_images
-from ..model.prompts import get_template, prepare_user_text, render_prompt, tokenize_with_images
-from ..model.prompts import default_conv_mode
+from ..models.loader import LoadedModel, load_checkpoint
+from ..models.llava.processing import ImageSpec, preprocess_images
+from ..models.llava.chat import get_template, prepare_user_text, render_prompt, tokenize_with_images
+from ..models.llava.chat import default_conv_mode
 from .generate import Generation, stream_generate
 from .sampling import SamplingParams
 

@@ -1,4 +1,4 @@
-"""Jinja chat templates that render exactly what ``gracevlm.model.prompts.render_prompt`` renders.
+"""Jinja chat templates that render exactly what ``gracevlm.models.llava.chat.render_prompt`` renders.
 
 Messages follow the transformers convention: ``content`` is a string, or a list of parts
 ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` (``image_url`` counts as an image too). A list
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from ..model.prompts import IMAGE_TOKEN, SeparatorStyle, get_template
+from ..models.llava.chat import IMAGE_TOKEN, SeparatorStyle, get_template
 
 
 def _lit(text: str) -> str:

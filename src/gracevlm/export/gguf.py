@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, FormatError
-from ..formats.gguf_map import (clip_tensor_name, llama_tensor_name, q4_0_from_codes, qk_row_permutation)
-from ..model.preprocess import ImageSpec
-from ..model.prompts import default_conv_mode
+from ..models.llava.gguf_names import (clip_tensor_name, llama_tensor_name, q4_0_from_codes, qk_row_permutation)
+from ..models.llava.processing import ImageSpec
+from ..models.llava.chat import default_conv_mode
 from .chat_template import chat_template
 from .source import SourceModel
 
@@ -259,7 +259,7 @@ def write_gguf(src: SourceModel, out: Path, report, err, reasons: list[str], all
     writer.add_token_types(types)
     writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
-    from ..model.tokenizer import LlamaTokenizer
+    from ..models.tokenizer import LlamaTokenizer
 
     ours = LlamaTokenizer.from_dir(src.folder)
     writer.add_unk_token_id(ours.unk_id)

@@ -16,7 +16,7 @@ and the image id could only win against a model whose every real logit is negati
 
 Preprocessing. ``preprocessor_config.json`` is a ``LlavaImageProcessor`` with ``do_pad=True`` (pad to a
 square with the CLIP mean colour, resize the short side to 336 bicubic, centre crop, normalise), which
-in transformers 5.23 with the PIL backend reproduces ``gracevlm.model.preprocess`` bit for bit (checked
+in transformers 5.23 with the PIL backend reproduces ``gracevlm.models.llava.processing`` bit for bit (checked
 by the tests). The torchvision backend (the default when torchvision is installed) may differ slightly;
 load with ``AutoProcessor.from_pretrained(dir, backend="pil")`` for exact parity.
 
@@ -68,10 +68,10 @@ import torch
 
 from ..errors import CheckpointError
 from ..formats.checkpoint import ShardWriter, write_json_atomic
-from ..formats.hf_map import codes_to_ct, ct_quantization_config, llava_hf_config, original_to_hf
+from ..models.llava.weights import codes_to_ct, ct_quantization_config, llava_hf_config, original_to_hf
 from ..formats.rtn import rtn_quantize
-from ..model.preprocess import ImageSpec
-from ..model.prompts import default_conv_mode
+from ..models.llava.processing import ImageSpec
+from ..models.llava.chat import default_conv_mode
 from .chat_template import chat_template
 from .source import LinearCodes, SourceModel
 

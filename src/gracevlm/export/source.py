@@ -17,7 +17,7 @@ from ..errors import CheckpointError, FormatError
 from ..formats.awq import GRACE_ZERO_WORD, unpack_awq
 from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
                                   detect_format, is_ignored_key, read_awq_modules)
-from ..formats.hf_map import open_mapped, vision_config_dict
+from ..models.llava.weights import open_mapped, vision_config_dict
 from ..formats.hub import resolve_model_path
 from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 

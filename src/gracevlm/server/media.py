@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import InputError
-from ..model.preprocess import load_image
+from ..models.llava.processing import load_image
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000

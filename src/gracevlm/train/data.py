@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..model.preprocess import ImageSpec, preprocess_image
-from ..model.prompts import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, SeparatorStyle, get_template, render_prompt, \
+from ..models.llava.processing import ImageSpec, preprocess_image
+from ..models.llava.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, SeparatorStyle, get_template, render_prompt, \
     tokenize_with_images
 
 IGNORE_INDEX = -100

@@ -24,8 +24,8 @@ from ..errors import InputError
 from ..formats.checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, ShardWriter, make_public, write_json_atomic
 from ..formats.pack import TOKENIZER_FILES, PackReport, pack_qat_checkpoint
 from ..formats.qat import SIDECAR_NAME
-from ..model.llama import LlamaForCausalLM
-from ..model.llava import LlavaModel
+from ..models.llama import LlamaForCausalLM
+from ..models.llava.model import LlavaModel
 from .qat import GRACE_SKIP_KEYWORDS, lsq_layers
 
 _HF_MAP = (("model.language_model.", "model."), ("model.multi_modal_projector.linear_1.", PROJECTOR_PREFIX + "0."),

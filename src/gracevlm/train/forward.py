@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.llava import LlavaModel
-from ..model.prompts import IMAGE_TOKEN_INDEX
+from ..models.llava.model import LlavaModel
+from ..models.llava.chat import IMAGE_TOKEN_INDEX
 from .data import IGNORE_INDEX
 
 

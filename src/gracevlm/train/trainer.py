@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, InputError
 from ..formats.pack import pack_qat_checkpoint
-from ..model.loader import load_checkpoint
-from ..model.preprocess import ImageSpec
+from ..models.loader import load_checkpoint
+from ..models.llava.processing import ImageSpec
 from ..nn import Int4Linear
 from .data import ConversationDataset, load_records
 from .export import export_qat, save_dense_checkpoint

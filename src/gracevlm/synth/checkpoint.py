@@ -22,7 +22,7 @@ from ..formats.awq import pack_awq
 from ..formats.checkpoint import (AWQ_MODULES_NAME, PROJECTOR_PREFIX, VISION_PREFIX, ShardWriter, replace_folder,
                                   write_json_atomic)
 from ..formats.qat import SIDECAR_NAME
-from .loader import LINEAR_NAMES
+from ..models.loader import LINEAR_NAMES
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", fmt: str = "awq
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     from .corpus import default_corpus
-    from .tokenizer import train_tokenizer
+    from ..models.tokenizer import train_tokenizer
 
     p = PRESETS[preset]
     if layers is not None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError
-from .llama import KVCache, LlamaForCausalLM
-from .prompts import IMAGE_TOKEN_INDEX
+from ...errors import InputError
+from ..llama import KVCache, LlamaForCausalLM
+from .chat import IMAGE_TOKEN_INDEX
 
 
 class Projector(nn.Sequential):

@@ -22,7 +22,7 @@ import enum
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..errors import InputError
+from ...errors import InputError
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
-from ..formats.checkpoint import TensorStore, read_json_object
-from ..formats.hf_map import CLIP_L336
+from ...errors import CheckpointError
+from ...formats.checkpoint import TensorStore, read_json_object
+from .weights import CLIP_L336
 
 
 @dataclass

@@ -16,14 +16,14 @@ from torch import nn
 from ..errors import CheckpointError, FormatError
 from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
                                   detect_format, is_ignored_key, read_awq_modules)
-from ..formats.hf_map import open_mapped, vision_config_dict
+from .llava.weights import open_mapped, vision_config_dict
 from ..formats.hub import resolve_model_path
 from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 from ..formats.rtn import rtn_quantize
 from ..nn import HalfLinear, Int4Linear
-from .clip import CLIPVisionSpec, load_clip_folder, tower_from_tensors
+from .llava.vision import CLIPVisionSpec, load_clip_folder, tower_from_tensors
 from .llama import LlamaForCausalLM, LlamaSpec, Rotary
-from .llava import LlavaModel, Projector
+from .llava.model import LlavaModel, Projector
 from .tokenizer import LlamaTokenizer
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError
+from ...errors import InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -6,10 +6,10 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .awq import GRACE_ZERO_WORD
-from .checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
+from ..formats.awq import GRACE_ZERO_WORD
+from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
                          detect_format, read_awq_modules)
-from .qat import SIDECAR_NAME
+from ..formats.qat import SIDECAR_NAME
 
 
 def _part(key: str) -> str:
@@ -36,7 +36,7 @@ def inspect_checkpoint(folder: str | os.PathLike) -> dict:
         return _inspect_gguf(folder, sorted(folder.glob("*.gguf")))
     mapped = None
     if fmt in MAPPED_FORMATS:
-        from .hf_map import open_mapped
+        from .llava.weights import open_mapped
 
         mapped = open_mapped(folder, fmt)  # LLaVA-original names, AWQ triples
         cfg, store = mapped.config, mapped.store
@@ -91,7 +91,7 @@ def inspect_checkpoint(folder: str | os.PathLike) -> dict:
         info["checks"] = {"modules_missing_tensors": [m for m in mapped.modules if f"{m}.scales" not in store],
                           "symmetric_zero_point_8": not asym, "layers_with_other_zero_points": asym[:10]}
     elif fmt == "grace-qat":
-        from .qat import read_qat_sidecar
+        from ..formats.qat import read_qat_sidecar
         layers = read_qat_sidecar(folder / SIDECAR_NAME)
         info["quantization"] = {"method": "grace-qat (fake-quantized weights + sidecar)",
                                 "bits": int((cfg.raw.get("qat") or {}).get("bits", 4)),
@@ -153,7 +153,7 @@ def _inspect_gguf(folder: Path, files: list[Path]) -> dict:
 def _hf_layout(folder: Path) -> bool:
     import json
 
-    from .hf_map import is_llava_hf_config
+    from .llava.weights import is_llava_hf_config
 
     return is_llava_hf_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import FormatError
-from .checkpoint import PROJECTOR_PREFIX, VISION_PREFIX
+from ...errors import FormatError
+from ...formats.checkpoint import PROJECTOR_PREFIX, VISION_PREFIX
 
 Q4_0_BLOCK = 32
 Q4_0_BYTES = 18

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, FormatError
-from .awq import pack_awq
-from .checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore, read_json_object
+from ...errors import CheckpointError, FormatError
+from ...formats.awq import pack_awq
+from ...formats.checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore, read_json_object
 
 AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
@@ -452,7 +452,7 @@ def _ct_settings(qc: dict, source: str) -> tuple[int, bool]:
 def open_mapped(folder: str | os.PathLike, fmt: str | None = None) -> MappedCheckpoint:
     """Open a llava-hf (dense, AWQ or compressed-tensors) or an AutoAWQ LLaVA-original checkpoint as
     LLaVA-original names + AWQ triples. Raises CheckpointError naming what is unsupported."""
-    from .checkpoint import detect_format
+    from ...formats.checkpoint import detect_format
 
     folder = Path(folder)
     fmt = fmt or detect_format(folder)

@@ -364,7 +364,7 @@ def train_tokenizer(out_dir: str | os.PathLike, corpus_lines: Iterable[str], voc
 
 
 def default_corpus() -> list[str]:
-    """The built-in corpus (see ``gracevlm.model.corpus``)."""
-    from .corpus import default_corpus as _default_corpus
+    """The built-in corpus (see ``gracevlm.synth.corpus``)."""
+    from ..synth.corpus import default_corpus as _default_corpus
 
     return _default_corpus()

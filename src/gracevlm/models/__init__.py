@@ -1,0 +1,1 @@
+"""Model families behind a registry (``registry.py``), the one checkpoint opener and the shared LLaMA decoder."""
