@@ -4,11 +4,10 @@ import json
 
 from gracevlm import bench
 from gracevlm.cli import main as cli
-from gracevlm.synth.checkpoint import synthesize
 
 
-def test_bench_model_and_vision_sections(tmp_path, capsys):
-    model = synthesize(tmp_path / "tiny", "tiny", "awq", seed=3, progress=False)
+def test_bench_model_and_vision_sections(tiny_awq, capsys):
+    model = tiny_awq
     r = bench.run(model=str(model), layers=2, decode_steps=3, prefill_tokens=16, batch_sizes=(1, 2),
                   sections=("bandwidth", "model", "vision"))
     m = r["model"]

@@ -8,12 +8,11 @@ from PIL import Image
 from gracevlm.eval import cli
 from gracevlm.eval.answers import read_jsonl
 from gracevlm.eval.common import MC_INSTRUCTION, SHORT_ANSWER
-from gracevlm.synth.checkpoint import synthesize
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("tiny") / "m", "tiny", "awq", seed=0, progress=False)
+def tiny(tiny_awq):
+    return tiny_awq
 
 
 @pytest.mark.slow
@@ -43,7 +42,7 @@ def test_pope_and_scienceqa_end_to_end(tiny, tmp_path):
     assert rc == 0
     recs, _ = read_jsonl(answers)
     assert [r["question_id"] for r in recs] == [1, 2, 10000001, 10000002]
-    assert recs[0]["prompt"] == questions[0]["text"] and recs[0]["model_id"] == "m"
+    assert recs[0]["prompt"] == questions[0]["text"] and recs[0]["model_id"] == tiny.name
     manifest = json.loads((run_dir / "pope.manifest.json").read_text())
     assert manifest["conv_mode"] == "vicuna_v1" and manifest["decoding"]["max_new_tokens"] == 3
     rc = cli.main(["score", "pope", "--annotation-dir", str(ann), "--question-file", str(qf), "--result-file",

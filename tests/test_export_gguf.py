@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from export_helpers import tiny_checkpoint
 import torch
 
 import gracevlm
@@ -13,14 +12,15 @@ from gracevlm.engine.generate import Generation
 from gracevlm.export import export_model
 from gracevlm.export.chat_template import chat_template
 from gracevlm.export.source import SourceModel
-from gracevlm.models.llava.gguf_names import llama_tensor_name, q4_0_from_codes, q4_0_to_codes, qk_row_permutation
+from gracevlm.formats.gguf_q4 import q4_0_from_codes, q4_0_to_codes, qk_row_permutation
+from gracevlm.models.llava.gguf_names import llama_tensor_name
 
 gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory)
+def src(tiny_awq):
+    return tiny_awq
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 
-from export_helpers import tiny_checkpoint
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -22,8 +21,8 @@ QUERY = "What is shown in this image?"
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory)
+def src(tiny_awq):
+    return tiny_awq
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_llava_hf_loads_in_transformers_and_decodes_like_gracevlm(exports, ours,
     model, prompt, inputs, new = hf_generate(folder, image)
     assert report.exact and report.rounding["dtype"] == "float16"
     # processor: pixels and prompt ids equal gracevlm's preprocessing and tokenisation
-    assert torch.equal(inputs["pixel_values"], preprocess_images([image], vlm.image_spec))
+    assert torch.equal(inputs["pixel_values"], preprocess_images([image], vlm.runtime.image_spec))
     assert prompt == ref.prompt
     assert collapse_image_tokens(inputs["input_ids"][0].tolist(), model.config.image_token_index) == \
         ref.prompt_token_ids

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 
-from export_helpers import tiny_checkpoint
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,8 +23,8 @@ TOKENIZER = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.jso
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory)
+def src(tiny_awq):
+    return tiny_awq
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +145,8 @@ def test_gguf_refuses_asymmetric_codes_unless_lossy_is_allowed(asym, tmp_path):
     assert inspect_checkpoint(out / "ggml-model-q4_0.gguf")["checks"]["has_llm"]
 
 
-def test_dense_source_to_compressed_tensors_needs_allow_lossy(tmp_path_factory, tmp_path):
-    fp16 = tiny_checkpoint(tmp_path_factory, "fp16")
+def test_dense_source_to_compressed_tensors_needs_allow_lossy(tiny_checkpoint, tmp_path):
+    fp16 = tiny_checkpoint("fp16")
     with pytest.raises(LossyExportError, match="round-to-nearest"):
         export_model(fp16, "compressed-tensors", tmp_path / "ct")
     report = export_model(fp16, "compressed-tensors", tmp_path / "ct", allow_lossy=True)
@@ -198,7 +197,7 @@ def test_vision_tower_from_mm_vision_tower_when_not_bundled(src, tmp_path):
     """A checkpoint without tower tensors: the exports read CLIP from ``mm_vision_tower`` (here a local folder)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from gracevlm.formats.checkpoint import VISION_PREFIX
+    from gracevlm.models.llava.config import VISION_PREFIX
 
     folder = tmp_path / "no-tower"
     shutil.copytree(src, folder)

@@ -83,12 +83,25 @@ def test_dispatch(monkeypatch):
     cpu = torch.device("cpu")
     assert kernels.select_backend(cpu, 1).name in kernels.backend_names()
     assert kernels.select_backend(cpu, 1, "reference").name == "reference"
-    monkeypatch.setenv("GRACEVLM_BACKEND", "dense")
-    assert kernels.select_backend(cpu, 1).name == "dense"
-    assert kernels.select_backend(cpu, 1, "reference").name == "reference"  # argument wins
+    monkeypatch.setenv("GRACEVLM_BACKEND", "dense")  # read once per load (backend_choice), not per forward
+    assert kernels.select_backend(cpu, 1).name != "dense" or kernels.backend_choice() == "dense"
+    assert kernels.backend_choice() == "dense"
+    assert kernels.backend_choice("reference") == "reference"  # argument wins
+    assert kernels.select_backend(cpu, 1, kernels.backend_choice()).name == "dense"
     monkeypatch.setenv("GRACEVLM_BACKEND", "nope")
     with pytest.raises(InputError, match="unknown INT4 backend 'nope'"):
-        kernels.select_backend(cpu, 1)
+        kernels.backend_choice()
+
+
+def test_use_backend_switches_a_model(monkeypatch):
+    rng = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(make_layer(128, 16, 128, False, True, rng), make_layer(128, 16, 128, False, True, rng))
+    kernels.use_backend(model, "reference")
+    assert [m.backend for m in model] == ["reference", "reference"]
+    kernels.use_backend(model, "auto")
+    assert [m.backend for m in model] == [None, None]
+    with pytest.raises(InputError, match="unknown INT4 backend"):
+        kernels.use_backend(model, "nope")
 
 
 def test_constructor_validates():

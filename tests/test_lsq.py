@@ -9,7 +9,7 @@ from gracevlm.formats.awq import GRACE_ZERO_WORD
 from gracevlm.formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 from gracevlm.nn import LSQLinear
 from gracevlm.nn.lsq import LOG_SCALE_MIN, lsq_fake_quantize, mse_scale_init
-from gracevlm.train import export_awq, llava_config, lsq_layers, prepare
+from gracevlm.train import export_awq, checkpoint_config, lsq_layers, prepare
 
 
 def _linear(out_f, in_f, seed=0, bias=False):
@@ -178,7 +178,7 @@ def test_export_pack_load_matches_fake_quant_student(tmp_path):
     with torch.no_grad():
         for layer in lsq_layers(model).values():
             layer.log_scale.add_(0.1 * torch.randn(layer.log_scale.shape, generator=g))
-    report = export_awq(model, tmp_path / "awq", llava_config(model), tmp_path / "tok", dtype=torch.float32,
+    report = export_awq(model, tmp_path / "awq", checkpoint_config(model), tmp_path / "tok", dtype=torch.float32,
                         qat_dir=tmp_path / "qat")
     assert report.layers == 14 and report.max_code_error == 0
 

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from gracevlm.errors import InputError
+from gracevlm.models.images import load_image
 from gracevlm.models.llava.processing import (
     CLIP_FILL,
     CLIP_MEAN,
     CLIP_STD,
     ImageSpec,
     center_crop_array,
-    load_image,
     pad_to_square,
     preprocess_image,
     preprocess_images,

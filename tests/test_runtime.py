@@ -9,15 +9,14 @@ from PIL import Image
 from gracevlm.cli import main as cli
 from gracevlm.engine.vlm import load
 from gracevlm.errors import CheckpointError, InputError
-from gracevlm.formats.checkpoint import VISION_PREFIX, TensorStore
+from gracevlm.formats.checkpoint import TensorStore
+from gracevlm.models.llava.config import VISION_PREFIX
 from gracevlm.formats.pack import pack_qat_checkpoint
-from gracevlm.synth.checkpoint import synthesize
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {fmt: synthesize(root / f"tiny-{fmt}", "tiny", fmt, seed=7, progress=False) for fmt in ("awq", "qat", "fp16")}
+def ckpts(tiny_checkpoint):
+    return {fmt: tiny_checkpoint(fmt) for fmt in ("awq", "qat", "fp16")}
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,7 @@ from PIL import Image
 from gracevlm.engine.vlm import load
 from gracevlm.formats.awq import dequantize_awq
 from gracevlm.models.llava.chat import IMAGE_TOKEN_INDEX
-from gracevlm.synth.checkpoint import synthesize
 from gracevlm.nn import Int4Linear
-
-
-@pytest.fixture(scope="module")
-def tiny_awq(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("ckpt") / "tiny-awq", "tiny", "awq", seed=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +83,7 @@ def test_logits_match_transformers_llava(tiny_awq, image):
     ids = gen.prompt_token_ids
     assert ids.count(IMAGE_TOKEN_INDEX) == 1
     from gracevlm.models.llava.processing import preprocess_images
-    pixels = preprocess_images([image], vlm.image_spec)
+    pixels = preprocess_images([image], vlm.runtime.image_spec)
     features, _ = vlm.encode_images([image])
     ours = our_logits(vlm, ids, features)
     hf_ids = []

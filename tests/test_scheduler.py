@@ -9,17 +9,17 @@ from PIL import Image
 
 from gracevlm.engine.generate import PromptTooLong
 from gracevlm.engine.sampling import SamplingParams
-from gracevlm.engine.scheduler import BatchScheduler, QueueFull, SchedulerClosed, prepare_chat, prepare_raw
+from gracevlm.engine.prepare import prepare_chat, prepare_text
+from gracevlm.engine.scheduler import BatchScheduler, QueueFull, SchedulerClosed
 from gracevlm.engine.vlm import load
 from gracevlm.errors import InputError
-from gracevlm.synth.checkpoint import synthesize
 
 N = 16
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    return load(synthesize(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", "awq", seed=0, progress=False),
+def vlm(tiny_awq):
+    return load(tiny_awq,
                 device="cpu")
 
 
@@ -98,14 +98,15 @@ def test_seeded_sampling_and_stop_strings_match_generate(vlm):
 
 
 @pytest.mark.parametrize("backend", ["auto", "int4pack"])
-def test_decode_forward_is_bitwise_a_lone_sequence(vlm, backend, monkeypatch):
+def test_decode_forward_is_bitwise_a_lone_sequence(vlm, backend, request):
     """The batch-invariant decode step gives each row the logits the model computes for it alone (with the
     row-invariant CPU INT4 kernels: native below its GEMM crossover, int4pack)."""
     from gracevlm import kernels
 
-    monkeypatch.setenv("GRACEVLM_BACKEND", backend)
     if backend == "auto" and kernels.select_backend(torch.device("cpu"), 4).name != "native":
         pytest.skip("the native kernels are not available here")
+    kernels.use_backend(vlm.model, backend)
+    request.addfinalizer(lambda: kernels.use_backend(vlm.model, None))
     lm, tok = vlm.model.language_model, vlm.tokenizer
     prompts = [tok.encode(p) for p in ("Hi there", "a much longer prompt with many words", "x", "medium one")]
     with BatchScheduler(vlm, max_batch_size=4) as sched, torch.inference_mode():
@@ -125,7 +126,7 @@ def test_decode_forward_is_bitwise_a_lone_sequence(vlm, backend, monkeypatch):
 
 def _busy(sched, vlm, n=1000):
     """A request that keeps its slot busy until cancelled."""
-    return sched.submit(prepare_raw(vlm, "keep going").prompt_ids, None, SamplingParams(max_new_tokens=n))
+    return sched.submit(prepare_text(vlm, "keep going").prompt_ids, None, SamplingParams(max_new_tokens=n))
 
 
 def _wait_for(cond, timeout=20.0):
@@ -160,7 +161,7 @@ def test_timeout(vlm):
         gen = h.result(10)
         assert gen.finish_reason == "timeout" and 0 < len(gen.token_ids) < 1000
         assert "".join(h) == gen.text
-        quick = sched.submit(prepare_raw(vlm, "hi").prompt_ids, None, SamplingParams(max_new_tokens=3), timeout=30)
+        quick = sched.submit(prepare_text(vlm, "hi").prompt_ids, None, SamplingParams(max_new_tokens=3), timeout=30)
         assert quick.result(10).finish_reason in ("length", "stop")
 
 
@@ -192,7 +193,7 @@ def test_bad_requests_fail_alone(vlm, images):
 def test_drain_waker_and_shutdown(vlm):
     sched = BatchScheduler(vlm, max_batch_size=2, max_model_len=1024)
     woke = threading.Event()
-    h = sched.submit(prepare_raw(vlm, "hello").prompt_ids, None, SamplingParams(max_new_tokens=8), waker=woke.set)
+    h = sched.submit(prepare_text(vlm, "hello").prompt_ids, None, SamplingParams(max_new_tokens=8), waker=woke.set)
     assert woke.wait(10)
     text, ended = "", False
     while not ended:

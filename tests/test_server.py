@@ -20,7 +20,6 @@ from PIL import Image
 from gracevlm.engine.generate import Generation, stream_generate
 from gracevlm.engine.sampling import SamplingParams
 from gracevlm.engine.vlm import load
-from gracevlm.synth.checkpoint import synthesize
 
 KEY = "test-key-123"
 NAME = "tiny-vlm"
@@ -61,9 +60,9 @@ class _ImageHost(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_awq):
     root = tmp_path_factory.mktemp("server")
-    ckpt = synthesize(root / "tiny", "tiny", "awq", seed=0, progress=False)
+    ckpt = tiny_awq
     media = root / "media"
     media.mkdir()
     (media / "red.png").write_bytes(_png())

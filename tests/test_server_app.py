@@ -11,7 +11,6 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from gracevlm.engine.vlm import load
-from gracevlm.synth.checkpoint import synthesize
 from gracevlm.server import serving
 from gracevlm.server.app import create_app
 from gracevlm.server.media import MediaError, MediaPolicy, decode_image, fetch_bytes
@@ -19,8 +18,8 @@ from gracevlm.server.serving import ServerConfig
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    return load(synthesize(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", "awq", seed=0, progress=False),
+def vlm(tiny_awq):
+    return load(tiny_awq,
                 device="cpu")
 
 
@@ -90,12 +89,12 @@ def test_bug_is_a_500_without_details_and_the_server_goes_on(vlm, monkeypatch, c
     app = create_app(ServerConfig(model="m"), loader=lambda c: vlm)
     with _client(app) as client:
         _wait_ready(client)
-        real = serving.prepare_raw
+        real = serving.prepare_text
 
         def boom(*args, **kwargs):
             raise RuntimeError("secret internal detail")
 
-        monkeypatch.setattr(serving, "prepare_raw", boom)
+        monkeypatch.setattr(serving, "prepare_text", boom)
         with caplog.at_level(logging.ERROR, logger="gracevlm.server"):
             r = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2},
                             headers={"X-Request-ID": "req-42"})
@@ -103,7 +102,7 @@ def test_bug_is_a_500_without_details_and_the_server_goes_on(vlm, monkeypatch, c
         assert "secret internal detail" not in r.text and "Traceback" not in r.text and "req-42" in r.text
         assert r.headers["x-request-id"] == "req-42"
         assert any("req-42" in rec.getMessage() and rec.exc_info for rec in caplog.records)
-        monkeypatch.setattr(serving, "prepare_raw", real)
+        monkeypatch.setattr(serving, "prepare_text", real)
         r = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200
         assert 'route="/v1/completions",code="500"} 1' in client.get("/metrics").text

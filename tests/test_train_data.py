@@ -6,7 +6,8 @@ from gracevlm.demo.world import sample_corpus
 from gracevlm.models.llava.processing import ImageSpec
 from gracevlm.models.llava.chat import IMAGE_TOKEN_INDEX
 from gracevlm.models.tokenizer import LlamaTokenizer, train_tokenizer
-from gracevlm.train.data import IGNORE_INDEX, ConversationDataset, tokenize_conversation
+from gracevlm.models.llava.train_data import LlavaTrainingFormat, tokenize_conversation
+from gracevlm.train.data import IGNORE_INDEX, ConversationDataset
 
 RECORD = {"id": "x", "image": "a.png", "conversations": [
     {"from": "human", "value": "What color is the circle?\n<image>"}, {"from": "gpt", "value": "red"},
@@ -64,7 +65,7 @@ def test_collate_expands_images_and_pads(tok, tmp_path):
 
     Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "a.png")
     text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yes"}]}
-    ds = ConversationDataset([RECORD, text_only], tok, tmp_path, ImageSpec(size=32))
+    ds = ConversationDataset([RECORD, text_only], LlavaTrainingFormat(tok, ImageSpec(size=32)), tmp_path)
     batch = ds.collate([0, 1], n_patches=4)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert batch["pixel_values"].shape == (1, 3, 32, 32)

@@ -29,7 +29,6 @@ import pytest
 from PIL import Image, ImageDraw
 from starlette.testclient import TestClient
 
-from gracevlm.synth.checkpoint import synthesize
 from gracevlm.server.app import create_app
 from gracevlm.server.cli import add_serve_args
 from gracevlm.server.serving import ServerConfig
@@ -123,8 +122,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def server(tmp_path):
-    ckpt = synthesize(tmp_path / "tiny", "tiny", "awq", seed=0, progress=False)
+def server(tmp_path, tiny_awq):
+    ckpt = tiny_awq
     port = _free_port()
     log = open(tmp_path / "server.log", "w+")
     cmd = [sys.executable, "-m", "gracevlm.server", "--model", str(ckpt), "--port", str(port), "--api-key", KEY,

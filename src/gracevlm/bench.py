@@ -132,6 +132,8 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
     """Runs in a fresh process (clean peak-RSS numbers): load, decode, prefill, batched decode."""
     import gracevlm
 
+    from . import kernels
+
     res: dict = {}
     t0 = time.perf_counter()
     vlm = gracevlm.load(path, device="cpu")
@@ -190,7 +192,8 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
         res["prefill_s"] = time.perf_counter() - t
         res["prefill_tok_s"] = prefill_tokens / res["prefill_s"]
         # the same prompt with the opt-in approximate bf16 GEMM for large-M layers
-        os.environ["GRACEVLM_BACKEND"] = "native-bf16"
+        backend_before = next((m.backend for m in lm.modules() if hasattr(m, "kernel_cache")), None)
+        kernels.use_backend(lm, "native-bf16")
         try:
             t = time.perf_counter()
             lm(lm.embed(ids, torch.float32), torch.arange(prefill_tokens)[None], cache)
@@ -198,7 +201,7 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
         except Exception as exc:  # noqa: BLE001 - e.g. native kernels unavailable
             res["prefill_bf16_error"] = str(exc)
         finally:
-            del os.environ["GRACEVLM_BACKEND"]
+            kernels.use_backend(lm, backend_before)
     res["peak_rss"] = _rss_peak_bytes()
     return res
 
@@ -210,15 +213,14 @@ def vision_worker(path: str) -> dict:
     import gracevlm
     from PIL import Image
 
-    from .models.llava.processing import preprocess_images
-    from .models.llava.chat import tokenize_with_images
+    from .engine.prepare import prepare_prompt
 
     vlm = gracevlm.load(path, device="cpu")
     gen = torch.Generator().manual_seed(0)
     noise = (torch.rand(336, 448, 3, generator=gen) * 255).to(torch.uint8).numpy()
-    pixels = preprocess_images([Image.fromarray(noise)], vlm.image_spec)
-    ids = tokenize_with_images(vlm.build_prompt([{"role": "user", "content": "<image>\nWhat is shown in this image?"}]),
-                               vlm.tokenizer)
+    image = vlm.decode_image(Image.fromarray(noise))
+    pixels = vlm.runtime.preprocess([image])
+    ids = prepare_prompt(vlm, "What is shown in this image?", [image]).prompt_ids
     lm = vlm.model.language_model
 
     def next_logits(feats):

@@ -108,7 +108,7 @@ def cmd_chat(args) -> int:
     print(f"gracevlm chat - {vlm.path.name} ({vlm.conv_mode}). Commands: /image PATH, /reset, /quit",
           file=sys.stderr)
     messages: list[dict] = []
-    pending: list[str] = []
+    pending: list = []  # images decoded once, as attached
     while True:
         try:
             line = input("USER: ")
@@ -127,12 +127,10 @@ def cmd_chat(args) -> int:
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                from .models.llava.processing import load_image
-                load_image(path)
+                pending.append(vlm.decode_image(path))
             except GraceVLMError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 continue
-            pending.append(path)
             print(f"(image attached: {path})", file=sys.stderr)
             continue
         content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
@@ -171,9 +169,15 @@ def cmd_synth(args) -> int:
 
 
 def cmd_pack(args) -> int:
+    from .errors import CheckpointError
     from .formats.pack import pack_qat_checkpoint
+    from .models.checkpoint import open_checkpoint
 
-    report = pack_qat_checkpoint(args.qat, args.out, force=args.force)
+    opened = open_checkpoint(args.qat)  # a checkpoint of a known family, config and sidecar readable
+    if opened.quantized.method != "grace-qat":
+        raise CheckpointError(f"{opened.folder} is a {opened.format!r} checkpoint; gracevlm pack converts GRACE QAT "
+                              "checkpoints (with qat_quantized_weights.bin)")
+    report = pack_qat_checkpoint(opened.folder, args.out, force=args.force)
     print(json.dumps(report.as_dict()) if args.json else
           f"packed {report.layers} layers into {args.out}: codes exact (max code error {report.max_code_error}), "
           f"{report.qat_bytes / 2**20:.1f} MiB -> {report.awq_bytes / 2**20:.1f} MiB")

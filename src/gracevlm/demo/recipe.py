@@ -64,7 +64,7 @@ def _say(msg: str) -> None:
 def prepare_workspace(cfg: RecipeConfig, force: bool = False) -> dict[str, Path]:
     """Stages 1-3: the data splits, the tokenizer and the randomly initialized model checkpoint."""
     from ..models.tokenizer import train_tokenizer
-    from ..train.export import llava_config, save_dense_checkpoint
+    from ..train.export import checkpoint_config, save_dense_checkpoint
     from .world import corpus_lines, write_split
 
     work = Path(cfg.work)
@@ -82,7 +82,7 @@ def prepare_workspace(cfg: RecipeConfig, force: bool = False) -> dict[str, Path]
         _say(f"tokenizer: {tok.vocab_size} pieces")
     if force or not (paths["init"] / "config.json").is_file():
         model = build_model(cfg.arch, seed=cfg.seed)
-        config = llava_config(model, max_length=cfg.arch.max_positions)
+        config = checkpoint_config(model, max_length=cfg.arch.max_positions)
         save_dense_checkpoint(model, paths["init"], config, paths["tokenizer"], torch.float32, force=True)
     return paths
 

@@ -11,7 +11,6 @@ from typing import Iterator
 import torch
 
 from ..errors import InputError
-from ..models.llava.model import LlavaModel
 from ..models.tokenizer import LlamaTokenizer, StreamDecoder
 from .sampling import Sampler, SamplingParams
 
@@ -157,10 +156,11 @@ class TokenStream:
         return delta
 
 
-def stream_generate(model: LlavaModel, tokenizer: LlamaTokenizer, prompt_ids: list[int],
+def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                     image_features: torch.Tensor | None, params: SamplingParams, max_context: int,
                     result: Generation | None = None, started: float | None = None) -> Iterator[str]:
     """Yield text deltas; fill ``result`` (if given) with the final text, ids, finish reason, timings.
+    ``model`` is a family's model (``embed_prompt``, ``new_cache``, ``language_model``).
 
     Deltas never split a multi-byte character and never contain (a prefix of) a stop string.
     """

@@ -11,7 +11,7 @@ positions long. Each loop iteration of the model thread does, in this order:
 3. one decode step for every running request together (one token each).
 
 Requests are prepared OUTSIDE the model thread: the caller tokenizes, decodes and encodes images
-(``prepare_chat`` / ``prepare_raw``) and ``submit`` splices the image features into the prompt
+(``engine.prepare``) and ``submit`` splices the image features into the prompt
 embeddings, so the model thread only runs LLaMA forward passes.
 
 Per request the output logic is ``generate.TokenStream``, the same object ``stream_generate`` uses:
@@ -45,14 +45,14 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+
 from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import GraceVLMError, InputError
-from ..models.llava.chat import tokenize_with_images
 from .generate import Generation, TokenStream, check_prompt_length, logits_rows
+from .prepare import PreparedPrompt, prepare_chat
 from .sampling import SamplingParams
 
 log = logging.getLogger("gracevlm.scheduler")
@@ -66,40 +66,6 @@ class QueueFull(GraceVLMError):
 
 class SchedulerClosed(GraceVLMError):
     """The scheduler was shut down; no request is accepted or continued."""
-
-
-# -- preparation (runs in the caller's thread) -------------------------------------------------------
-
-@dataclass
-class PreparedPrompt:
-    """A request ready for ``BatchScheduler.submit``: token ids with one -200 per image, the projected
-    image features ``[N, patches, hidden]`` (or None), the prompt text, and when preparation started."""
-
-    prompt_ids: list[int]
-    image_features: torch.Tensor | None
-    prompt_text: str
-    image_encode_s: float
-    started: float
-
-
-def prepare_chat(vlm, messages: list[dict], conv_mode: str | None = None) -> PreparedPrompt:
-    """OpenAI-style ``messages`` (content a string or text/image parts) -> prompt ids and image features,
-    exactly as ``VLM.chat`` prepares them (template, ``<image>`` splice, vision tower)."""
-    started = time.perf_counter()
-    msgs, images = vlm._chat_inputs(messages)
-    prompt = vlm.build_prompt(msgs, conv_mode)
-    ids = tokenize_with_images(prompt, vlm.tokenizer)
-    features, enc_s = vlm.encode_images(images)
-    return PreparedPrompt(ids, features, prompt, enc_s, started)
-
-
-def prepare_raw(vlm, text: str) -> PreparedPrompt:
-    """A plain text prompt with no template: BOS, then ``text`` tokenized as is (the tokenizer's legacy
-    rules: ``<s>`` / ``</s>`` in the text become special ids; ``<image>`` is plain text)."""
-    if not isinstance(text, str):
-        raise InputError(f"prompt must be a str, got {type(text).__name__}")
-    started = time.perf_counter()
-    return PreparedPrompt(vlm.tokenizer.encode(text, add_bos=True), None, text, 0.0, started)
 
 
 # -- the handle a caller holds -----------------------------------------------------------------------

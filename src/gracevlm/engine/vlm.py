@@ -8,11 +8,10 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..errors import InputError
+from ..models.images import RGBImage, decode_image
 from ..models.loader import LoadedModel, load_checkpoint
-from ..models.llava.processing import ImageSpec, preprocess_images
-from ..models.llava.chat import get_template, prepare_user_text, render_prompt, tokenize_with_images
-from ..models.llava.chat import default_conv_mode
 from .generate import Generation, stream_generate
+from .prepare import PreparedPrompt, prepare_chat, prepare_prompt, prepare_templated
 from .sampling import SamplingParams
 
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
@@ -26,84 +25,61 @@ def _sampling(kwargs: dict) -> SamplingParams:
 
 
 class VLM:
-    """A loaded LLaVA-1.5 model with its tokenizer, template and image preprocessing."""
+    """A loaded model with its tokenizer and its family's runtime (templates, tokenization, image processing)."""
 
     def __init__(self, loaded: LoadedModel, conv_mode: str | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
-        self.conv_mode = conv_mode or default_conv_mode(loaded.config.raw)
-        get_template(self.conv_mode)  # validate early
-        tower = self.model.vision_tower
-        size = tower.config.image_size if tower is not None else 336
-        self.image_spec = ImageSpec.from_llava_config(loaded.config.raw, size=size)
-        self.max_context = min(loaded.config.tokenizer_model_max_length, loaded.config.max_position_embeddings)
+        self.runtime = loaded.family.runtime(loaded, conv_mode)
+        self.max_context = self.runtime.max_context
 
-    # -- preparation -------------------------------------------------------------------------------
+    @property
+    def conv_mode(self) -> str | None:
+        return getattr(self.runtime, "conv_mode", None)
+
+    # -- images ------------------------------------------------------------------------------------------
+    @property
+    def max_image_pixels(self) -> int:
+        return self.runtime.max_image_pixels
+
+    def set_max_image_pixels(self, max_pixels: int) -> None:
+        """Raise or lower the pixel cap every image of this model is checked against (before decoding)."""
+        self.runtime.set_max_image_pixels(max_pixels)
+
+    def decode_image(self, source) -> RGBImage:
+        """Decode an image once (path, bytes, file object, PIL) under this model's pixel cap; the result is
+        used as it is by ``generate``/``chat``/the scheduler."""
+        return decode_image(source, self.max_image_pixels)
+
     def encode_images(self, images: Iterable[Any]) -> tuple[torch.Tensor | None, float]:
-        """Images (paths, bytes, PIL) -> projected features ``[N, patches, hidden]`` and seconds spent."""
+        """Images (paths, bytes, PIL, decoded) -> projected features ``[N, tokens, hidden]`` and seconds spent."""
         images = list(images)
         if not images:
             return None, 0.0
         if self.model.vision_tower is None:
             raise InputError("this model has no vision tower; it cannot take images")
         t0 = time.perf_counter()
-        pixels = preprocess_images(images, self.image_spec)
+        pixels = self.runtime.preprocess(images)
         device = self.model.language_model.lm_head.weight.device
         return self.model.encode_images(pixels.to(device)), time.perf_counter() - t0
 
-    def build_prompt(self, messages: list[dict], conv_mode: str | None = None) -> str:
-        return render_prompt(messages, get_template(conv_mode or self.conv_mode))
-
-    def _chat_inputs(self, messages: list[dict]) -> tuple[list[dict], list[Any]]:
-        """Normalize OpenAI-style messages: content str or list of text/image parts; images collected in order."""
-        out, images = [], []
-        for i, msg in enumerate(messages):
-            role, content = msg.get("role"), msg.get("content")
-            if role == "system":
-                raise InputError("system messages are not supported: LLaVA-1.5's template has a fixed system "
-                                 "prompt (choose another with conv_mode)")
-            if isinstance(content, str):
-                out.append({"role": role, "content": content})
-                continue
-            if not isinstance(content, list):
-                raise InputError(f"message {i}: content must be a string or a list of parts")
-            texts, n_img = [], 0
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    texts.append(part.get("text", ""))
-                elif kind in ("image", "image_url"):
-                    if role != "user":
-                        raise InputError(f"message {i}: images are only allowed in user messages")
-                    images.append(part.get("image") if kind == "image" else part["image_url"])
-                    n_img += 1
-                else:
-                    raise InputError(f"message {i}: unknown content part {part!r}")
-            text = "\n".join(t for t in texts if t)
-            out.append({"role": role, "content": prepare_user_text(text, n_img) if n_img else text})
-        return out, images
-
     # -- generation --------------------------------------------------------------------------------
-    def _stream_prompt(self, prompt_text: str, images: list, result: Generation | None, sampling: dict,
-                       started: float) -> Iterator[str]:
-        """The one path every entry point takes: templated text -> ids -> image features -> generation."""
+    def _stream_prepared(self, prepared: PreparedPrompt, result: Generation | None, sampling: dict) -> Iterator[str]:
+        """The one path every entry point takes: prepared ids + image features -> generation."""
         params = _sampling(sampling)
-        ids = tokenize_with_images(prompt_text, self.tokenizer)
-        features, enc_s = self.encode_images(images)
-        res = result if result is not None else Generation("", [], ids, "length")
-        res.prompt = prompt_text
-        res.timings.image_encode_s = enc_s
-        yield from stream_generate(self.model, self.tokenizer, ids, features, params, self.max_context, res,
-                                   started)
+        res = result if result is not None else Generation("", [], prepared.prompt_ids, "length")
+        res.prompt = prepared.prompt_text
+        res.timings.image_encode_s = prepared.image_encode_s
+        yield from stream_generate(self.model, self.tokenizer, prepared.prompt_ids, prepared.image_features, params,
+                                   self.max_context, res, prepared.started)
 
     def stream_chat(self, messages: list[dict], result: Generation | None = None, conv_mode: str | None = None,
                     **sampling) -> Iterator[str]:
         """Multi-turn generation; yields text deltas and fills ``result``."""
-        started = time.perf_counter()
-        msgs, images = self._chat_inputs(messages)
-        yield from self._stream_prompt(self.build_prompt(msgs, conv_mode), images, result, sampling, started)
+        _sampling(sampling)
+        yield from self._stream_prepared(prepare_chat(self, messages, conv_mode), result, sampling)
 
     def chat(self, messages: list[dict], conv_mode: str | None = None, **sampling) -> Generation:
         res = Generation("", [], [], "length")
@@ -113,12 +89,10 @@ class VLM:
 
     def stream(self, prompt: str, images=None, result: Generation | None = None, conv_mode: str | None = None,
                **sampling) -> Iterator[str]:
-        """Single-turn generation for ``prompt`` (an ``<image>`` placeholder per image is added in front
-        when the prompt has none); yields text deltas."""
-        started = time.perf_counter()
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        msgs = [{"role": "user", "content": prepare_user_text(prompt, len(images))}]
-        yield from self._stream_prompt(self.build_prompt(msgs, conv_mode), images, result, sampling, started)
+        """Single-turn generation for ``prompt`` (an image placeholder per image is added in front when the
+        prompt has none); yields text deltas."""
+        _sampling(sampling)
+        yield from self._stream_prepared(prepare_prompt(self, prompt, images, conv_mode), result, sampling)
 
     def generate(self, prompt: str, images=None, conv_mode: str | None = None, **sampling) -> Generation:
         """Generate an answer; returns ``Generation(text, token_ids, prompt_token_ids, finish_reason, timings)``."""
@@ -129,10 +103,9 @@ class VLM:
 
     def generate_raw(self, prompt_text: str, images=None, result: Generation | None = None,
                      **sampling) -> Iterator[str]:
-        """Generate from an already templated prompt (``<image>`` markers included); yields deltas."""
-        started = time.perf_counter()
-        yield from self._stream_prompt(prompt_text, [] if images is None else list(images), result, sampling,
-                                       started)
+        """Generate from an already templated prompt (image markers included); yields deltas."""
+        _sampling(sampling)
+        yield from self._stream_prepared(prepare_templated(self, prompt_text, images), result, sampling)
 
     # -- facts ---------------------------------------------------------------------------------------
     def memory(self) -> dict:
@@ -147,7 +120,7 @@ class VLM:
 def load(model: str | Path, device: str = "auto", backend: str | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, conv_mode: str | None = None,
          vision_dtype: torch.dtype | str | None = None, keep_awq: bool | None = None) -> VLM:
-    """Load a GRACE AWQ / GRACE QAT / plain LLaVA-1.5 checkpoint (folder or Hub id) as a ``VLM``.
+    """Load a checkpoint of any supported family and format (folder or Hub id) as a ``VLM``.
 
     ``device``: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]". ``dtype`` defaults to float32
     on CPU (exact) and float16 on CUDA. ``backend`` forces an INT4 kernel (see ``gracevlm.kernels``).

@@ -5,7 +5,7 @@ Files: ``ggml-model-q4_0.gguf`` (``ggml-model-f16.gguf`` for a dense source) and
 Run them with ``llama-mtmd-cli -m ggml-model-q4_0.gguf --mmproj mmproj-model-f16.gguf``.
 
 LLM file: ``token_embd``/``output`` F16, norms F32, each quantized linear Q4_0 with ``d`` = the group's fp16
-scale and nibbles = the codes (``formats.gguf_map``); q/k rows permuted for llama.cpp's RoPE layout.
+scale and nibbles = the codes (``formats.gguf_q4``); q/k rows permuted for llama.cpp's RoPE layout.
 Tokenizer: SentencePiece pieces, scores and types (``[PAD<id>]`` UNUSED entries fill embedding rows past the
 tokenizer), bos/eos/unk/pad ids, ``add_bos_token`` true, ``add_eos_token`` false, the normaliser's
 dummy-prefix / whitespace flags, and the chat template (the same Jinja as the transformers export).
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, FormatError
-from ..models.llava.gguf_names import (clip_tensor_name, llama_tensor_name, q4_0_from_codes, qk_row_permutation)
+from ..formats.gguf_q4 import q4_0_from_codes, qk_row_permutation
+from ..models.llava.gguf_names import clip_tensor_name, llama_tensor_name
 from ..models.llava.processing import ImageSpec
 from ..models.llava.chat import default_conv_mode
 from .chat_template import chat_template

@@ -1,7 +1,7 @@
 """Writers for the transformers layouts: dense ``llava-hf`` and W4A16 ``compressed-tensors``.
 
 Both produce a folder that ``LlavaForConditionalGeneration.from_pretrained`` + ``AutoProcessor`` load:
-classic llava-hf tensor names (``formats.hf_map``), config.json, generation_config.json, tokenizer
+classic llava-hf tensor names (``models.llava.weights``), config.json, generation_config.json, tokenizer
 (tokenizer.model + tokenizer.json with ``<image>`` added), processor and chat template.
 
 Image token. LLaVA-1.5 has no ``<image>`` token (the original code splices features at a -200 marker);
@@ -48,7 +48,7 @@ and mirrored by ``tests/test_export_hf.py::test_names_and_shapes_follow_the_vllm
   only when ``symmetric`` is false, ``weight_g_idx`` only with ``actorder``; the config's groups are parsed
   with compressed-tensors' ``QuantizationArgs`` (our config validates with that model), targets match
   ``LinearBase`` as ``Linear``, and ``ignore`` goes through compressed-tensors' ``match_name`` (plain entry =
-  equality, ``re:`` = ``re.match``), hence the regex ignores (see ``formats.hf_map.ct_quantization_config``).
+  equality, ``re:`` = ``re.match``), hence the regex ignores (see ``models.llava.weights.CT_IGNORE``).
 * SGLang ``python/sglang/srt/models/llava.py`` (@00adcbe5 and a later revision with
   ``LlavaForConditionalGeneration``): ``load_weights`` strips a leading ``language_model.`` /
   ``vision_tower.`` and hands the rest to its ``LlamaForCausalLM`` / ``CLIPVisionModel`` loaders, every other
@@ -68,7 +68,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..formats.checkpoint import ShardWriter, write_json_atomic
-from ..models.llava.weights import codes_to_ct, ct_quantization_config, llava_hf_config, original_to_hf
+from ..formats.compressed_tensors import codes_to_ct, ct_quantization_config
+from ..models.llava.weights import CT_IGNORE, llava_hf_config, original_to_hf
 from ..formats.rtn import rtn_quantize
 from ..models.llava.processing import ImageSpec
 from ..models.llava.chat import default_conv_mode
@@ -240,7 +241,7 @@ def write_llava_hf(src: SourceModel, out: Path, report, err, reasons: list[str],
                            "mean_abs": rounding.mean_abs}
     qc = None
     if compressed:
-        qc = ct_quantization_config(src.group_size if src.quantized else 128, symmetric)
+        qc = ct_quantization_config(src.group_size if src.quantized else 128, CT_IGNORE, symmetric)
         if not symmetric:
             report.notes.append("asymmetric zero points written as weight_zero_point (symmetric: false)")
     conv_mode = cfg.conv_mode or default_conv_mode(cfg.raw or {})

@@ -6,20 +6,18 @@ presented with LLaVA-original key names; each quantized LM linear is given as in
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, FormatError
+from ..errors import CheckpointError
 from ..formats.awq import GRACE_ZERO_WORD, unpack_awq
-from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
-                                  detect_format, is_ignored_key, read_awq_modules)
-from ..models.llava.weights import open_mapped, vision_config_dict
+from ..formats.checkpoint import TensorStore, is_ignored_key
 from ..formats.hub import resolve_model_path
-from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
+from ..models.checkpoint import open_checkpoint
+from ..models.llava.config import IGNORED_KEYS, PROJECTOR_PREFIX, VISION_PREFIX, vision_config_dict
 
 
 @dataclass
@@ -68,32 +66,25 @@ class _PrefixStore:
 
 
 class SourceModel:
-    """A checkpoint opened for export. ``tensor(key)`` reads any non-quantized tensor by its LLaVA-original
-    name; ``linear(name)`` gives a quantized LM linear's codes; ``dense_keys()`` lists everything else."""
+    """A LLaVA checkpoint opened for export (``models.checkpoint.open_checkpoint``). ``tensor(key)`` reads any
+    non-quantized tensor by its LLaVA-original name; ``linear(name)`` gives a quantized LM linear's codes;
+    ``dense_keys()`` lists everything else."""
 
     def __init__(self, model: str | os.PathLike):
-        self.folder = resolve_model_path(model)
-        self.format = detect_format(self.folder)
-        self.quantized: list[str] = []
-        self.group_size = 128
-        self._qat = None
+        self.opened = open_checkpoint(model)
+        if "llava-hf" not in self.opened.family.export_formats:
+            raise CheckpointError(f"{self.opened.folder} is a {self.opened.family.name} checkpoint; these exports "
+                                  "write LLaVA-1.5 layouts")
+        self.folder, self.format = self.opened.folder, self.opened.format
+        self.config, self.store = self.opened.config, self.opened.store
+        self.quantized = self.opened.quantized.names
+        self.group_size = self.opened.quantized.group_size
+        self._qat = self.opened.quantized.sidecar
         self._asym: list[str] | None = None
-        if self.format in MAPPED_FORMATS:
-            mapped = open_mapped(self.folder, self.format)
-            self.config, self.store = mapped.config, mapped.store
-            self.quantized, self.group_size = mapped.modules, mapped.group_size
-        else:
-            self.config = LlavaConfig.from_file(self.folder / "config.json")
-            self.store = TensorStore(self.folder)
-            if self.format == "grace-awq":
-                _, self.group_size, self.quantized = read_awq_modules(self.folder)
-            elif self.format == "grace-qat":
-                self._qat = read_qat_sidecar(self.folder / SIDECAR_NAME)
-                self.group_size = int((self.config.raw.get("qat") or {}).get("group_size", 128))
-                self.quantized = sorted(self._qat)
         quantized_keys = {f"{m}.{s}" for m in self.quantized
                           for s in ("qweight", "qzeros", "scales", "weight", "log_scale")}
-        self._dense = [k for k in self.store.keys() if k not in quantized_keys and not is_ignored_key(k)]
+        self._dense = [k for k in self.store.keys() if k not in quantized_keys and not is_ignored_key(k)
+                       and k not in IGNORED_KEYS]
         biased = [m for m in self.quantized if f"{m}.bias" in self.store]
         if biased:
             raise CheckpointError(f"{biased[0]} has a bias; LLaMA linears have none and the export targets "
@@ -114,16 +105,6 @@ class SourceModel:
                                   "the CLIP weights") from exc
         clip = TensorStore(path)
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip.keys()) else ""
-        try:
-            raw = json.loads((path / "config.json").read_text())
-            vc = raw.get("vision_config", raw)
-            if not self.config.vision_config:
-                self.config.vision_config = {k: vc[k] for k in ("hidden_size", "intermediate_size",
-                                                                "num_hidden_layers", "num_attention_heads",
-                                                                "image_size", "patch_size", "hidden_act",
-                                                                "layer_norm_eps") if k in vc}
-        except (OSError, ValueError):
-            pass
         return _PrefixStore(clip, prefix)
 
     def vision_keys(self) -> list[str]:
@@ -134,7 +115,7 @@ class SourceModel:
     def vision_config(self) -> dict:
         if self.vision is None:
             raise CheckpointError(f"{self.folder} has no vision tower")
-        return vision_config_dict(self.config, self.vision.keys(), self.vision.get_slice_shape)
+        return vision_config_dict(self.config, self.vision.keys(), self.vision.get_slice_shape, base=self.folder)
 
     # -- tensors ---------------------------------------------------------------------------------------
     def dense_keys(self) -> list[str]:
@@ -147,27 +128,15 @@ class SourceModel:
         return self.store.get(key)
 
     def linear(self, name: str) -> LinearCodes:
-        if self._qat is not None:
-            layer = self._qat[name]
-            try:
-                packed = qat_to_awq(layer.weight, layer.log_scale, layer.bias, group_size=self.group_size, name=name)
-            except FormatError as exc:
-                raise CheckpointError(f"{self.folder / SIDECAR_NAME}: {exc}") from exc
-            qweight, qzeros, scales, group = packed.qweight, packed.qzeros, packed.scales, packed.group_size
-        else:
-            qweight, qzeros, scales = (self.store.get(f"{name}.{s}") for s in ("qweight", "qzeros", "scales"))
-            group = self.group_size
-        codes, zeros = unpack_awq(qweight, qzeros)
+        packed = self.opened.awq_tensors(name)
+        codes, zeros = unpack_awq(packed.qweight, packed.qzeros)
         z = zeros.t().contiguous()
         return LinearCodes(name, codes.t().contiguous(), None if bool((z == 8).all()) else z,
-                           scales.t().contiguous(), group)
+                           packed.scales.t().contiguous(), packed.group_size)
 
     def linear_shape(self, name: str) -> tuple[int, int]:
         """(out_features, in_features) of a quantized linear, from metadata only."""
-        if self._qat is not None:
-            return tuple(self._qat[name].weight.shape)
-        in_f, words = self.store.get_slice_shape(f"{name}.qweight")
-        return words * 8, in_f
+        return self.opened.linear_shape(name)
 
     def asymmetric_layers(self) -> list[str]:
         """Quantized layers with a zero point other than 8 (checked on the small qzeros tensors)."""

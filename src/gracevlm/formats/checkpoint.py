@@ -1,25 +1,20 @@
-"""Checkpoint folders: LLaVA-original config, (sharded) safetensors, AWQ module list, QAT sidecar.
+"""Checkpoint folders: (sharded) safetensors, JSON configs, the AWQ module list, the QAT sidecar, atomic writes.
 
-Pure file code: it reads and writes tensors and JSON; it never builds a model. Formats recognised
-(``detect_format``):
+Pure file code: it reads and writes tensors and JSON; it never builds a model and knows no model family
+(key names and config fields live in ``models/<family>/``). ``detect_format`` names the container:
 
-``grace-awq``  ``awq_quantized_modules.json`` + AWQ triples (``<m>.qweight/.qzeros/.scales``)
-``grace-qat``  baked fake-quantized weights + ``qat_quantized_weights.bin`` sidecar
-``fp16``       a plain LLaVA-1.5 checkpoint (dense ``<m>.weight`` everywhere)
-
-Foreign layouts, read through ``hf_map.open_mapped`` (renamed / repacked to the names above):
-
-``awq``                 standard AutoAWQ GEMM (``quantization_config.quant_method == "awq"``), llava-hf or
-                        LLaVA-original key names, asymmetric zero points allowed
-``compressed-tensors``  W4A16 ``pack-quantized`` (``quant_method == "compressed-tensors"``), llava-hf names
-``llava-hf``            a dense ``LlavaForConditionalGeneration`` checkpoint
+``grace-awq``           ``awq_quantized_modules.json`` + AWQ triples (``<m>.qweight/.qzeros/.scales``)
+``grace-qat``           baked fake-quantized weights + ``qat_quantized_weights.bin`` sidecar
+``awq``                 standard AutoAWQ GEMM (``quantization_config.quant_method == "awq"``)
+``compressed-tensors``  W4A16 ``pack-quantized`` (``quant_method == "compressed-tensors"``)
+``gguf``                a folder of llama.cpp files (inspectable, not loadable)
+``fp16``                dense weights (a family may name its own dense layouts, e.g. LLaVA's ``llava-hf``)
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,97 +25,7 @@ from .qat import SIDECAR_NAME
 AWQ_MODULES_NAME = "awq_quantized_modules.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
-PROJECTOR_PREFIX = "model.mm_projector."
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-IGNORED_KEYS = ("model.image_newline",)
-
-
-@dataclass
-class LlavaConfig:
-    """The fields of a LLaVA-original ``config.json`` that the runtime uses (parsed by hand: such a config
-    must never go through ``AutoConfig``, where ``llava`` means another layout)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
-    tie_word_embeddings: bool = False
-    mm_vision_tower: str | None = "openai/clip-vit-large-patch14-336"
-    mm_hidden_size: int = 1024
-    mm_vision_select_layer: int = -2
-    mm_vision_select_feature: str = "patch"
-    mm_projector_type: str = "mlp2x_gelu"
-    image_aspect_ratio: str = "pad"
-    mm_use_im_start_end: bool = False
-    tokenizer_model_max_length: int = 2048
-    conv_mode: str | None = None
-    vision_config: dict | None = None  # gracevlm extension: explicit CLIP vision config of a bundled tower
-    raw: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "LlavaConfig":
-        def need(key):
-            if key not in d:
-                raise CheckpointError(f"{source}: required field {key!r} is missing; is this a LLaVA "
-                                      "(LlavaLlamaForCausalLM) config?")
-            return d[key]
-        if "text_config" in d and "hidden_size" not in d:
-            raise CheckpointError(f"{source} is a llava-hf (LlavaForConditionalGeneration) config; this "
-                                  "loader expects the LLaVA-original layout (hidden_size at the top level)")
-        eos = d.get("eos_token_id", 2)
-        cfg = cls(
-            hidden_size=int(need("hidden_size")), intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")), num_attention_heads=int(need("num_attention_heads")),
-            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-            vocab_size=int(need("vocab_size")), rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-            rope_theta=float(d.get("rope_theta", 10000.0)), rope_scaling=d.get("rope_scaling"),
-            bos_token_id=int(d.get("bos_token_id", 1) or 1),
-            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
-            pad_token_id=int(d.get("pad_token_id") or 0),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            mm_vision_tower=d.get("mm_vision_tower", d.get("vision_tower")),
-            mm_hidden_size=int(d.get("mm_hidden_size", 1024)),
-            mm_vision_select_layer=int(d.get("mm_vision_select_layer", -2)),
-            mm_vision_select_feature=d.get("mm_vision_select_feature", "patch"),
-            mm_projector_type=d.get("mm_projector_type", "mlp2x_gelu"),
-            image_aspect_ratio=d.get("image_aspect_ratio") or "square",
-            mm_use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
-            tokenizer_model_max_length=int(d.get("tokenizer_model_max_length") or 2048),
-            conv_mode=d.get("conv_mode"), vision_config=d.get("mm_vision_config"), raw=d,
-        )
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise CheckpointError(f"{source}: hidden_size {cfg.hidden_size} is not divisible by "
-                                  f"num_attention_heads {cfg.num_attention_heads}")
-        if cfg.mm_vision_select_feature not in ("patch", "cls_patch"):
-            raise CheckpointError(f"{source}: mm_vision_select_feature {cfg.mm_vision_select_feature!r} "
-                                  "is not supported (expected 'patch' or 'cls_patch')")
-        if cfg.rope_scaling not in (None, {}) and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) \
-                not in ("linear", "default"):
-            raise CheckpointError(f"{source}: rope_scaling {cfg.rope_scaling} is not supported "
-                                  "(only none and 'linear')")
-        return cfg
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "LlavaConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path} not found: a checkpoint folder needs its config.json")
-        return cls.from_dict(read_json_object(path), str(path))
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # computed buffers some trainers save
 
 
 def read_json_object(path: str | os.PathLike) -> dict:
@@ -301,12 +206,9 @@ def read_awq_modules(folder: str | os.PathLike) -> tuple[int, int, list[str]]:
     return bits, group, sorted(modules)
 
 
-MAPPED_FORMATS = ("awq", "compressed-tensors", "llava-hf")
-
-
 def detect_format(folder: str | os.PathLike) -> str:
-    """One of ``grace-awq``, ``grace-qat``, ``awq``, ``compressed-tensors``, ``llava-hf``, ``fp16``; ``gguf`` for a
-    folder of llama.cpp files (inspectable, not loadable)."""
+    """The container format of ``folder``: ``grace-awq``, ``grace-qat``, ``awq``, ``compressed-tensors``, ``gguf``
+    or ``fp16`` (see the module docstring)."""
     folder = Path(folder)
     if (folder / AWQ_MODULES_NAME).is_file():
         return "grace-awq"
@@ -328,13 +230,26 @@ def detect_format(folder: str | os.PathLike) -> str:
         raise CheckpointError(f"{folder / 'config.json'}: quantization_config.quant_method {method!r} is not "
                               "supported; gracevlm reads GRACE AWQ/QAT, AutoAWQ GEMM ('awq') and W4A16 "
                               "'compressed-tensors' checkpoints")
-    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
-        return "llava-hf"
     return "fp16"
 
 
+def awq_settings(qc: dict, source: str) -> tuple[int, bool]:
+    """(group_size, zero_point) of an AutoAWQ ``quantization_config``; only 4-bit GEMM packing is accepted."""
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    version = str(qc.get("version", "gemm")).lower()
+    if bits != 4:
+        raise CheckpointError(f"{source}: AWQ bits={bits}; only 4-bit checkpoints are supported")
+    if version != "gemm":
+        raise CheckpointError(f"{source}: AWQ version {version!r} is not supported; only the GEMM packing "
+                              "(AutoAWQ's default, what transformers/vLLM call 'gemm') is")
+    if group <= 0:
+        raise CheckpointError(f"{source}: AWQ group_size {group} is not supported (per-group scales are needed)")
+    return group, bool(qc.get("zero_point", True))
+
+
 def is_ignored_key(key: str) -> bool:
-    return key.endswith(IGNORED_SUFFIXES) or key in IGNORED_KEYS
+    return key.endswith(IGNORED_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------------

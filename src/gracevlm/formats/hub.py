@@ -7,6 +7,27 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 
+def resolve_local_path(model: str | os.PathLike, base: Path | None = None) -> Path | None:
+    """``model`` as a local folder (absolute, relative to ``base``, or to the cwd) or a Hub id already in the
+    local Hugging Face cache; None when it is neither. Never downloads."""
+    text = os.fspath(model)
+    candidates = [Path(text).expanduser()]
+    if base is not None and not Path(text).is_absolute():
+        candidates.insert(0, base / text)
+    for path in candidates:
+        if path.is_dir():
+            return path.resolve()
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not installed, or not (fully) cached
+        return None
+
+
 def resolve_model_path(model: str | os.PathLike, base: Path | None = None) -> Path:
     """A local folder (absolute, or relative to ``base`` then to the cwd), else a Hub repo id
     resolved through the local Hugging Face cache, downloading only when online."""

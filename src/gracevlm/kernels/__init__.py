@@ -5,8 +5,10 @@ A backend computes ``y[M, O] = x[M, I] @ W^T + bias`` for a packed layer (an obj
 ``kernel_cache`` where backends keep their own prepared layout). Every backend agrees with
 ``reference`` within the error stated in its docstring; tests check it.
 
-Selection: an explicit ``backend`` argument, else the ``GRACEVLM_BACKEND`` environment variable,
-else automatic by device and number of rows M.
+Selection: a layer's ``backend`` (set at load from the ``backend`` argument, or once from the
+``GRACEVLM_BACKEND`` environment variable: ``backend_choice``), else automatic by device and number of
+rows M. ``use_backend`` switches every INT4 layer of a model. The lm_head policy (``keep_half_head``) is
+here too: which layout each kind of layer keeps is a kernel decision.
 """
 from __future__ import annotations
 
@@ -48,12 +50,39 @@ def get_backend(name: str) -> Backend:
         return _BACKENDS[name]
     except KeyError:
         raise InputError(f"unknown INT4 backend {name!r}; choose one of {backend_names()} "
-                         "(argument backend= or env GRACEVLM_BACKEND)") from None
+                         "(argument backend=, --backend, or env GRACEVLM_BACKEND)") from None
+
+
+def backend_choice(backend: str | None = None) -> str | None:
+    """The backend a load uses for its INT4 layers: ``backend``, else ``GRACEVLM_BACKEND``, else None
+    (automatic). Read once per load; an unknown name raises InputError."""
+    name = backend or os.environ.get("GRACEVLM_BACKEND") or None
+    if name is None or name == "auto":
+        return None
+    get_backend(name)
+    return name
+
+
+def use_backend(model: torch.nn.Module, backend: str | None) -> None:
+    """Make every INT4 layer of ``model`` use ``backend`` (None or "auto": automatic)."""
+    name = backend_choice(backend) if backend not in (None, "auto") else None
+    for module in model.modules():
+        if hasattr(module, "kernel_cache") and hasattr(module, "backend"):
+            module.backend = name
+
+
+def keep_half_head(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Keep an fp16/bf16 ``lm_head`` as stored (``HalfLinear``: exact fp32 results, half the bytes read per
+    token) when the model computes in fp32 on the CPU with the native kernels; else it is converted to ``dtype``."""
+    from . import native
+
+    return (dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+            and weight.device.type == "cpu" and native.load_library() is not None)
 
 
 def select_backend(device: torch.device, rows: int, override: str | None = None) -> Backend:
-    """Pick the backend for ``rows`` input rows on ``device``: override > env var > automatic."""
-    name = override or os.environ.get("GRACEVLM_BACKEND") or None
+    """Pick the backend for ``rows`` input rows on ``device``: ``override`` (a layer's backend), else automatic."""
+    name = override
     if name and name != "auto":
         backend = get_backend(name)
         if not backend.available(device):

@@ -7,21 +7,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..formats.awq import GRACE_ZERO_WORD
-from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
-                         detect_format, read_awq_modules)
-from ..formats.qat import SIDECAR_NAME
-
-
-def _part(key: str) -> str:
-    if key.startswith(VISION_PREFIX):
-        return "vision_tower"
-    if key.startswith(PROJECTOR_PREFIX):
-        return "projector"
-    if key.startswith("model.embed_tokens"):
-        return "embed_tokens"
-    if key.startswith("lm_head"):
-        return "lm_head"
-    return "language_model"
+from ..formats.checkpoint import detect_format
+from .checkpoint import open_checkpoint
 
 
 def inspect_checkpoint(folder: str | os.PathLike) -> dict:
@@ -31,72 +18,53 @@ def inspect_checkpoint(folder: str | os.PathLike) -> dict:
         return _inspect_gguf(folder.parent, [folder])
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder")
-    fmt = detect_format(folder)
-    if fmt == "gguf":
+    if detect_format(folder) == "gguf":
         return _inspect_gguf(folder, sorted(folder.glob("*.gguf")))
-    mapped = None
-    if fmt in MAPPED_FORMATS:
-        from .llava.weights import open_mapped
-
-        mapped = open_mapped(folder, fmt)  # LLaVA-original names, AWQ triples
-        cfg, store = mapped.config, mapped.store
-    else:
-        cfg = LlavaConfig.from_file(folder / "config.json")
-        store = TensorStore(folder)
+    opened = open_checkpoint(folder)
+    store, family, q = opened.store, opened.family, opened.quantized
     bytes_by_part: Counter = Counter()
     dtypes_by_part: dict[str, set] = {}
     for key in store.keys():
         _, dtype, nbytes = store.meta(key)
-        part = _part(key)
+        part = family.part_of(key)
         bytes_by_part[part] += nbytes
         dtypes_by_part.setdefault(part, set()).add(dtype)
     info = {
-        "path": str(folder), "format": fmt,
-        "layout": "llava-hf" if mapped is not None and _hf_layout(folder) else "llava-original",
-        "architecture": {"layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-                         "intermediate_size": cfg.intermediate_size, "heads": cfg.num_attention_heads,
-                         "kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size,
-                         "vision_tower": "bundled" if any(k.startswith(VISION_PREFIX) for k in store.keys())
-                         else cfg.mm_vision_tower,
-                         "projector": cfg.mm_projector_type, "vision_select_layer": cfg.mm_vision_select_layer,
-                         "image_aspect_ratio": cfg.image_aspect_ratio},
+        "path": str(folder), "format": opened.format, "family": family.name, "layout": opened.layout,
+        "architecture": family.describe(opened),
         "file_bytes": store.file_bytes(),
         "bytes_by_part": dict(bytes_by_part),
         "dtypes_by_part": {k: sorted(v) for k, v in dtypes_by_part.items()},
         "quantization": None,
         "checks": {},
     }
-    if fmt == "grace-awq":
-        bits, group, modules = read_awq_modules(folder)
-        missing = [m for m in modules if f"{m}.qweight" not in store]
-        non_grace = [m for m in modules if f"{m}.qzeros" in store
-                     and not bool((store.get(f"{m}.qzeros") == GRACE_ZERO_WORD).all())]
-        kinds = Counter(m.rsplit(".", 1)[-1] for m in modules)
-        info["quantization"] = {"method": "awq-gemm", "bits": bits, "group_size": group, "zero_point": 8,
-                                "packed_modules": len(modules), "by_kind": dict(kinds),
-                                "fp16_parts": ["embed_tokens", "lm_head", "norms", "projector", "vision_tower"]}
-        info["checks"] = {"modules_missing_tensors": missing, "qzeros_all_0x88888888": not non_grace,
-                          "layers_with_other_zero_points": non_grace[:10]}
-    elif fmt in ("awq", "compressed-tensors"):
-        kinds = Counter(m.rsplit(".", 1)[-1] for m in mapped.modules)
-        if fmt == "awq":
-            asym = [m for m in mapped.modules if not bool((store.get(f"{m}.qzeros") == GRACE_ZERO_WORD).all())]
-            method = "awq-gemm (AutoAWQ quantization_config)"
+    dense_parts = sorted({p for p in bytes_by_part if p != family.part_of(q.names[0])} | {"norms"}) if q.names else []
+    kinds = dict(Counter(m.rsplit(".", 1)[-1] for m in q.names))
+    if q.method in ("grace-awq", "awq"):
+        missing = [m for m in q.names if f"{m}.qweight" not in store]
+        other = [m for m in q.names if f"{m}.qzeros" in store
+                 and not bool((store.get(f"{m}.qzeros") == GRACE_ZERO_WORD).all())]
+        if q.method == "grace-awq":
+            info["quantization"] = {"method": "awq-gemm", "bits": q.bits, "group_size": q.group_size, "zero_point": 8,
+                                    "packed_modules": len(q.names), "by_kind": kinds, "fp16_parts": dense_parts}
+            info["checks"] = {"modules_missing_tensors": missing, "qzeros_all_0x88888888": not other,
+                              "layers_with_other_zero_points": other[:10]}
         else:
-            asym = [] if mapped.symmetric else list(mapped.modules)
-            method = "compressed-tensors pack-quantized W4A16"
-        info["quantization"] = {"method": method, "bits": 4, "group_size": mapped.group_size,
-                                "zero_point": 8 if not asym else "asymmetric", "packed_modules": len(mapped.modules),
-                                "by_kind": dict(kinds)}
-        info["checks"] = {"modules_missing_tensors": [m for m in mapped.modules if f"{m}.scales" not in store],
+            info["quantization"] = {"method": "awq-gemm (AutoAWQ quantization_config)", "bits": 4,
+                                    "group_size": q.group_size, "zero_point": 8 if not other else "asymmetric",
+                                    "packed_modules": len(q.names), "by_kind": kinds}
+            info["checks"] = {"modules_missing_tensors": [m for m in q.names if f"{m}.scales" not in store],
+                              "symmetric_zero_point_8": not other, "layers_with_other_zero_points": other[:10]}
+    elif q.method == "compressed-tensors":
+        asym = [] if q.symmetric else list(q.names)
+        info["quantization"] = {"method": "compressed-tensors pack-quantized W4A16", "bits": 4,
+                                "group_size": q.group_size, "zero_point": 8 if not asym else "asymmetric",
+                                "packed_modules": len(q.names), "by_kind": kinds}
+        info["checks"] = {"modules_missing_tensors": [m for m in q.names if f"{m}.scales" not in store],
                           "symmetric_zero_point_8": not asym, "layers_with_other_zero_points": asym[:10]}
-    elif fmt == "grace-qat":
-        from ..formats.qat import read_qat_sidecar
-        layers = read_qat_sidecar(folder / SIDECAR_NAME)
-        info["quantization"] = {"method": "grace-qat (fake-quantized weights + sidecar)",
-                                "bits": int((cfg.raw.get("qat") or {}).get("bits", 4)),
-                                "group_size": int((cfg.raw.get("qat") or {}).get("group_size", 128)),
-                                "quantized_modules": len(layers)}
+    elif q.method == "grace-qat":
+        info["quantization"] = {"method": "grace-qat (fake-quantized weights + sidecar)", "bits": q.bits,
+                                "group_size": q.group_size, "quantized_modules": len(q.names), "by_kind": kinds}
     info["ok"] = not info["checks"].get("modules_missing_tensors") if info["checks"] else True
     return info
 
@@ -150,19 +118,11 @@ def _inspect_gguf(folder: Path, files: list[Path]) -> dict:
     return info
 
 
-def _hf_layout(folder: Path) -> bool:
-    import json
-
-    from .llava.weights import is_llava_hf_config
-
-    return is_llava_hf_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-
-
 def format_report(info: dict) -> str:
-    lines = [f"{info['path']}", f"  format        {info['format']} ({info.get('layout', 'llava-original')} names)"]
-    a = info["architecture"]
-    lines.append(f"  model         LLaVA: {a['layers']} layers, hidden {a['hidden_size']}, vocab {a['vocab_size']}, "
-                 f"vision tower {a['vision_tower']}, projector {a['projector']}")
+    lines = [f"{info['path']}", f"  format        {info['format']} ({info.get('layout')} names)"]
+    a = dict(info["architecture"])
+    family = a.pop("family", info.get("family", "?"))
+    lines.append(f"  model         {family}: " + ", ".join(f"{k} {v}" for k, v in a.items()))
     q = info["quantization"]
     if q:
         lines.append("  quantization  " + ", ".join(f"{k}={v}" for k, v in q.items()))

@@ -1,35 +1,51 @@
-"""Build a ``LlavaModel`` from a checkpoint folder without ever materializing a dense language model.
+"""Load a checkpoint for inference without ever materializing a dense quantized language model.
 
-Modules are created on the meta device; dense tensors are streamed from the memory-mapped safetensors
-straight into their final dtype; packed linears become ``Int4Linear`` holding the on-disk tensors.
+``load_checkpoint`` = open (``models.checkpoint``) -> the family builds its module tree on the meta device
+and fills it (``Family.build``, using the steps below) -> stats. Dense tensors are read straight into
+their final dtype; quantized linears become ``Int4Linear`` holding the exact AWQ tensors.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import kernels
 from ..errors import CheckpointError, FormatError
-from ..formats.checkpoint import (MAPPED_FORMATS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, TensorStore,
-                                  detect_format, is_ignored_key, read_awq_modules)
-from .llava.weights import open_mapped, vision_config_dict
-from ..formats.hub import resolve_model_path
-from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
+from ..formats.checkpoint import is_ignored_key
 from ..formats.rtn import rtn_quantize
 from ..nn import HalfLinear, Int4Linear
-from .llava.vision import CLIPVisionSpec, load_clip_folder, tower_from_tensors
+from .checkpoint import OpenedCheckpoint, open_checkpoint
 from .llama import LlamaForCausalLM, LlamaSpec, Rotary
-from .llava.model import LlavaModel, Projector
-from .tokenizer import LlamaTokenizer
 
 log = logging.getLogger(__name__)
 
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class LoadOptions:
+    """How to load. ``dtype``: compute dtype; ``backend``: INT4 kernel (None = ``GRACEVLM_BACKEND`` or
+    automatic, resolved once); ``quantize="rtn"``: W4G128 round-to-nearest of a dense checkpoint;
+    ``vision_dtype``: the vision tower's dtype (default ``dtype``); ``fuse``: concatenate q/k/v and
+    gate/up (exact); ``keep_awq``: keep the AWQ buffers beside the CPU kernels' layout; ``half_lm_head``:
+    let an fp16/bf16 lm_head stay half (``kernels.keep_half_head``; training passes False)."""
+
+    dtype: torch.dtype = torch.float32
+    backend: str | None = None
+    quantize: str | None = None
+    vision_dtype: torch.dtype | None = None
+    fuse: bool = True
+    keep_awq: bool = False
+    half_lm_head: bool = True
 
 
 @dataclass
@@ -46,29 +62,26 @@ class LoadStats:
 
 @dataclass
 class LoadedModel:
-    model: LlavaModel
-    tokenizer: LlamaTokenizer
-    config: LlavaConfig
+    """A built model with its tokenizer and config; ``family`` is its ``models.registry.Family``."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: Any
     path: Path
     stats: LoadStats
+    family: Any = None
 
 
-def llama_spec(cfg: LlavaConfig) -> LlamaSpec:
-    factor = 1.0
-    if cfg.rope_scaling and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) == "linear":
-        factor = float(cfg.rope_scaling["factor"])
-    return LlamaSpec(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-                     cfg.num_key_value_heads, cfg.vocab_size, cfg.rms_norm_eps, cfg.rope_theta, factor,
-                     cfg.max_position_embeddings)
+# -- steps a family's build uses --------------------------------------------------------------------------
 
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, module)
 
 
-def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the (meta) parameter or buffer ``name``, checking its shape."""
     parent_name, _, leaf = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
     expected = getattr(parent, leaf)
@@ -81,77 +94,96 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         parent._buffers[leaf] = tensor
 
 
-def _nbytes(module: nn.Module) -> int:
+def module_nbytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def _packed_linears(cfg: LlavaConfig, store: TensorStore, fmt: str, folder: Path, quantize: str | None,
-                    backend: str | None, mapped=None) -> dict[str, nn.Module]:
-    """Module name -> Int4Linear for every quantized language-model linear."""
+def quantized_linears(opened: OpenedCheckpoint, options: LoadOptions, dense_names: list[str]) -> dict[str, nn.Module]:
+    """Module name -> ``Int4Linear`` for every quantized linear of the checkpoint, or, with
+    ``options.quantize == "rtn"`` on a dense checkpoint, for each of ``dense_names``."""
+    backend = kernels.backend_choice(options.backend)
+    q = opened.quantized
+    if q.names and options.quantize not in (None, "none"):
+        raise CheckpointError(f"--quantize {options.quantize} applies to dense checkpoints; {opened.folder} is "
+                              "already quantized")
     out: dict[str, nn.Module] = {}
-    if fmt == "grace-awq" or (mapped is not None and mapped.modules):
-        _, group, modules = read_awq_modules(folder) if mapped is None else (4, mapped.group_size, mapped.modules)
-        for name in modules:
-            keys = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales")]
-            missing = [k for k in keys if k not in store]
-            if missing:
-                raise CheckpointError(f"awq_quantized_modules.json names {name!r} but the checkpoint has no "
-                                      f"{missing[0]!r}; the checkpoint is incomplete or the module list is wrong")
-            bias = store.get(f"{name}.bias") if f"{name}.bias" in store else None
-            try:
-                out[name] = Int4Linear.from_awq(*(store.get(k) for k in keys), bias=bias, group_size=group,
-                                                backend=backend, name=name)
-            except FormatError as exc:
-                raise CheckpointError(f"{folder}: {exc}") from exc
-    elif fmt == "grace-qat":
-        group = int((cfg.raw.get("qat") or {}).get("group_size", 128))
-        for name, layer in read_qat_sidecar(folder / SIDECAR_NAME).items():
-            try:
-                packed = qat_to_awq(layer.weight, layer.log_scale, layer.bias, group_size=group, name=name)
-            except FormatError as exc:
-                raise CheckpointError(f"{folder / SIDECAR_NAME}: {exc}") from exc
+    for name in q.names:
+        packed = opened.awq_tensors(name)
+        try:
             out[name] = Int4Linear.from_packed(packed, backend=backend)
-    elif quantize == "rtn":
-        for i in range(cfg.num_hidden_layers):
-            for lin in LINEAR_NAMES:
-                name = f"model.layers.{i}.{lin}"
-                bias = store.get(f"{name}.bias") if f"{name}.bias" in store else None
-                out[name] = Int4Linear.from_packed(rtn_quantize(store.get(f"{name}.weight"), 128, bias), backend)
-    elif quantize not in (None, "none"):
-        raise CheckpointError(f"unknown --quantize {quantize!r}; choose 'rtn' or none")
+        except FormatError as exc:
+            raise CheckpointError(f"{opened.folder}: {name}: {exc}") from exc
+    if options.quantize == "rtn":
+        store = opened.store
+        for name in dense_names:
+            bias = store.get(f"{name}.bias") if f"{name}.bias" in store else None
+            out[name] = Int4Linear.from_packed(rtn_quantize(store.get(f"{name}.weight"), 128, bias), backend)
+    elif options.quantize not in (None, "none"):
+        raise CheckpointError(f"unknown --quantize {options.quantize!r}; choose 'rtn' or none")
     return out
 
 
-def _vision_config(cfg: LlavaConfig, store: TensorStore) -> CLIPVisionSpec:
-    """``mm_vision_config`` (CLIP-L/336 values for the keys it leaves out), else implied by the tensors."""
-    return CLIPVisionSpec.from_dict(vision_config_dict(cfg, store.keys(), store.get_slice_shape),
-                                    f"the vision tower config of {store.folder}")
+def install_linears(root: nn.Module, linears: dict[str, nn.Module], what: str) -> set[str]:
+    """Replace the meta linears of ``root`` by ``linears`` (shapes checked); returns the checkpoint keys used."""
+    for name, module in linears.items():
+        try:
+            target = root.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantized module {name!r} does not exist in {what}") from None
+        if (target.in_features, target.out_features) != (module.in_features, module.out_features):
+            raise CheckpointError(f"{name}: packed shape {module.in_features}->{module.out_features} does not "
+                                  f"match the config ({target.in_features}->{target.out_features})")
+        set_module(root, name, module)
+    return {f"{n}.{s}" for n in linears for s in ("qweight", "qzeros", "scales", "bias", "weight", "log_scale")}
 
 
-def _load_vision_tower(cfg: LlavaConfig, store: TensorStore, folder: Path, dtype: torch.dtype) -> nn.Module | None:
-    """The CLIP tower: bundled in the checkpoint (``VISION_PREFIX`` tensors), else the transformers CLIP
-    folder or Hub id ``mm_vision_tower`` names (LLaVA-1.5: openai/clip-vit-large-patch14-336)."""
-    keys = [k for k in store.keys() if k.startswith(VISION_PREFIX)]
-    if keys:
-        return tower_from_tensors(_vision_config(cfg, store),
-                                  {k[len(VISION_PREFIX):]: store.get(k) for k in keys}, dtype, str(folder))
-    if not cfg.mm_vision_tower:
-        return None
-    path = resolve_model_path(cfg.mm_vision_tower, base=folder)
-    try:
-        return load_clip_folder(path, dtype)
-    except CheckpointError as exc:
-        raise CheckpointError(f"cannot load the vision tower from {path} (mm_vision_tower="
-                              f"{cfg.mm_vision_tower!r}): {exc}") from exc
+def load_llama(opened: OpenedCheckpoint, spec: LlamaSpec, options: LoadOptions,
+               tie_word_embeddings: bool = False) -> tuple[LlamaForCausalLM, set[str]]:
+    """The LLaMA decoder under keys ``model.*`` / ``lm_head.weight``: meta build, quantized linears, dense
+    tensors in ``options.dtype`` (the embedding table keeps its stored dtype), a tied or half lm_head,
+    fusion and kernel preparation. Returns the model and the checkpoint keys it used."""
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(spec)
+    names = [f"model.layers.{i}.{lin}" for i in range(spec.num_layers) for lin in LLAMA_LINEARS]
+    linears = quantized_linears(opened, options, names)
+    used = install_linears(lm, linears, f"a LLaMA with {spec.num_layers} layers")
+    del linears  # the model holds the layers now: fusing below frees each part as it goes
+    lm.rotary = Rotary(spec)  # computed tables, not checkpoint tensors
+    store = opened.store
+    for name, tensor in list(lm.named_parameters()) + list(lm.named_buffers()):
+        if not tensor.is_meta:
+            continue
+        key = name
+        if name == "lm_head.weight" and key not in store and tie_word_embeddings:
+            key = "model.embed_tokens.weight"
+        if key not in store:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {opened.folder}")
+        src = store.get(key)
+        used.add(key)
+        if name == "lm_head.weight" and options.half_lm_head and kernels.keep_half_head(src, options.dtype):
+            lm.lm_head = HalfLinear(src)
+            continue
+        target_dtype = src.dtype if name == "model.embed_tokens.weight" else options.dtype
+        assign(lm, name, src.to(target_dtype))
+    if options.fuse:
+        lm.fuse_projections()
+    lm.prepare_kernels(release_awq=not options.keep_awq)
+    return lm, used
 
 
-def _return_freed_memory() -> None:
+def warn_unused(opened: OpenedCheckpoint, used: set[str], also_ignored=()) -> None:
+    unused = [k for k in opened.store.keys()
+              if k not in used and not is_ignored_key(k) and not k.startswith(tuple(also_ignored))]
+    if unused:
+        log.warning("%d checkpoint tensors are not used by the model (e.g. %s)", len(unused), unused[0])
+
+
+def return_freed_memory() -> None:
     """Hand memory freed during loading (file buffers, unfused parts, released AWQ tensors) back to the OS.
     glibc keeps freed blocks below its adaptive mmap threshold (up to 32 MiB: the q/k/v parts) in the heap,
     where they would stay in the resident size. No-op without glibc."""
-    import ctypes
-    import sys
-
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -159,105 +191,27 @@ def _return_freed_memory() -> None:
             pass
 
 
-def _keep_half_head(src: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Keep an fp16/bf16 ``lm_head`` as stored (``HalfLinear``: exact fp32 results, half the bytes read per
-    token) when the model runs in fp32 with the native CPU kernels; else it is converted to ``dtype``."""
-    from ..kernels import native
+def language_bytes(lm: nn.Module) -> dict[str, int]:
+    """Resident bytes of a language model by part: packed INT4 tensors, kernel layouts, the rest."""
+    int4 = [m for m in lm.modules() if isinstance(m, Int4Linear)]
+    return {"int4_linears": sum(m.nbytes() for m in int4 if not m.awq_released),
+            "int4_kernel_layouts": sum(m.cache_nbytes() for m in int4),
+            "language_dense": module_nbytes(lm) - sum(module_nbytes(m) for m in int4)}
 
-    return (dtype == torch.float32 and src.dtype in (torch.float16, torch.bfloat16)
-            and src.device.type == "cpu" and native.load_library() is not None)
 
+# -- the entry point -----------------------------------------------------------------------------------------
 
 def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
                     quantize: str | None = None, vision_dtype: torch.dtype | None = None,
                     fuse: bool = True, keep_awq: bool = False, half_lm_head: bool = True) -> LoadedModel:
-    """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference; also
-    AutoAWQ GEMM, compressed-tensors W4A16 and dense llava-hf checkpoints (``formats.hf_map.open_mapped``
-    presents those as LLaVA-original names + AWQ triples).
-
-    ``fuse`` concatenates q/k/v and gate/up into single linears after loading (exact, fewer calls).
-    ``keep_awq``: keep each INT4 layer's AWQ buffers next to the CPU kernels' own layout; by default they
-    are freed once that layout holds the same bits (rebuilt on demand: ``Int4Linear.release_awq``).
-    ``vision_dtype``: dtype of the vision tower and projector (default ``dtype``). With ``dtype`` float32 on
-    CPU and ``half_lm_head`` an fp16/bf16 ``lm_head`` stays as stored (``HalfLinear``: fp32 results, half
-    the bytes per token; inference only: training passes ``half_lm_head=False`` for a trainable nn.Linear).
-    """
+    """Load any supported checkpoint (folder or Hub id, every family and format ``open_checkpoint`` reads)
+    for inference; see ``LoadOptions`` for the arguments."""
     t0 = time.perf_counter()
-    folder = resolve_model_path(model)
-    fmt = detect_format(folder)
-    if fmt == "gguf":
-        raise CheckpointError(f"{folder} holds GGUF files, which are for llama.cpp; gracevlm loads the checkpoint "
-                              "they were exported from (GRACE AWQ/QAT, AutoAWQ, compressed-tensors, llava-hf)")
-    mapped = None
-    if fmt in MAPPED_FORMATS:
-        mapped = open_mapped(folder, fmt)
-        cfg, store = mapped.config, mapped.store
-    else:
-        cfg = LlavaConfig.from_file(folder / "config.json")
-        store = TensorStore(folder)
-    tokenizer = LlamaTokenizer.from_dir(folder)
-    spec = llama_spec(cfg)
-    with torch.device("meta"):
-        lm = LlamaForCausalLM(spec)
-    if mapped is not None and mapped.modules and quantize not in (None, "none"):
-        raise CheckpointError(f"--quantize {quantize} applies to dense checkpoints; {folder} is already quantized")
-    packed = _packed_linears(cfg, store, fmt, folder, quantize, backend, mapped)
-    for name, module in packed.items():
-        try:
-            target = lm.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"quantized module {name!r} does not exist in a LLaMA with "
-                                  f"{cfg.num_hidden_layers} layers") from None
-        if (target.in_features, target.out_features) != (module.in_features, module.out_features):
-            raise CheckpointError(f"{name}: packed shape {module.in_features}->{module.out_features} does not "
-                                  f"match the config ({target.in_features}->{target.out_features})")
-        _set_module(lm, name, module)
-    used = {f"{n}.{s}" for n in packed for s in ("qweight", "qzeros", "scales", "bias", "weight")}
-    del packed  # the model holds the layers now: fusing below frees each part as it goes
-    lm.rotary = Rotary(spec)  # computed tables, not checkpoint tensors
-    for name, tensor in list(lm.named_parameters()) + list(lm.named_buffers()):
-        if not tensor.is_meta:
-            continue
-        key = name
-        if name == "lm_head.weight" and key not in store and cfg.tie_word_embeddings:
-            key = "model.embed_tokens.weight"
-        if key not in store:
-            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {folder}")
-        src = store.get(key)
-        used.add(key)
-        if name == "lm_head.weight" and half_lm_head and _keep_half_head(src, dtype):
-            lm.lm_head = HalfLinear(src)
-            continue
-        target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
-        _assign(lm, name, src.to(target_dtype))
-
-    if fuse:
-        lm.fuse_projections()
-    lm.prepare_kernels(release_awq=not keep_awq)
-
-    projector = None
-    if f"{PROJECTOR_PREFIX}0.weight" in store:
-        if cfg.mm_projector_type != "mlp2x_gelu":
-            raise CheckpointError(f"mm_projector_type {cfg.mm_projector_type!r} is not supported (mlp2x_gelu)")
-        with torch.device("meta"):
-            projector = Projector(cfg.mm_hidden_size, cfg.hidden_size)
-        for name, _ in list(projector.named_parameters()):
-            key = PROJECTOR_PREFIX + name
-            _assign(projector, name, store.get(key).to(vision_dtype or dtype))
-            used.add(key)
-    vision = _load_vision_tower(cfg, store, folder, vision_dtype or dtype) if projector is not None else None
-    unused = [k for k in store.keys() if k not in used and not k.startswith(VISION_PREFIX) and not is_ignored_key(k)]
-    if unused:
-        log.warning("%d checkpoint tensors are not used by the model (e.g. %s)", len(unused), unused[0])
-    model = LlavaModel(vision, projector, lm, cfg.mm_vision_select_layer, cfg.mm_vision_select_feature).eval()
-    _return_freed_memory()
-    stats = LoadStats(fmt, file_bytes=store.file_bytes())
-    stats.bytes_by_part = {
-        "int4_linears": sum(m.nbytes() for m in lm.modules() if isinstance(m, Int4Linear) and not m.awq_released),
-        "int4_kernel_layouts": sum(m.cache_nbytes() for m in lm.modules() if isinstance(m, Int4Linear)),
-        "language_dense": _nbytes(lm) - sum(_nbytes(m) for m in lm.modules() if isinstance(m, Int4Linear)),
-        "vision_tower": _nbytes(vision) if vision is not None else 0,
-        "projector": _nbytes(projector) if projector is not None else 0,
-    }
-    stats.load_seconds = time.perf_counter() - t0
-    return LoadedModel(model, tokenizer, cfg, folder, stats)
+    options = LoadOptions(dtype, backend, quantize, vision_dtype, fuse, keep_awq, half_lm_head)
+    opened = open_checkpoint(model)
+    loaded = opened.family.build(opened, options)
+    loaded.family = opened.family
+    return_freed_memory()
+    loaded.stats.file_bytes = opened.file_bytes()
+    loaded.stats.load_seconds = time.perf_counter() - t0
+    return loaded

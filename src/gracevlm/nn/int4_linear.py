@@ -15,7 +15,8 @@ class Int4Linear(nn.Module):
     Buffers (the on-disk AWQ tensors, kept bit-exact): ``qweight [I, O/8]`` int32,
     ``qzeros [I/g, O/8]`` int32, ``scales [I/g, O]`` (fp16), optional ``bias [O]``.
     Input ``x [..., I]`` of any float dtype; output ``[..., O]`` in x's dtype.
-    ``backend`` (or env ``GRACEVLM_BACKEND``) forces a kernel; default is automatic by device and rows.
+    ``backend`` forces a kernel (``kernels.backend_choice`` resolves it at load); default: automatic by
+    device and rows.
 
     ``release_awq`` (used by the CPU loader once the native kernels hold an exact copy in their own layout)
     frees ``qweight``/``qzeros``/``scales``; reading them, ``to_awq()`` and ``state_dict()`` then rebuild the

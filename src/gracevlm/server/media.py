@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 
 from ..errors import InputError
-from ..models.llava.processing import load_image
+from ..engine.images import ImageTooLarge, RGBImage, decode_image as decode_rgb
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -54,7 +51,7 @@ class MediaPolicy:
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)((?:;[^;,]*)*?);base64,", re.ASCII)
 
 
-def load_image_url(url: str, policy: MediaPolicy) -> Image.Image:
+def load_image_url(url: str, policy: MediaPolicy) -> RGBImage:
     """Fetch (under ``policy``) and decode one image."""
     return decode_image(fetch_bytes(url, policy), policy.max_image_pixels)
 
@@ -164,23 +161,16 @@ def _remote(url: str, policy: MediaPolicy) -> bytes:
         raise MediaError(400, "image_fetch_failed", f"fetching the image URL failed: {reason}") from None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image; 413 when the header announces more than ``max_pixels``, 422 when undecodable."""
+def decode_image(data: bytes, max_pixels: int) -> RGBImage:
+    """Bytes -> an image decoded once (the engine uses it as it is); 413 when the header announces more than
+    ``max_pixels``, 422 when undecodable."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-    except Image.DecompressionBombError:
-        raise MediaError(413, "image_too_large", "the image has too many pixels") from None
-    except Exception:
-        raise MediaError(422, "invalid_image", "the image could not be decoded (not a supported image "
-                         "format, or truncated)") from None
-    if width * height > max_pixels:
-        raise MediaError(413, "image_too_large", f"the image has {width}x{height} = {width * height} pixels, "
-                         f"more than the server's limit of {max_pixels}")
-    try:
-        return load_image(data, max_pixels=max_pixels)
+        return decode_rgb(data, max_pixels)
+    except ImageTooLarge as exc:
+        if not exc.width:
+            raise MediaError(413, "image_too_large", "the image has too many pixels") from None
+        raise MediaError(413, "image_too_large", f"the image has {exc.width}x{exc.height} = "
+                         f"{exc.width * exc.height} pixels, more than the server's limit of {max_pixels}") from None
     except InputError:
-        raise MediaError(422, "invalid_image", "the image could not be decoded (corrupt or unsupported "
-                         "pixel data)") from None
+        raise MediaError(422, "invalid_image", "the image could not be decoded (not a supported image format, "
+                         "truncated, or corrupt pixel data)") from None

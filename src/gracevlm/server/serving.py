@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -31,7 +31,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..engine.generate import PromptTooLong
 from ..engine.sampling import SamplingParams
-from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed, prepare_chat, prepare_raw
+from ..engine.prepare import prepare_chat, prepare_text
+from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed
 from ..errors import GraceVLMError, InputError
 from . import protocol as P
 from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MediaError, MediaPolicy, load_image_url
@@ -143,8 +144,8 @@ class ServerState:
         try:
             t0 = time.perf_counter()
             vlm = self._loader(c)
-            if c.max_image_pixels > vlm.image_spec.max_pixels:  # the engine must not refuse what we allow
-                vlm.image_spec = replace(vlm.image_spec, max_pixels=c.max_image_pixels)
+            if c.max_image_pixels > vlm.max_image_pixels:  # the engine must not refuse what we allow
+                vlm.set_max_image_pixels(c.max_image_pixels)
             scheduler = BatchScheduler(vlm, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
                                        max_model_len=c.max_model_len, request_timeout=c.request_timeout,
                                        prefill_chunk=c.prefill_chunk, batch_invariant=c.batch_invariant)
@@ -386,7 +387,7 @@ class Serving:
             prompt = prompt[0]
         params = sampling_params(req, req.max_tokens or 16)
         vlm = state.vlm
-        handle = await self._submit(lambda: prepare_raw(vlm, prompt), params)
+        handle = await self._submit(lambda: prepare_text(vlm, prompt), params)
         rid, created, name = P.new_id("cmpl"), P.now(), state.config.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if not req.stream:

@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..formats.awq import pack_awq
-from ..formats.checkpoint import (AWQ_MODULES_NAME, PROJECTOR_PREFIX, VISION_PREFIX, ShardWriter, replace_folder,
-                                  write_json_atomic)
+from ..formats.checkpoint import AWQ_MODULES_NAME, ShardWriter, replace_folder, write_json_atomic
 from ..formats.qat import SIDECAR_NAME
-from ..models.loader import LINEAR_NAMES
+from ..models.llava.config import PROJECTOR_PREFIX, VISION_PREFIX
+from ..models.loader import LLAMA_LINEARS as LINEAR_NAMES
 
 
 @dataclass(frozen=True)

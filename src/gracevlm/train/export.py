@@ -6,9 +6,9 @@
 * ``export_awq``: QAT folder -> GRACE AWQ release folder through ``formats.pack.pack_qat_checkpoint``,
   the same code path as ``gracevlm pack`` (which verifies every layer bit-exactly).
 
-Tensor names follow the LLaVA-original keys (``model.layers.N...``, ``lm_head.weight``,
-``model.mm_projector.{0,2}.*``, ``model.vision_tower.vision_tower.vision_model.*``). Accepted models: our
-``LlavaModel``, our ``LlamaForCausalLM`` and transformers' ``LlavaForConditionalGeneration`` (5.x names).
+Tensor names and the config come from the model's family (``Family.checkpoint_key`` / ``config_for_model``;
+LLaVA: the LLaVA-original keys, for our ``LlavaModel``, our ``LlamaForCausalLM`` and transformers'
+``LlavaForConditionalGeneration``).
 """
 from __future__ import annotations
 
@@ -21,99 +21,15 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..formats.checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, ShardWriter, make_public, write_json_atomic
+from ..formats.checkpoint import ShardWriter, make_public, write_json_atomic
 from ..formats.pack import TOKENIZER_FILES, PackReport, pack_qat_checkpoint
 from ..formats.qat import SIDECAR_NAME
-from ..models.llama import LlamaForCausalLM
-from ..models.llava.model import LlavaModel
+from ..models.registry import family_for_model
 from .qat import GRACE_SKIP_KEYWORDS, lsq_layers
 
-_HF_MAP = (("model.language_model.", "model."), ("model.multi_modal_projector.linear_1.", PROJECTOR_PREFIX + "0."),
-           ("model.multi_modal_projector.linear_2.", PROJECTOR_PREFIX + "2."), ("model.vision_tower.", VISION_PREFIX),
-           ("lm_head.", "lm_head."))
-_OURS_MAP = (("language_model.", ""), ("projector.", PROJECTOR_PREFIX), ("vision_tower.", VISION_PREFIX))
-
-
-def _layout(model: nn.Module) -> str:
-    if isinstance(model, LlavaModel):
-        return "ours"
-    if isinstance(model, LlamaForCausalLM):
-        return "llama"
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "language_model") and hasattr(model, "lm_head"):
-        return "hf"
-    raise InputError(f"cannot export a {type(model).__name__}: expected gracevlm's LlavaModel or "
-                     "LlamaForCausalLM, or transformers' LlavaForConditionalGeneration")
-
-
-def grace_key(name: str, layout: str) -> str | None:
-    """Our in-memory parameter name -> LLaVA-original checkpoint key (None: not saved)."""
-    if name.endswith("position_ids") or name.endswith("rotary.inv_freq"):
-        return None
-    if layout == "llama":
-        return name
-    for src, dst in (_OURS_MAP if layout == "ours" else _HF_MAP):
-        if name.startswith(src):
-            return dst + name[len(src):]
-    raise InputError(f"parameter {name!r} has no LLaVA-original checkpoint name")
-
-
-def _vision_config_dict(tower: nn.Module | None) -> dict | None:
-    if tower is None or not hasattr(tower, "config"):
-        return None
-    c = tower.config
-    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-            "image_size": c.image_size, "patch_size": c.patch_size, "hidden_act": c.hidden_act,
-            "layer_norm_eps": c.layer_norm_eps}
-
-
-def llava_config(model: nn.Module, conv_mode: str | None = None, max_length: int = 2048) -> dict:
-    """A LLaVA-original config.json dict describing ``model`` (with the ``mm_vision_config`` extension
-    describing a bundled CLIP-style tower)."""
-    layout = _layout(model)
-    if layout == "hf":
-        tc = model.config.text_config
-        hidden, inter, layers = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
-        heads, kv, vocab = tc.num_attention_heads, tc.num_key_value_heads, tc.vocab_size
-        eps, theta = tc.rms_norm_eps, getattr(tc, "rope_theta", None) or 10000.0
-        max_pos = tc.max_position_embeddings
-        vision = _vision_config_dict(model.model.vision_tower)
-        layer = model.config.vision_feature_layer
-        feature = "patch" if model.config.vision_feature_select_strategy == "default" else "cls_patch"
-        has_vision = True
-    else:
-        lm = model.language_model if layout == "ours" else model
-        sp = lm.spec
-        hidden, inter, layers, heads, kv, vocab = (sp.hidden_size, sp.intermediate_size, sp.num_layers,
-                                                   sp.num_heads, sp.num_kv_heads, sp.vocab_size)
-        eps, theta, max_pos = sp.rms_norm_eps, sp.rope_theta, sp.max_position_embeddings
-        vision = _vision_config_dict(model.vision_tower) if layout == "ours" else None
-        layer = model.select_layer if layout == "ours" else -2
-        feature = model.select_feature if layout == "ours" else "patch"
-        has_vision = layout == "ours" and model.projector is not None
-    cfg = {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv, "hidden_act": "silu",
-        "rms_norm_eps": eps, "max_position_embeddings": max_pos, "vocab_size": vocab,
-        "rope_theta": float(theta), "rope_scaling": None, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-        "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True,
-        "tokenizer_model_max_length": max_length, "tokenizer_padding_side": "right",
-    }
-    if has_vision:
-        cfg.update({
-            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-            "mm_hidden_size": vision["hidden_size"] if vision else 1024,
-            "mm_vision_select_layer": layer, "mm_vision_select_feature": feature,
-            "mm_projector_type": "mlp2x_gelu", "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad",
-            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
-        })
-        if vision:
-            cfg["mm_vision_config"] = vision
-    if conv_mode:
-        cfg["conv_mode"] = conv_mode
-    return cfg
+def checkpoint_config(model: nn.Module, conv_mode: str | None = None, max_length: int = 2048) -> dict:
+    """The ``config.json`` dict describing ``model`` in its family's checkpoint layout."""
+    return family_for_model(model).config_for_model(model, conv_mode, max_length)
 
 
 def _floating(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -139,7 +55,7 @@ def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype,
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"{out} exists and is not empty; pass force=True to replace it")
-    layout = _layout(model)
+    family = family_for_model(model)
     lsq = lsq_layers(model)
     if sidecar and not lsq:
         raise InputError("the model has no LSQLinear layers; call gracevlm.train.prepare(model) first "
@@ -154,7 +70,7 @@ def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype,
         for name, tensor in model.state_dict().items():
             if name in scale_keys:
                 continue
-            key = grace_key(name, layout)
+            key = family.checkpoint_key(name, model)
             if key is None:
                 continue
             layer = baked_keys.get(name)
@@ -201,10 +117,10 @@ def save_dense_checkpoint(model: nn.Module, out_dir: str | os.PathLike, config: 
     """Write ``model`` as a plain LLaVA-1.5 checkpoint folder (LSQ layers, if any, as baked ``q * s``).
 
     ``config``: the config.json dict to write (its ``qat``/``awq_packing`` fields are dropped); default
-    ``llava_config(model)``. ``dtype``: cast floating tensors (None keeps them). Tokenizer files and
+    ``checkpoint_config(model)``. ``dtype``: cast floating tensors (None keeps them). Tokenizer files and
     generation_config.json are copied from ``tokenizer_dir``.
     """
-    return _write_folder(model, out_dir, config or llava_config(model), tokenizer_dir, dtype, dtype, False, force)
+    return _write_folder(model, out_dir, config or checkpoint_config(model), tokenizer_dir, dtype, dtype, False, force)
 
 
 def export_qat(model: nn.Module, out_dir: str | os.PathLike, config: dict | None = None,
@@ -217,7 +133,7 @@ def export_qat(model: nn.Module, out_dir: str | os.PathLike, config: dict | None
     ``log_scale`` of each layer; ``config.json`` gains GRACE's ``qat`` section. Other tensors are cast to
     ``dtype`` (None keeps them).
     """
-    return _write_folder(model, out_dir, config or llava_config(model), tokenizer_dir, dtype, weight_dtype,
+    return _write_folder(model, out_dir, config or checkpoint_config(model), tokenizer_dir, dtype, weight_dtype,
                          True, force)
 
 

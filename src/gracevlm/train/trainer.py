@@ -41,11 +41,9 @@ from tqdm import tqdm
 from ..errors import CheckpointError, InputError
 from ..formats.pack import pack_qat_checkpoint
 from ..models.loader import load_checkpoint
-from ..models.llava.processing import ImageSpec
 from ..nn import Int4Linear
 from .data import ConversationDataset, load_records
 from .export import export_qat, save_dense_checkpoint
-from .forward import forward_batch, n_image_tokens
 from .losses import IBController, gated_dkd_loss_flat, rcka_loss_batched, rcka_weight
 from .qat import prepare
 
@@ -226,12 +224,12 @@ class Trainer:
 
         max_len = cfg.max_length or min(self.loaded.config.tokenizer_model_max_length,
                                         self.loaded.config.max_position_embeddings)
-        spec = ImageSpec.from_llava_config(self.base_config, size=self.model.vision_tower.config.image_size)
-        self.dataset = ConversationDataset(load_records(cfg.data), self.tokenizer, cfg.image_folder, spec,
-                                           cfg.conv_mode, max_len)
+        self.family = self.loaded.family
+        fmt = self.family.training_format(self.loaded, cfg.conv_mode)
+        self.dataset = ConversationDataset(load_records(cfg.data), fmt, cfg.image_folder, max_len)
         if len(self.dataset) == 0:
             raise InputError(f"{cfg.data} holds no records")
-        self.n_patches = n_image_tokens(self.model)
+        self.n_patches = self.family.image_tokens(self.model)
         self.global_batch = self.world * cfg.batch_size * cfg.grad_accum
         self.total_steps = cfg.steps if cfg.steps is not None else \
             max(1, math.ceil(cfg.epochs * len(self.dataset) / self.global_batch))
@@ -299,7 +297,7 @@ class Trainer:
     def _micro_losses(self, batch: dict, beta: float, omega: float) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         grace = cfg.method == "grace"
-        out = forward_batch(self.model, batch, cfg.rcka_layer if grace else None)
+        out = self.family.forward_batch(self.model, batch, cfg.rcka_layer if grace else None)
         if out.targets.numel():
             ce = F.cross_entropy(out.logits, out.targets)
         else:
@@ -308,7 +306,7 @@ class Trainer:
         loss = ce
         if grace:
             with torch.no_grad():
-                tout = forward_batch(self.teacher, batch, cfg.rcka_layer)
+                tout = self.family.forward_batch(self.teacher, batch, cfg.rcka_layer)
             gdkd = gated_dkd_loss_flat(out.logits, tout.logits, out.targets, cfg.temperature, cfg.dkd_alpha,
                                        cfg.dkd_beta, chunk_size=cfg.dkd_chunk)
             if out.image_hidden is not None:

@@ -1,15 +1,10 @@
-"""Image loading and CLIP preprocessing for LLaVA-1.5 (CLIP ViT-L/14-336 vision tower).
+"""CLIP preprocessing for LLaVA-1.5 (CLIP ViT-L/14-336 vision tower).
 
 Pipeline of ``preprocess_image`` (LLaVA-1.5 ``process_images`` with ``image_aspect_ratio == "pad"``):
 
-1. ``load_image``: decode and convert to RGB with ``PIL.Image.convert("RGB")`` semantics, as LLaVA's
-   loader (``Image.open(...).convert("RGB")``) does. Alpha is dropped, not composited: RGBA/LA/PA
-   keep their raw colour values, P-with-transparency uses the palette colours. Two deliberate
-   departures, both for modes where ``convert`` throws information away: 16-bit greyscale
-   (``I;16*`` and ``I``) is scaled from 0..65535 to 0..255 (``round(v / 257)``) instead of clipped
-   at 255, and ``F`` is clipped to 0..255 and truncated (what ``convert`` does; NaN becomes 0).
-   EXIF orientation is *not* applied (LLaVA does not apply it either). Animated images give their
-   first frame. The pixel count is checked against ``max_pixels`` before any pixel is decoded.
+1. ``models.images.load_image``: decode and convert to RGB with ``PIL.Image.convert("RGB")`` semantics, as
+   LLaVA's loader (``Image.open(...).convert("RGB")``) does (details there); an ``RGBImage`` (decoded once by
+   ``decode_image``) is used as it is.
 2. ``pad_to_square``: LLaVA's ``expand2square`` - a square canvas of side ``max(W, H)`` filled with
    the mean colour ``int(255 * m)`` per channel = (122, 116, 104), the image pasted at
    ``((S - W) // 2, (S - H) // 2)``. Skipped for ``aspect`` "square" / "none".
@@ -24,29 +19,22 @@ the vision tower or about dtypes beyond float32; casting to fp16 is the caller's
 """
 from __future__ import annotations
 
-import io
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Union
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ...errors import InputError
+from ..images import DEFAULT_MAX_PIXELS, ImageSource, RGBImage, check_pixels, check_positive_int, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_MAX_PIXELS = 64_000_000
 ASPECTS = ("pad", "square", "none")
-
-ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO, Image.Image]
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I;16LS", "I;16BS", "I")
-
 
 def mean_fill(mean: Iterable[float] = CLIP_MEAN) -> tuple[int, ...]:
     """LLaVA's padding colour: ``tuple(int(m * 255) for m in mean)``; (122, 116, 104) for CLIP."""
@@ -83,10 +71,10 @@ class ImageSpec:
 
     def __post_init__(self) -> None:
         where = "ImageSpec"
-        _check_positive_int(self.size, f"{where}.size")
+        check_positive_int(self.size, f"{where}.size")
         if self.crop_size is not None:
-            _check_positive_int(self.crop_size, f"{where}.crop_size")
-        _check_positive_int(self.max_pixels, f"{where}.max_pixels")
+            check_positive_int(self.crop_size, f"{where}.crop_size")
+        check_positive_int(self.max_pixels, f"{where}.max_pixels")
         for name in ("mean", "std"):
             value = getattr(self, name)
             try:
@@ -221,153 +209,6 @@ class ImageSpec:
         return cls(aspect=aspect, **overrides)
 
 
-def _check_positive_int(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise InputError(f"{what} must be a positive integer, got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``source`` into a new RGB ``PIL.Image.Image`` (first frame, no EXIF rotation).
-
-    ``source``: a path (``str`` / ``os.PathLike``), encoded bytes (``bytes``, ``bytearray``,
-    ``memoryview``), a binary file object, or a ``PIL.Image.Image`` (not modified; a converted
-    copy is returned). Raises ``InputError`` when the file is missing, empty or not a decodable
-    image, when its mode cannot be made RGB, or when it has more than ``max_pixels`` pixels (checked
-    from the header, before decoding; PIL's own decompression-bomb limit also raises).
-    """
-    _check_positive_int(max_pixels, "max_pixels")
-
-    if isinstance(source, Image.Image):
-        return _from_pil(source, max_pixels)
-
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        name = repr(path)
-        if path.startswith(("http://", "https://")):
-            raise InputError(
-                f"image source {name} is a URL; gracevlm does not download images - fetch the file "
-                "first and pass its path or its bytes"
-            )
-        if not os.path.exists(path):
-            raise InputError(f"image file {name} does not exist; check the path (cwd: {os.getcwd()!r})")
-        if os.path.isdir(path):
-            raise InputError(f"image path {name} is a directory; pass the path of an image file")
-        if os.path.getsize(path) == 0:
-            raise InputError(f"image file {name} is empty (0 bytes), not a decodable image; re-download or re-export it")
-        try:
-            fp: Any = open(path, "rb")
-        except OSError as exc:
-            raise InputError(f"image file {name} cannot be opened ({exc}); check its permissions") from exc
-        with fp:
-            return _decode(fp, f"image file {name}", max_pixels)
-
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        name = f"<bytes, {len(data)} bytes>"
-        if not data:
-            raise InputError(f"image {name} is empty, not a decodable image; pass the encoded file contents")
-        return _decode(io.BytesIO(data), f"image {name}", max_pixels)
-
-    if hasattr(source, "read"):
-        label = getattr(source, "name", None)
-        name = f"image file object {label!r}" if isinstance(label, (str, bytes)) else "image <file object>"
-        if isinstance(source, io.TextIOBase):
-            raise InputError(f"{name} is opened in text mode; open it in binary mode ('rb')")
-        return _decode(source, name, max_pixels)
-
-    raise InputError(
-        f"image source of type {type(source).__name__} is not supported; pass a path, bytes, a binary "
-        "file object or a PIL.Image.Image (for an array use PIL.Image.fromarray first)"
-    )
-
-
-def _decode(fp: Any, name: str, max_pixels: int) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            # PIL warns above Image.MAX_IMAGE_PIXELS and raises above twice that; both are refusals here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(
-            f"{name} is refused as a possible decompression bomb: {exc} Raise "
-            "PIL.Image.MAX_IMAGE_PIXELS (and max_pixels) only for trusted images."
-        ) from exc
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, SyntaxError, struct.error, ...)
-        raise InputError(
-            f"{name} is not a decodable image ({type(exc).__name__}: {exc}); check that it is a complete "
-            "image file in a format PIL reads (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)"
-        ) from exc
-    with img:
-        return _from_pil(img, max_pixels, name=name)
-
-
-def _from_pil(img: Image.Image, max_pixels: int, name: str = "PIL image") -> Image.Image:
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise InputError(f"{name} has size {width}x{height}; an image needs at least one pixel")
-    if width * height > max_pixels:
-        raise InputError(
-            f"{name} is {width}x{height} = {width * height:,} pixels, over the cap of {max_pixels:,} "
-            "pixels (max_pixels, a decompression-bomb guard); downscale the image or raise max_pixels "
-            "(ImageSpec.max_pixels) if it is trusted"
-        )
-    frame = img.tell() if getattr(img, "n_frames", 1) > 1 else 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if frame:
-                img.seek(0)
-            try:
-                img.load()
-                rgb = _to_rgb(img, name)
-            finally:
-                if frame:
-                    img.seek(frame)  # leave a caller's animated image on the frame it was on
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{name} is refused as a possible decompression bomb: {exc}") from exc
-    except Exception as exc:
-        raise InputError(
-            f"{name} is not a decodable image ({type(exc).__name__}: {exc}); the file is probably "
-            "truncated or corrupt - re-download or re-export it"
-        ) from exc
-    return rgb
-
-
-def _to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
-    """RGB copy of ``img`` with ``convert("RGB")`` semantics, except 16-bit grey is scaled, not clipped."""
-    mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        # convert() clips 16-bit / 32-bit integer grey at 255 (a 16-bit PNG turns almost white);
-        # map 0..65535 linearly onto 0..255 instead: round(v / 257) (257 = 65535 / 255, odd, no ties).
-        values = np.asarray(img).astype(np.int64)
-        grey = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "F":
-        # Same as convert(): clip to 0..255 and truncate; NaN -> 0.
-        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-        grey = np.floor(np.clip(values, 0.0, 255.0)).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    try:
-        with warnings.catch_warnings():
-            # "Palette images with Transparency expressed in bytes should be converted to RGBA":
-            # dropping the transparency is exactly what LLaVA's convert("RGB") does.
-            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
-            return img.convert("RGB")
-    except ValueError as exc:
-        raise InputError(
-            f"{name} has mode {mode!r}, which PIL cannot convert to RGB ({exc}); convert it to RGB "
-            "yourself (e.g. with PIL.ImageCms for LAB)"
-        ) from exc
-
-
 # ---------------------------------------------------------------------------------------------
 # Geometry
 
@@ -441,7 +282,11 @@ def preprocess_image(source: ImageSource, spec: ImageSpec | None = None) -> torc
     spec = ImageSpec() if spec is None else spec
     if not isinstance(spec, ImageSpec):
         raise InputError(f"spec must be an ImageSpec, got {type(spec).__name__}")
-    img = load_image(source, max_pixels=spec.max_pixels)
+    if isinstance(source, RGBImage):  # decoded once by the caller (decode_image): use it as it is
+        check_pixels(source.image, spec.max_pixels, "image")
+        img = source.image
+    else:
+        img = load_image(source, max_pixels=spec.max_pixels)
     if spec.aspect == "pad":
         img = pad_to_square(img, spec.fill)
     new_w, new_h = resize_output_size(img.width, img.height, spec.size)
@@ -461,7 +306,7 @@ def preprocess_images(sources: Iterable[ImageSource], spec: ImageSpec | None = N
     """A list of images -> float32 ``[N, 3, S, S]`` (``[0, 3, S, S]`` for an empty list). An error
     in one image is re-raised as ``InputError`` naming its index."""
     spec = ImageSpec() if spec is None else spec
-    if isinstance(sources, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or hasattr(sources, "read"):
+    if isinstance(sources, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, RGBImage)) or hasattr(sources, "read"):
         raise InputError(
             "preprocess_images takes a list of images, got a single "
             f"{type(sources).__name__}; wrap it in a list or call preprocess_image"

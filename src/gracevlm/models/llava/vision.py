@@ -14,7 +14,7 @@ from torch import nn
 
 from ...errors import CheckpointError
 from ...formats.checkpoint import TensorStore, read_json_object
-from .weights import CLIP_L336
+from .config import CLIP_L336
 
 
 @dataclass
@@ -34,7 +34,7 @@ class CLIPVisionSpec:
     @classmethod
     def from_dict(cls, d: dict, source: str = "vision config") -> "CLIPVisionSpec":
         """From a ``CLIPVisionConfig`` dict, or a ``CLIPConfig`` dict (its ``vision_config``); other keys are
-        ignored, missing ones take CLIP ViT-L/14-336's values (``formats.hf_map.CLIP_L336``)."""
+        ignored, missing ones take CLIP ViT-L/14-336's values (``models.llava.config.CLIP_L336``)."""
         if isinstance(d.get("vision_config"), dict):
             d = d["vision_config"]
         spec = cls(**{f.name: d[f.name] if d.get(f.name) is not None else CLIP_L336[f.name] for f in fields(cls)})

@@ -1,13 +1,13 @@
-"""Differentiable, cache-free forward of a ``LlavaModel`` over a padded training batch."""
+"""Differentiable, cache-free forward of a ``LlavaModel`` over a padded training batch (``Family.forward_batch``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..models.llava.model import LlavaModel
-from ..models.llava.chat import IMAGE_TOKEN_INDEX
-from .data import IGNORE_INDEX
+from ..training import IGNORE_INDEX
+from .chat import IMAGE_TOKEN_INDEX
+from .model import LlavaModel
 
 
 def n_image_tokens(model: LlavaModel) -> int:

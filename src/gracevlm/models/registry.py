@@ -1,0 +1,161 @@
+"""Model families: the contract each one provides, and how a checkpoint finds its family.
+
+A family is one package ``gracevlm.models.<name>`` exposing ``FAMILY``, an instance of a ``Family`` subclass.
+The engine and the front ends talk to a family only through this contract, never to its modules:
+
+- ``recognises(raw)``: does this ``config.json`` dict belong to the family (``model_type`` / ``architectures``)?
+- ``open(folder, fmt, raw)``: the checkpoint under the family's own key names: config, tensor store (a
+  foreign layout renamed/repacked), and the quantized linears (``models.checkpoint.OpenedCheckpoint``).
+- ``build(opened, options)``: the module tree on the meta device, filled from the store (``LoadedModel``).
+- ``runtime(loaded, conv_mode)``: what the engine needs per loaded model: chat templates, prompt
+  tokenization with image markers, image processing, context length (``Runtime``).
+- ``describe(opened)`` and ``part_of(key)``: the architecture facts and weight parts ``inspect`` reports.
+- ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``config_for_model``.
+
+Packages are imported only when a checkpoint asks for them.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from .checkpoint import OpenedCheckpoint
+    from .loader import LoadedModel, LoadOptions
+
+# family name -> package; a new family is one line here plus its folder
+FAMILY_PACKAGES = {"llava": "gracevlm.models.llava"}
+
+
+class Runtime(ABC):
+    """The per-model half of a family that the engine drives (prompts and images in, ids and pixels out).
+
+    ``image_marker``: the id standing for one image in prompt ids (LLaVA: -200; the model's
+    ``embed_prompt`` replaces it by that image's features). ``max_context``: positions the model takes."""
+
+    image_marker: int
+    max_context: int
+
+    @abstractmethod
+    def chat_prompt(self, messages: list[dict], conv_mode: str | None = None) -> tuple[str, list[Any]]:
+        """OpenAI-style messages (content a string or text/image parts) -> (templated prompt text, images in
+        prompt order). Raises InputError naming the message that cannot be rendered."""
+
+    @abstractmethod
+    def user_prompt(self, prompt: str, n_images: int, conv_mode: str | None = None) -> str:
+        """A single-turn prompt with ``n_images`` images, templated."""
+
+    @abstractmethod
+    def tokenize(self, prompt_text: str) -> list[int]:
+        """Templated text -> ids, with ``image_marker`` at each image's place."""
+
+    @abstractmethod
+    def text_ids(self, text: str) -> list[int]:
+        """A plain prompt with no template (no image markers): ids as the tokenizer reads ``text``."""
+
+    @abstractmethod
+    def preprocess(self, images: list[Any]) -> "torch.Tensor":
+        """Images (paths, bytes, PIL, decoded images) -> the vision tower's input tensor."""
+
+    @abstractmethod
+    def set_max_image_pixels(self, max_pixels: int) -> None:
+        """Raise or lower the decompression-bomb cap of ``preprocess``."""
+
+    @property
+    @abstractmethod
+    def max_image_pixels(self) -> int:
+        """The current pixel cap."""
+
+
+class Family(ABC):
+    """One model family (see the module docstring for what each method promises)."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    export_formats: tuple[str, ...] = ()
+
+    def recognises(self, raw: dict) -> bool:
+        arch = raw.get("architectures")
+        arch = arch if isinstance(arch, list) else []
+        return raw.get("model_type") in self.model_types or any(a in self.architectures for a in arch)
+
+    @abstractmethod
+    def open(self, folder: Path, fmt: str, raw: dict) -> "OpenedCheckpoint": ...
+
+    @abstractmethod
+    def build(self, opened: "OpenedCheckpoint", options: "LoadOptions") -> "LoadedModel": ...
+
+    @abstractmethod
+    def runtime(self, loaded: "LoadedModel", conv_mode: str | None = None) -> Runtime: ...
+
+    @abstractmethod
+    def describe(self, opened: "OpenedCheckpoint") -> dict: ...
+
+    def part_of(self, key: str) -> str:
+        """Which part of the model a tensor belongs to (inspect's bytes by part)."""
+        return "weights"
+
+    # training exports (gracevlm.train): models built in memory, written back in the family's layout
+    def owns_model(self, model) -> bool:
+        return False
+
+    def checkpoint_key(self, name: str, model) -> str | None:
+        raise NotImplementedError(f"family {self.name!r} has no training export")
+
+    def config_for_model(self, model, conv_mode: str | None = None, max_length: int = 2048) -> dict:
+        raise NotImplementedError(f"family {self.name!r} has no training export")
+
+    # training (gracevlm.train): data format and the differentiable forward
+    def training_format(self, loaded: "LoadedModel", conv_mode: str | None = None):
+        """An object with ``tokenizer``, ``image_marker``, ``example(record, index) -> models.training.Example``
+        and ``pixels(path) -> tensor``."""
+        raise NotImplementedError(f"family {self.name!r} cannot be trained yet")
+
+    def image_tokens(self, model) -> int:
+        """Feature rows one image contributes (its markers are expanded to this many positions)."""
+        raise NotImplementedError(f"family {self.name!r} cannot be trained yet")
+
+    def forward_batch(self, model, batch: dict, hidden_layer: int | None = None):
+        """Cache-free differentiable forward over a collated batch (``logits``, ``targets``, ``image_hidden``)."""
+        raise NotImplementedError(f"family {self.name!r} cannot be trained yet")
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name`` (imported on first use)."""
+    package = FAMILY_PACKAGES.get(name)
+    if package is None:
+        raise CheckpointError(f"unknown model family {name!r}; gracevlm knows {sorted(FAMILY_PACKAGES)}")
+    return importlib.import_module(package).FAMILY
+
+
+def families() -> list[Family]:
+    return [get_family(name) for name in FAMILY_PACKAGES]
+
+
+def family_for_config(raw: dict, source: str = "config.json") -> Family:
+    """The family a ``config.json`` dict belongs to. A config naming neither ``model_type`` nor
+    ``architectures`` is read as LLaVA-original (older LLaVA training scripts wrote such configs)."""
+    for family in families():
+        if family.recognises(raw):
+            return family
+    if raw.get("model_type") is None and not raw.get("architectures"):
+        return get_family("llava")
+    found = raw.get("model_type") or raw.get("architectures")
+    known = {f.name: f.model_types for f in families()}
+    raise CheckpointError(f"{source}: model type {found!r} is not supported; gracevlm reads these families "
+                          f"(model_type values): {known}")
+
+
+def family_for_model(model) -> Family:
+    """The family whose training export writes ``model`` (an in-memory module tree)."""
+    for family in families():
+        if family.owns_model(model):
+            return family
+    raise InputError(f"cannot export a {type(model).__name__}: no model family knows it (families: "
+                     f"{sorted(FAMILY_PACKAGES)})")
