@@ -7,18 +7,35 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 
-def resolve_local_path(model: str | os.PathLike, base: Path | None = None) -> Path | None:
-    """``model`` as a local folder (absolute, relative to ``base``, or to the cwd) or a Hub id already in the
-    local Hugging Face cache; None when it is neither. Never downloads."""
-    text = os.fspath(model)
+def _local_folder(text: str, base: Path | None) -> Path | None:
+    """``text`` as a folder relative to ``base`` (first) or to the cwd / absolute; CheckpointError for a file."""
     candidates = [Path(text).expanduser()]
     if base is not None and not Path(text).is_absolute():
         candidates.insert(0, base / text)
     for path in candidates:
         if path.is_dir():
             return path.resolve()
+        if path.exists():
+            raise CheckpointError(f"{path} is a file; --model expects a checkpoint folder or a Hub id")
+    return None
+
+
+def _is_hub_id(text: str) -> bool:
     parts = text.split("/")
-    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
+def resolve_local_path(model: str | os.PathLike, base: Path | None = None) -> Path | None:
+    """``model`` as a local folder (absolute, relative to ``base``, or to the cwd) or a Hub id already in the
+    local Hugging Face cache; None when it is neither. Never downloads."""
+    text = os.fspath(model)
+    try:
+        folder = _local_folder(text, base)
+    except CheckpointError:
+        return None
+    if folder is not None:
+        return folder
+    if not _is_hub_id(text):
         return None
     try:
         from huggingface_hub import snapshot_download
@@ -32,16 +49,10 @@ def resolve_model_path(model: str | os.PathLike, base: Path | None = None) -> Pa
     """A local folder (absolute, or relative to ``base`` then to the cwd), else a Hub repo id
     resolved through the local Hugging Face cache, downloading only when online."""
     text = os.fspath(model)
-    candidates = [Path(text).expanduser()]
-    if base is not None and not Path(text).is_absolute():
-        candidates.insert(0, base / text)
-    for path in candidates:
-        if path.is_dir():
-            return path.resolve()
-        if path.exists():
-            raise CheckpointError(f"{path} is a file; --model expects a checkpoint folder or a Hub id")
-    parts = text.split("/")
-    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+    folder = _local_folder(text, base)
+    if folder is not None:
+        return folder
+    if not _is_hub_id(text):
         raise CheckpointError(f"model {text!r} is neither a local folder nor a Hub id of the form 'owner/name'")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
