@@ -1,0 +1,1 @@
+"""Model families, one folder each (``llava/``, ``qwen3_vl/``)."""
