@@ -124,7 +124,8 @@ def random_image(w, h, seed):
 
 
 def write_folder(folder, *, patch=4, **config_kw):
-    """A checkpoint folder without weights: config.json, tokenizer files, preprocessor_config.json.
+    """A checkpoint folder without weights: config.json, tokenizer files, preprocessor_config.json,
+    generation_config.json (eos list + sampling defaults, as the Instruct releases).
     Returns the transformers config."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -132,4 +133,7 @@ def write_folder(folder, *, patch=4, **config_kw):
     cfg = hf_config(ids, patch=patch, **config_kw)
     cfg.save_pretrained(folder)
     Qwen2VLImageProcessorPil(**image_processor_kwargs(patch)).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"],
+        "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20}))
     return cfg

@@ -256,3 +256,52 @@ def test_int4_linears_plug_in(tied, processors):
         b = dense.prefill(dense.prepare(ids, pixels, torch.from_numpy(grids)),
                           dense.language_model.new_cache(1, len(ids)))
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_batched_decode_rows_carry_their_own_offsets(tied, processors):
+    """Two prompts (different lengths and rope offsets) in two cache slots: a batched decode step gives each
+    row the logits it gets alone; the cache-free forward equals the cached prefill."""
+    ours = tied[2]
+    prompts = []
+    for name in ("two images", "text only"):
+        _, ids, pixels, grids = _inputs(processors, name)
+        prompts.append(ours.prepare(ids, pixels, None if grids is None else torch.from_numpy(grids)))
+    assert prompts[0].delta < 0 and prompts[1].delta == 0
+    tokens = torch.tensor([5, 9])
+    lengths = torch.tensor([p.length for p in prompts])
+    deltas = torch.tensor([p.delta for p in prompts])
+    with torch.no_grad():
+        cache = ours.language_model.new_cache(2, int(lengths.max()) + 1)
+        for slot, p in enumerate(prompts):
+            ours.prefill(p, cache, slot=slot)
+        batched = ours.decode_step(tokens, lengths, deltas, cache)
+        for row, p in enumerate(prompts):
+            alone_cache = ours.language_model.new_cache(1, p.length + 1)
+            ours.prefill(p, alone_cache)
+            alone = ours.decode_step(tokens[row:row + 1], lengths[row:row + 1], p.delta, alone_cache)
+            torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-5)
+        p = prompts[0]
+        cached = ours.prefill(p, ours.language_model.new_cache(1, p.length), logits_for="all")
+        free = ours.language_model(p.embeds.unsqueeze(0), torch.arange(p.length).unsqueeze(0), None,
+                                   logits_for="all", rope_positions=p.rope_positions.unsqueeze(1), visual=p.visual)
+    torch.testing.assert_close(free, cached, atol=1e-5, rtol=1e-5)
+
+
+def test_stop_ids_from_generation_config_and_answer_text(tied, processors):
+    from gracevlm.models.qwen3_vl.tokenizer import answer_text, stop_token_ids
+
+    folder, hf, ours = tied
+    tok = processors[1].tokenizer
+    stops = stop_token_ids(folder, tok)
+    assert stops == [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")]
+    hf_in, ids, pixels, grids = _inputs(processors, "one image", seed=8)
+    with torch.no_grad():
+        ref = hf.generate(**hf_in, max_new_tokens=5, do_sample=False, eos_token_id=stops, pad_token_id=stops[1])
+    got = greedy_generate(ours, ids, pixels, torch.from_numpy(grids), max_new_tokens=5, eos_ids=tuple(stops))
+    assert got == ref[0, len(ids):].tolist()
+    new = tok.encode(" Two cats.<|im_end|>")
+    assert answer_text(tok, new) == processors[0].post_process_image_text_to_text([new])[0].strip() == "Two cats."
+    (folder / "bad").mkdir(exist_ok=True)
+    (folder / "bad" / "generation_config.json").write_text('{"eos_token_id": "x"}')
+    with pytest.raises(CheckpointError, match="eos_token_id"):
+        stop_token_ids(folder / "bad", tok)

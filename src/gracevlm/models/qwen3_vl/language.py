@@ -84,7 +84,6 @@ class Qwen3Attention(nn.Module):
                 kc, vc = kc[slots], vc[slots]
                 slot_idx = torch.arange(b, device=x.device).view(b, 1).expand(b, t)
             else:
-                kc, vc = kc, vc
                 slot_idx = slots.view(b, 1).expand(b, t)
             kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
             vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)

@@ -74,3 +74,25 @@ class QwenTokenizer:
         """The ``bos/eos/pad`` token strings that chat templates may read (those the config names)."""
         return {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                   ("pad_token", self.pad_token)) if v is not None}
+
+
+def stop_token_ids(folder: str | os.PathLike, tokenizer: QwenTokenizer) -> list[int]:
+    """Ids that end a generation: ``generation_config.json``'s ``eos_token_id`` (an int or a list), then
+    the tokenizer's ``eos_token`` if not already there."""
+    path = Path(folder) / "generation_config.json"
+    ids: list[int] = []
+    if path.is_file():
+        eos = read_json_object(path).get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+        if eos is not None and (not isinstance(eos, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tokenizer.vocab_size for i in eos)):
+            raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        ids = list(eos or [])
+    if tokenizer.eos_id is not None and tokenizer.eos_id not in ids:
+        ids.append(tokenizer.eos_id)
+    return ids
+
+
+def answer_text(tokenizer: QwenTokenizer, new_ids: list[int]) -> str:
+    """The decoded answer as GRACE's scripts read it: special tokens skipped, then stripped."""
+    return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
