@@ -100,3 +100,23 @@ def test_errors(folder, tmp_path):
     raw["image_token_id"] = raw["vision_end_token_id"]
     with pytest.raises(CheckpointError, match="image_token_id"):
         ChatPrompt(prompt.template, prompt.tokenizer, Qwen3VLConfig.from_dict(raw)).check_token_ids()
+
+
+def test_build_inputs_equals_processor_apply_chat_template_tokenize(folder, reference):
+    from gracevlm.models.qwen3_vl.chat import build_inputs
+
+    messages = [{"role": "system", "content": "Look closely."},
+                {"role": "user", "content": [{"type": "image", "image": random_image(40, 28, 0)},
+                                             {"type": "text", "text": "and"},
+                                             {"type": "image", "image": random_image(20, 52, 1)},
+                                             {"type": "text", "text": " which is brighter?"}]}]
+    ref = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                        return_tensors="np")
+    got = build_inputs(ChatPrompt.from_folder(folder), ImageProcessorConfig.from_folder(folder), messages)
+    assert got.ids == ref["input_ids"][0].tolist()
+    assert got.grid_thw.tolist() == ref["image_grid_thw"].tolist()
+    assert (got.pixel_values == ref["pixel_values"]).all()
+    text_only = build_inputs(ChatPrompt.from_folder(folder), ImageProcessorConfig.from_folder(folder),
+                             CONVERSATIONS["text only"])
+    assert text_only.pixel_values is None and text_only.ids == reference.apply_chat_template(
+        CONVERSATIONS["text only"], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"][0]

@@ -17,13 +17,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import numpy as np
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ...errors import CheckpointError, InputError
 from ...formats.checkpoint import read_json_object
 from .config import Qwen3VLConfig
-from .processing import image_token_count
+from .processing import ImageProcessorConfig, image_token_count, process_images
 from .tokenizer import QwenTokenizer
 
 IMAGE_PAD = "<|image_pad|>"
@@ -140,3 +141,34 @@ class ChatPrompt:
         text = expand_image_pads(self.text(messages, add_generation_prompt, **variables), list(grids),
                                  self.config.vision.spatial_merge_size)
         return self.tokenizer.encode(text)
+
+
+def message_images(messages: list[dict]) -> list:
+    """The ``image`` values of the content parts, in prompt order (what the processor's chat path loads)."""
+    found = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            found += [part["image"] for part in content if isinstance(part, dict) and part.get("image") is not None]
+    return found
+
+
+@dataclass
+class PromptInputs:
+    """Model inputs of one conversation: ``ids``, ``pixel_values [n_patches, C*T*P*P]`` float32 and
+    ``grid_thw [n_images, 3]`` (both ``None`` without images)."""
+
+    ids: list[int]
+    pixel_values: np.ndarray | None
+    grid_thw: np.ndarray | None
+
+
+def build_inputs(prompt: ChatPrompt, image_config: ImageProcessorConfig, messages: list[dict],
+                 images: list | None = None, add_generation_prompt: bool = True) -> PromptInputs:
+    """Template, images and ids in one step, as ``Qwen3VLProcessor.apply_chat_template(..., tokenize=True)``:
+    ``images`` default to the content parts' ``image`` values (PIL images, bytes or paths)."""
+    images = message_images(messages) if images is None else list(images)
+    if not images:
+        return PromptInputs(prompt.ids(messages, (), add_generation_prompt), None, None)
+    pixels, grids = process_images(images, image_config)
+    return PromptInputs(prompt.ids(messages, grids.tolist(), add_generation_prompt), pixels, grids)
