@@ -305,3 +305,43 @@ def test_stop_ids_from_generation_config_and_answer_text(tied, processors):
     (folder / "bad" / "generation_config.json").write_text('{"eos_token_id": "x"}')
     with pytest.raises(CheckpointError, match="eos_token_id"):
         stop_token_ids(folder / "bad", tok)
+
+
+def test_multi_frame_grid_attends_per_frame(tied):
+    """A grid with t = 2 (two temporal patches): position table repeated per frame, attention per frame."""
+    _, hf, ours = tied
+    grid = torch.tensor([[2, 4, 6], [1, 2, 2]])
+    pixels = torch.randn(2 * 4 * 6 + 4, ours.visual.patch_dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf.model.visual(pixels, grid_thw=grid)
+        embeds, deepstack = ours.visual(pixels, grid)
+    torch.testing.assert_close(embeds, ref.pooler_output, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(deepstack[1], ref.deepstack_features[1], atol=ATOL, rtol=1e-5)
+    with pytest.raises(InputError, match="pixel_values must be"):
+        ours.visual(pixels[:-1], grid)
+    with pytest.raises(InputError, match="multiples of the merge size"):
+        ours.visual(pixels[:15], torch.tensor([[1, 3, 5]]))
+
+
+def test_weights_from_a_saved_transformers_folder(tied, processors, tmp_path):
+    """``save_pretrained`` writes the on-disk key layout (tied head omitted); bf16 tensors are cast."""
+    from safetensors.torch import load_file
+
+    _, hf, ours = tied
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    state = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        state.update(load_file(f))
+    assert any(k.startswith("model.visual.patch_embed.proj.") for k in state)
+    assert any(k.startswith("model.language_model.layers.") for k in state)
+    fresh = Qwen3VLModel(Qwen3VLConfig.from_file(tmp_path)).eval()
+    load_hf_state_dict(fresh, state)
+    _, ids, pixels, grids = _inputs(processors, "one image")
+    with torch.no_grad():
+        a = fresh.prefill(fresh.prepare(ids, pixels, torch.from_numpy(grids)),
+                          fresh.language_model.new_cache(1, len(ids)))
+        b = ours.prefill(ours.prepare(ids, pixels, torch.from_numpy(grids)), ours.language_model.new_cache(1, len(ids)))
+    assert torch.equal(a, b)
+    half = Qwen3VLModel(fresh.config)
+    load_hf_state_dict(half.to(torch.bfloat16), {k: v.to(torch.bfloat16) for k, v in state.items()})
+    assert half.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
