@@ -45,6 +45,22 @@ Tools: {{ tools | tojson }}<|im_end|>
 """
 
 
+# Conversations used by the prompt, position and logits tests; SIZES: (w, h) of each one's images.
+CONVERSATIONS = {
+    "one image": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+    "two images": [{"role": "system", "content": [{"type": "text", "text": "Be brief. "},
+                                                  {"type": "text", "text": "Answer in English."}]},
+                   {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
+                                                {"type": "text", "text": " and "}, {"type": "image"}]}],
+    "two turns": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+                  {"role": "assistant", "content": "A red mat, café naïve über!"},
+                  {"role": "user", "content": [{"type": "text", "text": "How many apples?\n\t 12 "}]}],
+    "text only": [{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "It's 2024-05-17; what's   the date?"}],
+}
+SIZES = {"one image": [(40, 28)], "two images": [(20, 52), (64, 33)], "two turns": [(31, 31)], "text only": []}
+
+
 def build_tokenizer_json(path) -> None:
     """Train a tiny byte-level BPE (Qwen2 split regex, NFC, ByteLevel without prefix space) and add the
     Qwen special tokens after the learned vocabulary."""

@@ -10,21 +10,8 @@ from gracevlm.models.qwen3_vl.processing import ImageProcessorConfig, process_im
 from gracevlm.models.qwen3_vl.tokenizer import QwenTokenizer
 
 pytest.importorskip("transformers")
-from qwen3_vl_helpers import CHAT_TEMPLATE, random_image, reference_processor, write_folder  # noqa: E402
-
-CONVERSATIONS = {
-    "one image": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
-    "two images": [{"role": "system", "content": [{"type": "text", "text": "Be brief. "},
-                                                  {"type": "text", "text": "Answer in English."}]},
-                   {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
-                                                {"type": "text", "text": " and "}, {"type": "image"}]}],
-    "two turns": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
-                  {"role": "assistant", "content": "A red mat, café naïve über!"},
-                  {"role": "user", "content": [{"type": "text", "text": "How many apples?\n\t 12 "}]}],
-    "text only": [{"role": "system", "content": "You are a helpful assistant."},
-                  {"role": "user", "content": "It's 2024-05-17; what's   the date?"}],
-}
-SIZES = {"one image": [(40, 28)], "two images": [(20, 52), (64, 33)], "two turns": [(31, 31)], "text only": []}
+from qwen3_vl_helpers import (CHAT_TEMPLATE, CONVERSATIONS, SIZES, random_image,  # noqa: E402
+                              reference_processor, write_folder)
 
 
 @pytest.fixture(scope="module")

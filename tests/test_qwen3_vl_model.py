@@ -14,8 +14,7 @@ from gracevlm.models.qwen3_vl.rope import MRotary, decode_positions, mrope_posit
 from gracevlm.models.qwen3_vl.weights import load_hf_state_dict
 
 pytest.importorskip("transformers")
-from qwen3_vl_helpers import random_image, reference_processor, write_folder  # noqa: E402
-from test_qwen3_vl_chat import CONVERSATIONS, SIZES  # noqa: E402
+from qwen3_vl_helpers import CONVERSATIONS, SIZES, random_image, reference_processor, write_folder  # noqa: E402
 
 ATOL = 2e-5
 
