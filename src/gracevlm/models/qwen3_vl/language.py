@@ -1,0 +1,167 @@
+"""Qwen3 decoder of Qwen3-VL with a preallocated KV cache, driven like ``model.llama.LlamaForCausalLM``.
+
+QK-norm (RMSNorm over head_dim, before RoPE), GQA, SwiGLU, interleaved M-RoPE from 3-axis positions,
+deepstack features added after the first decoder layers at the visual positions, and a tied ``lm_head``
+that shares the embedding matrix (one copy in memory). Linear layers are plain attributes, so
+``nn.Linear`` or ``gracevlm.nn.Int4Linear`` fit alike.
+
+``forward(embeds [B, T, D], positions [B, T], cache, ...)``: ``positions`` are *cache* indexes (where
+K/V are written; a query at index p sees indexes <= p of its own slot), ``rope_positions [3, B, T]`` the
+M-RoPE positions (default: ``positions`` on all three axes, i.e. text with ``delta = 0``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..llama import MLP, KVCache, RMSNorm, _attend, _rotate_half, _slot_selector
+from .config import Qwen3VLTextConfig
+from .rope import MRotary
+
+
+@dataclass
+class Qwen3Spec:
+    """Decoder sizes (names as ``LlamaSpec``, so ``KVCache`` and ``MLP`` take it)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: list[int]
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, t: Qwen3VLTextConfig, tie_word_embeddings: bool) -> "Qwen3Spec":
+        return cls(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                   num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
+                   num_kv_heads=t.num_key_value_heads, head_dim=t.head_dim, vocab_size=t.vocab_size,
+                   rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, mrope_section=list(t.mrope_section),
+                   tie_word_embeddings=tie_word_embeddings)
+
+
+@dataclass
+class VisualInjection:
+    """Deepstack input: ``mask [B, T]`` marks the image tokens; ``features[j] [n_visual, D]`` is added at
+    those positions (in order) after decoder layer ``j``."""
+
+    mask: torch.Tensor
+    features: list[torch.Tensor]
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, spec: Qwen3Spec):
+        super().__init__()
+        self.spec = spec
+        d = spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * d, spec.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, slots, positions, mask) -> torch.Tensor:
+        b, t, _ = x.shape
+        s = self.spec
+        q = self.q_norm(self.q_proj(x).view(b, t, s.num_heads, s.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is None:  # cache-free: attend within these tokens with `mask [B, T, T]`
+            keys, values = k, v
+        else:
+            kc, vc = cache.k[layer], cache.v[layer]
+            if isinstance(slots, slice):
+                kc, vc = kc[slots], vc[slots]
+                slot_idx = torch.arange(b, device=x.device).view(b, 1).expand(b, t)
+            else:
+                slot_idx = slots.view(b, 1).expand(b, t)
+            kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
+            vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
+            rows = slice(None) if isinstance(slots, slice) else slots
+            span = mask.shape[-1]
+            keys, values = kc[rows, :, :span].to(q.dtype), vc[rows, :, :span].to(q.dtype)
+        out = _attend(q, keys, values, mask.unsqueeze(1), s.num_heads // s.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, spec: Qwen3Spec):
+        super().__init__()
+        self.self_attn = Qwen3Attention(spec)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, slots, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3LanguageModel(nn.Module):
+    """Module names follow transformers' ``model.language_model.*`` (plus ``lm_head``)."""
+
+    def __init__(self, spec: Qwen3Spec):
+        super().__init__()
+        self.spec = spec
+        weight = torch.empty(spec.vocab_size, spec.hidden_size)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=weight)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.tie_lm_head()
+        self.rotary = MRotary(spec.head_dim, spec.rope_theta, spec.mrope_section)
+
+    def tie_lm_head(self) -> None:
+        """Make ``lm_head`` compute with the embedding matrix itself (no second copy)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(self.spec, slots, max_len, dtype or w.dtype, device or w.device)
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.embed_tokens(ids).to(dtype)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+                slots: torch.Tensor | None = None, logits_for: str = "last",
+                rope_positions: torch.Tensor | None = None,
+                visual: VisualInjection | None = None) -> torch.Tensor:
+        """Logits float32 ``[B, V]`` of each row's last token (``"last"``) or ``[B, T, V]`` (``"all"``).
+        With ``cache=None`` the tokens attend causally among themselves (``positions`` then only order them)."""
+        b, t, _ = embeds.shape
+        if cache is None:
+            mask = (positions.unsqueeze(-1) >= positions.unsqueeze(1))  # [B, T, T]
+            sel = None
+        else:
+            sel = _slot_selector(slots, b)
+            span = int(positions.max()) + 1
+            mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
+        cos, sin = self.rotary(rope_positions if rope_positions is not None else positions)
+        x = embeds
+        n_inject = len(visual.features) if visual is not None else 0
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, sel, positions, mask)
+            if i < n_inject:
+                x = x.clone()
+                x[visual.mask] = x[visual.mask] + visual.features[i].to(x.dtype)
+        if logits_for == "last":
+            x = x[:, -1:]
+        logits = self.logits(self.norm(x))
+        return logits[:, -1] if logits_for == "last" else logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head
+        return head(x.to(getattr(head, "compute_dtype", head.weight.dtype))).to(torch.float32)
