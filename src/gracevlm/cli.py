@@ -27,6 +27,9 @@ def cmd_selfcheck(args) -> int:
     refs = {rows: layer(x) for rows, x in xs.items()}
     report = {}
     for name in kernels.backend_names():
+        if not kernels.get_backend(name).available(layer.device):
+            print(f"backend {name:<14} not available on {layer.device.type} (see gracevlm doctor)")
+            continue
         layer.backend = name
         errs = {rows: float((layer(x) - refs[rows]).norm() / refs[rows].norm()) for rows, x in xs.items()}
         report[name] = {f"rows_{rows}": e for rows, e in errs.items()}

@@ -18,8 +18,10 @@ Tile sizes come from ``gemv_config`` / ``gemm_config``: starting points, not yet
 own CUDA int4 kernel: ``use_torch_int4pack`` (never taken until measured faster for a shape: it needs bf16
 scales, so it must also be shown accurate enough).
 
-Without a GPU the kernels run in Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1`` is set before
-this backend first runs (tests do that); ``available`` is then true on CPU too (never auto-selected there).
+In a process started with ``TRITON_INTERPRET=1`` (it must be set before triton is imported, and fixes the
+mode for the whole process) the programs run in Triton's interpreter on CPU tensors: that is how the tests
+check them without a GPU (in a subprocess). ``available`` is then true on CPU too; slow, and never
+auto-selected there (``backend="triton"`` / ``GRACEVLM_BACKEND=triton`` asks for it).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def interpreting() -> bool:
 
 
 def jit_module():
-    """The Triton programs (imports triton on first use)."""
+    """The Triton programs (imports triton on first use: ``TRITON_INTERPRET`` must be set before then)."""
     global _jit
     if _jit is None:
         _jit = importlib.import_module(".triton_w4a16_jit", __package__)
@@ -190,6 +192,7 @@ def w4a16_matmul(state: dict, x: torch.Tensor, group: int, out_dtype: torch.dtyp
                  gemv_max_rows: int = 8, kernel: str | None = None) -> torch.Tensor:
     """``y = x @ W^T + bias`` on a prepared layout (``TritonBackend._prepare``). ``out_dtype`` defaults to
     x's; ``kernel`` forces "gemv" or "gemm" (tests), else by rows."""
+    interpret = interpreting()
     jit = jit_module()
     qw, zp, s, bias = state["qw"], state["zp"], state["s"], state["bias"]
     k_dim, n = qw.shape[0], qw.shape[1] * 8
@@ -219,7 +222,7 @@ def w4a16_matmul(state: dict, x: torch.Tensor, group: int, out_dtype: torch.dtyp
         jit.w4a16_gemv_kernel[(tiles_n, split)](*args, **cfg, **common)
     else:
         jit.w4a16_gemm_kernel[(tiles_m, tiles_n, split)](*args, **cfg, **common, IEEE=x.dtype == torch.float32,
-                                                         UPCAST=interpreting() and x.dtype == torch.bfloat16)
+                                                         UPCAST=interpret and x.dtype == torch.bfloat16)
     if split > 1:
         block = 1024
         jit.w4a16_reduce_kernel[(-(-m * n // block),)](target, bias, out, m * n, n, SPLIT_K=split,

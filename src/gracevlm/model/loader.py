@@ -170,7 +170,8 @@ def _keep_half_head(src: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
                     quantize: str | None = None, vision_dtype: torch.dtype | None = None,
-                    fuse: bool = True, keep_awq: bool = False, half_lm_head: bool = True) -> LoadedModel:
+                    fuse: bool = True, keep_awq: bool = False, half_lm_head: bool = True,
+                    device: torch.device | str = "cpu") -> LoadedModel:
     """Load a GRACE AWQ, GRACE QAT or plain LLaVA-1.5 checkpoint (folder or Hub id) for inference; also
     AutoAWQ GEMM, compressed-tensors W4A16 and dense llava-hf checkpoints (``formats.hf_map.open_mapped``
     presents those as LLaVA-original names + AWQ triples).
@@ -181,7 +182,11 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     ``vision_dtype``: dtype of the vision tower and projector (default ``dtype``). With ``dtype`` float32 on
     CPU and ``half_lm_head`` an fp16/bf16 ``lm_head`` stays as stored (``HalfLinear``: fp32 results, half
     the bytes per token; inference only: training passes ``half_lm_head=False`` for a trainable nn.Linear).
+    ``device``: where every tensor goes as it is read (e.g. "cuda"): each packed layer and each dense tensor is
+    copied from the memory-mapped file straight to the device, so no dense CPU copy of the model is made; the
+    kernels' layouts are then prepared on that device.
     """
+    device = torch.device(device)
     t0 = time.perf_counter()
     folder = resolve_model_path(model)
     fmt = detect_format(folder)
@@ -211,10 +216,12 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
         if (target.in_features, target.out_features) != (module.in_features, module.out_features):
             raise CheckpointError(f"{name}: packed shape {module.in_features}->{module.out_features} does not "
                                   f"match the config ({target.in_features}->{target.out_features})")
-        _set_module(lm, name, module)
+        _set_module(lm, name, module.to(device) if device.type != "cpu" else module)
     used = {f"{n}.{s}" for n in packed for s in ("qweight", "qzeros", "scales", "bias", "weight")}
     del packed  # the model holds the layers now: fusing below frees each part as it goes
     lm.rotary = Rotary(spec)  # computed tables, not checkpoint tensors
+    if device.type != "cpu":
+        lm.rotary.to(device)
     for name, tensor in list(lm.named_parameters()) + list(lm.named_buffers()):
         if not tensor.is_meta:
             continue
@@ -225,11 +232,11 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {folder}")
         src = store.get(key)
         used.add(key)
-        if name == "lm_head.weight" and half_lm_head and _keep_half_head(src, dtype):
+        if name == "lm_head.weight" and half_lm_head and device.type == "cpu" and _keep_half_head(src, dtype):
             lm.lm_head = HalfLinear(src)
             continue
         target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
-        _assign(lm, name, src.to(target_dtype))
+        _assign(lm, name, src.to(device=device, dtype=target_dtype))
 
     if fuse:
         lm.fuse_projections()
@@ -243,9 +250,11 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
             projector = Projector(cfg.mm_hidden_size, cfg.hidden_size)
         for name, _ in list(projector.named_parameters()):
             key = PROJECTOR_PREFIX + name
-            _assign(projector, name, store.get(key).to(vision_dtype or dtype))
+            _assign(projector, name, store.get(key).to(device=device, dtype=vision_dtype or dtype))
             used.add(key)
     vision = _load_vision_tower(cfg, store, folder, vision_dtype or dtype) if projector is not None else None
+    if vision is not None and device.type != "cpu":
+        vision.to(device)  # CLIP-L is 0.6 GB in fp16: built on the CPU, then moved
     unused = [k for k in store.keys() if k not in used and not k.startswith(VISION_PREFIX) and not is_ignored_key(k)]
     if unused:
         log.warning("%d checkpoint tensors are not used by the model (e.g. %s)", len(unused), unused[0])
