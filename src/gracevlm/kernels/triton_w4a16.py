@@ -94,9 +94,9 @@ def _next_pow2(n: int) -> int:
 
 
 def _target_programs(device: torch.device) -> int:
-    """Programs to aim for (two per streaming multiprocessor; 8 in the interpreter, to keep it quick)."""
+    """Programs to aim for: two per streaming multiprocessor (one in the interpreter, which runs them in turn)."""
     if device.type != "cuda":
-        return 8
+        return 1
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -110,8 +110,8 @@ def _split_k(n_tiles: int, n_groups: int, device: torch.device) -> tuple[int, in
 def gemv_config(rows: int, group: int) -> dict:
     """Tile sizes of the GEMV for ``rows`` rows: BLOCK_M * BLOCK_K * BLOCK_N <= 8192 values per program."""
     block_m = _next_pow2(rows)
-    block_k = _pow2_divisor(group, max(1, 64 // block_m))
-    block_n = max(32, min(256, 8192 // (block_m * block_k)))
+    block_k = _pow2_divisor(group, 64 if block_m == 1 else 32)
+    block_n = max(16, min(256, 8192 // (block_m * block_k)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
@@ -189,9 +189,10 @@ class TritonBackend:
 
 
 def w4a16_matmul(state: dict, x: torch.Tensor, group: int, out_dtype: torch.dtype | None = None,
-                 gemv_max_rows: int = 8, kernel: str | None = None) -> torch.Tensor:
+                 gemv_max_rows: int = 8, kernel: str | None = None, split_k: int | None = None) -> torch.Tensor:
     """``y = x @ W^T + bias`` on a prepared layout (``TritonBackend._prepare``). ``out_dtype`` defaults to
-    x's; ``kernel`` forces "gemv" or "gemm" (tests), else by rows."""
+    x's; ``kernel`` forces "gemv" or "gemm" and ``split_k`` the number of K splits (tests), else chosen by
+    rows and by the device's multiprocessors."""
     interpret = interpreting()
     jit = jit_module()
     qw, zp, s, bias = state["qw"], state["zp"], state["s"], state["bias"]
@@ -214,7 +215,11 @@ def w4a16_matmul(state: dict, x: torch.Tensor, group: int, out_dtype: torch.dtyp
     else:
         cfg = gemm_config(m, group)
         tiles_m, tiles_n = -(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"])
-    split, per = _split_k(tiles_m * tiles_n, n_groups, x.device)
+    if split_k:
+        per = -(-n_groups // min(split_k, n_groups))
+        split = -(-n_groups // per)
+    else:
+        split, per = _split_k(tiles_m * tiles_n, n_groups, x.device)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     common = dict(GROUP=group, SPLIT_K=split, HAS_ZEROS=zp is not None, HAS_BIAS=bias is not None)
     args = (x, qw, zp, s, bias, target, m, n, k_dim, x.stride(0), m * n, per)
