@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=run_cli)
 
+    p = sub.add_parser("doctor", help="which kernel path each layer uses here and why; what to install for faster")
+    from .doctor import add_arguments as doctor_arguments, run_cli as doctor_cli
+    doctor_arguments(p)
+    p.set_defaults(func=doctor_cli)
+
     p = sub.add_parser("selfcheck", help="check the INT4 kernels against the exact reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
