@@ -125,3 +125,12 @@ def test_scheduler_on_gpu_batches_like_sequential(tiny):
                    for p in prompts]
         got = [h.result(timeout=120).token_ids for h in handles]
     assert got == want
+
+
+def test_seeded_sampling_on_gpu_equals_cpu(tiny):
+    import gracevlm
+
+    cpu = gracevlm.load(tiny, device="cpu")
+    gpu = gracevlm.load(tiny, device="cuda", dtype=torch.float32)
+    kw = dict(max_new_tokens=5, temperature=0.7, top_p=0.9, seed=3)
+    assert gpu.generate("Hi there", **kw).token_ids == cpu.generate("Hi there", **kw).token_ids
