@@ -89,7 +89,7 @@ def bench_kernels(device: torch.device, bandwidth: float, dtype: torch.dtype = t
                 gbps = nbytes / sec / 1e9
                 out.append(dict(shape=label, rows=m_rows, method=method, ms=sec * 1e3, gbps=gbps,
                                 of_bandwidth=gbps / bandwidth, speedup_vs_fp16=t_fp16 / sec))
-        del layers, w16
+        layers = w16 = None  # free the copies before the next shape
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -192,7 +192,7 @@ def bench_model(folder, device: torch.device, decode_steps: int, prefill_tokens:
         pixels = preprocess_images([Image.new("RGB", (448, 336), (90, 120, 200))], vlm.image_spec).to(device)
         with torch.inference_mode():
             out["vision_s_per_image"] = _median(lambda: vlm.model.encode_images(pixels), device, repeats=3)
-    del vlm  # the language model alone from here: both peaks below count the same parts
+    vlm = None  # the language model alone from here: both peaks below count the same parts
     _fresh_peak(device)
     out["int4"] = measure_lm(lm, lambda b, n: _new_cache(lm, b, n, dtype, device), device, dtype, decode_steps,
                              prefill_tokens, batch_sizes)

@@ -25,6 +25,7 @@ auto-selected there (``backend="triton"`` / ``GRACEVLM_BACKEND=triton`` asks for
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -93,11 +94,16 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _target_programs(device: torch.device) -> int:
     """Programs to aim for: two per streaming multiprocessor (one in the interpreter, which runs them in turn)."""
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _split_k(n_tiles: int, n_groups: int, device: torch.device) -> tuple[int, int]:
