@@ -220,8 +220,6 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     used = {f"{n}.{s}" for n in packed for s in ("qweight", "qzeros", "scales", "bias", "weight")}
     del packed  # the model holds the layers now: fusing below frees each part as it goes
     lm.rotary = Rotary(spec)  # computed tables, not checkpoint tensors
-    if device.type != "cpu":
-        lm.rotary.to(device)
     for name, tensor in list(lm.named_parameters()) + list(lm.named_buffers()):
         if not tensor.is_meta:
             continue
@@ -237,6 +235,8 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
             continue
         target_dtype = src.dtype if name == "model.embed_tokens.weight" else dtype  # lookup table stays compact
         _assign(lm, name, src.to(device=device, dtype=target_dtype))
+    if device.type != "cpu":
+        lm.rotary.to(device)
 
     if fuse:
         lm.fuse_projections()
