@@ -48,7 +48,8 @@ def native_status() -> dict:
         return {"loaded": False, "error": native.load_error(), "compiler": os.environ.get("CC", "cc")}
     isa = int(lib.gv_isa())
     return {"loaded": True, "isa": ISA_NAMES.get(isa, str(isa)), "openmp": bool(lib.gv_has_openmp()),
-            "threads": native.num_threads(), "source_hash": native.source_hash()}
+            "threads": native.num_threads(), "source_hash": native.source_hash(),
+            "path": getattr(lib, "_name", None)}  # built by pip install, or compiled on first use into the cache
 
 
 def gpu_status() -> dict:
@@ -173,8 +174,9 @@ def format_report(r: dict) -> str:
     flags = ", ".join(f for f, on in r["cpu_flags"].items() if on) or "none found"
     lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), python {m['python']}",
              f"CPU features: {flags}",
-             "native CPU library: " + (f"loaded, {n['isa']} path, OpenMP {'on' if n['openmp'] else 'off'}, "
-                                       f"{n['threads']} threads" if n["loaded"] else f"NOT loaded ({n['error']})"),
+             "native CPU library: " + (f"loaded from {n['path']}, {n['isa']} path, OpenMP "
+                                       f"{'on' if n['openmp'] else 'off'}, {n['threads']} threads" if n["loaded"]
+                                       else f"NOT loaded ({n['error']})"),
              f"torch {m['torch']} (CPU capability {m['torch_cpu_capability']}), CUDA "
              f"{g['torch_cuda'] or 'not in this build'}, available: {g['cuda_available']}; triton "
              f"{g['triton'] or 'not installed'}" + (" (interpreter)" if g["triton_interpreter"] else "")]
