@@ -145,7 +145,8 @@ def test_selfcheck_reports_every_backend_within_its_tolerance(capsys):
     import json
 
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(report) == set(kernels.backend_names())
+    cpu = torch.device("cpu")
+    assert set(report) == {n for n in kernels.backend_names() if kernels.get_backend(n).available(cpu)}
     for name, errs in report.items():
         assert set(errs) == {"rows_4", "rows_64"}
         assert max(errs.values()) <= max(TOLERANCE.get(name, 1e-5), 1e-6), name

@@ -474,19 +474,64 @@ def main(argv=None) -> int:
     return run_cli(ap.parse_args(argv))
 
 
+DEFAULT_SECTIONS = ("bandwidth", "kernels", "model", "vision", "llama.cpp")
+
+
 def add_arguments(ap) -> None:
     ap.add_argument("--model", default=None, help="checkpoint to measure (default: synthesize llava-1.5-7b shapes)")
     ap.add_argument("--layers", type=int, default=32, help="layers of the synthesized checkpoint (quick: 4)")
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--sections", default="bandwidth,kernels,model,vision,llama.cpp")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda[:N]: the GPU bench (bench_cuda.py; sections bandwidth,kernels,model)")
+    ap.add_argument("--out", default=None, help="also write the report as JSON to this file")
+
+
+DEVICE_SECTIONS = ("bandwidth", "kernels", "model")
+
+
+def check_device_args(args) -> "torch.device":
+    """The device of ``--device`` (InputError with a one-line reason when unusable here)."""
+    from .errors import InputError
+
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown --device {args.device!r}; use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {args.device}: gracevlm bench measures cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: CUDA is not available in this torch build or on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+        unknown = set(args.sections.split(",")) - set(DEVICE_SECTIONS)
+        if unknown and args.sections != ",".join(DEFAULT_SECTIONS):
+            raise InputError(f"--device cuda measures sections {','.join(DEVICE_SECTIONS)}; not {sorted(unknown)}")
+    if args.decode_steps < 1 or args.prefill_tokens < 1 or args.layers < 1:
+        raise InputError("--decode-steps, --prefill-tokens and --layers must be >= 1")
+    return dev
 
 
 def run_cli(args) -> int:
-    report = run(args.model, args.layers, args.decode_steps, args.prefill_tokens,
-                 sections=tuple(args.sections.split(",")))
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    dev = check_device_args(args)
+    if dev.type == "cuda":
+        from . import bench_cuda
+
+        sections = tuple(args.sections.split(",")) if args.sections != ",".join(DEFAULT_SECTIONS) else DEVICE_SECTIONS
+        report = bench_cuda.run(str(dev), args.model, args.layers, args.decode_steps, args.prefill_tokens,
+                                sections=sections)
+        text = bench_cuda.format_report(report)
+    else:
+        report = run(args.model, args.layers, args.decode_steps, args.prefill_tokens,
+                     sections=tuple(args.sections.split(",")))
+        text = format_report(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1) if args.json else text)
     return 0
 
 

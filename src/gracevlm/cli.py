@@ -27,6 +27,9 @@ def cmd_selfcheck(args) -> int:
     refs = {rows: layer(x) for rows, x in xs.items()}
     report = {}
     for name in kernels.backend_names():
+        if not kernels.get_backend(name).available(layer.device):
+            print(f"backend {name:<14} not available on {layer.device.type} (see gracevlm doctor)")
+            continue
         layer.backend = name
         errs = {rows: float((layer(x) - refs[rows]).norm() / refs[rows].norm()) for rows, x in xs.items()}
         report[name] = {f"rows_{rows}": e for rows, e in errs.items()}
@@ -237,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments, run_cli
     add_arguments(p)
     p.set_defaults(func=run_cli)
+
+    p = sub.add_parser("doctor", help="which kernel path each layer uses here and why; what to install for faster")
+    from .doctor import add_arguments as doctor_arguments, run_cli as doctor_cli
+    doctor_arguments(p)
+    p.set_defaults(func=doctor_cli)
 
     p = sub.add_parser("selfcheck", help="check the INT4 kernels against the exact reference")
     p.add_argument("--seed", type=int, default=0)

@@ -56,7 +56,7 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits.to(torch.float32) / p.temperature
+        logits = logits.to(device="cpu", dtype=torch.float32) / p.temperature  # the CPU generator: same draws on any device
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -127,8 +127,9 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
     ``quantize="rtn"`` quantizes a plain fp16 checkpoint to W4G128 at load (round to nearest).
     ``vision_dtype`` runs the CLIP tower and projector in another dtype than ``dtype`` (e.g. "bfloat16":
     ~3x faster per image on CPUs with AMX/AVX512-BF16, image features ~1e-2 relative off fp32; README).
-    ``keep_awq``: keep the AWQ buffers beside the CPU kernels' layout (default: only off the CPU, where the
-    model is moved after loading; see ``load_checkpoint``).
+    ``keep_awq``: keep the AWQ buffers beside the kernels' own layout (default: no; see ``load_checkpoint``).
+    On CUDA every tensor is copied from the file straight to the GPU (no CPU copy of the model) and the INT4
+    layers use the ``triton`` backend when triton is installed (``gracevlm doctor`` says which path runs).
     """
     if isinstance(vision_dtype, str):
         names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -137,15 +138,16 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
         vision_dtype = names[vision_dtype]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but CUDA is not available in this torch build")
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    if keep_awq is None:
-        keep_awq = dev.type != "cpu"
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     loaded = load_checkpoint(model, dtype=dtype, backend=backend, quantize=quantize, vision_dtype=vision_dtype,
-                             keep_awq=keep_awq)
-    if dev.type != "cpu":
-        loaded.model.to(dev)
+                             keep_awq=bool(keep_awq), device=dev)
     return VLM(loaded, conv_mode)

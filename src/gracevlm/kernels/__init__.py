@@ -7,7 +7,8 @@ A backend computes ``y[M, O] = x[M, I] @ W^T + bias`` for a packed layer (an obj
 
 Selection: a layer's ``backend`` (set at load from the ``backend`` argument, or once from the
 ``GRACEVLM_BACKEND`` environment variable: ``backend_choice``), else automatic by device and number of
-rows M. ``use_backend`` switches every INT4 layer of a model. The lm_head policy (``keep_half_head``) is
+rows M: on CPU ``native`` (else the torch backends), on CUDA ``triton`` when triton is installed, else
+``dense``. ``use_backend`` switches every INT4 layer of a model. The lm_head policy (``keep_half_head``) is
 here too: which layout each kind of layer keeps is a kernel decision.
 """
 from __future__ import annotations
@@ -92,12 +93,15 @@ def select_backend(device: torch.device, rows: int, override: str | None = None)
         if _BACKENDS["native"].available(device):  # our C kernels; warns once and falls back if unloadable
             return _BACKENDS["native"]
         return _BACKENDS["dense"] if rows >= DENSE_MIN_ROWS_CPU else _BACKENDS["int4pack"]
+    if device.type == "cuda" and _BACKENDS["triton"].available(device):  # Triton W4A16 kernels
+        return _BACKENDS["triton"]
     return _BACKENDS["dense"]
 
 
 from . import reference as _reference  # noqa: E402  (registers backends)
 from . import torch_cpu as _torch_cpu  # noqa: E402
 from . import native as _native  # noqa: E402
+from . import triton_w4a16 as _triton  # noqa: E402  (imports triton only when its kernels first run)
 
 register_backend(_reference.ReferenceBackend())
 register_backend(_torch_cpu.DenseBackend())
@@ -107,3 +111,4 @@ register_backend(_native.NativeBackend())
 register_backend(_native.NativeF32Backend())
 register_backend(_native.NativeI8X2Backend())
 register_backend(_native.NativeBF16Backend())
+register_backend(_triton.TritonBackend())

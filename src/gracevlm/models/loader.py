@@ -37,7 +37,9 @@ class LoadOptions:
     automatic, resolved once); ``quantize="rtn"``: W4G128 round-to-nearest of a dense checkpoint;
     ``vision_dtype``: the vision tower's dtype (default ``dtype``); ``fuse``: concatenate q/k/v and
     gate/up (exact); ``keep_awq``: keep the AWQ buffers beside the CPU kernels' layout; ``half_lm_head``:
-    let an fp16/bf16 lm_head stay half (``kernels.keep_half_head``; training passes False)."""
+    let an fp16/bf16 lm_head stay half (``kernels.keep_half_head``; training passes False); ``device``: where
+    every tensor goes as it is read (e.g. "cuda"): each packed layer and dense tensor is copied from the file
+    straight to the device, so no dense CPU copy of the model is made; kernel layouts are prepared there."""
 
     dtype: torch.dtype = torch.float32
     backend: str | None = None
@@ -46,6 +48,10 @@ class LoadOptions:
     fuse: bool = True
     keep_awq: bool = False
     half_lm_head: bool = True
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
 
 
 @dataclass
@@ -148,6 +154,9 @@ def load_llama(opened: OpenedCheckpoint, spec: LlamaSpec, options: LoadOptions,
         lm = LlamaForCausalLM(spec)
     names = [f"model.layers.{i}.{lin}" for i in range(spec.num_layers) for lin in LLAMA_LINEARS]
     linears = quantized_linears(opened, options, names)
+    device = options.device
+    if device.type != "cpu":
+        linears = {name: module.to(device) for name, module in linears.items()}
     used = install_linears(lm, linears, f"a LLaMA with {spec.num_layers} layers")
     del linears  # the model holds the layers now: fusing below frees each part as it goes
     lm.rotary = Rotary(spec)  # computed tables, not checkpoint tensors
@@ -162,11 +171,14 @@ def load_llama(opened: OpenedCheckpoint, spec: LlamaSpec, options: LoadOptions,
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {opened.folder}")
         src = store.get(key)
         used.add(key)
-        if name == "lm_head.weight" and options.half_lm_head and kernels.keep_half_head(src, options.dtype):
+        if name == "lm_head.weight" and options.half_lm_head and device.type == "cpu" \
+                and kernels.keep_half_head(src, options.dtype):
             lm.lm_head = HalfLinear(src)
             continue
         target_dtype = src.dtype if name == "model.embed_tokens.weight" else options.dtype
-        assign(lm, name, src.to(target_dtype))
+        assign(lm, name, src.to(device=device, dtype=target_dtype))
+    if device.type != "cpu":
+        lm.rotary.to(device)
     if options.fuse:
         lm.fuse_projections()
     lm.prepare_kernels(release_awq=not options.keep_awq)
@@ -203,11 +215,12 @@ def language_bytes(lm: nn.Module) -> dict[str, int]:
 
 def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None,
                     quantize: str | None = None, vision_dtype: torch.dtype | None = None,
-                    fuse: bool = True, keep_awq: bool = False, half_lm_head: bool = True) -> LoadedModel:
+                    fuse: bool = True, keep_awq: bool = False, half_lm_head: bool = True,
+                    device: torch.device | str = "cpu") -> LoadedModel:
     """Load any supported checkpoint (folder or Hub id, every family and format ``open_checkpoint`` reads)
     for inference; see ``LoadOptions`` for the arguments."""
     t0 = time.perf_counter()
-    options = LoadOptions(dtype, backend, quantize, vision_dtype, fuse, keep_awq, half_lm_head)
+    options = LoadOptions(dtype, backend, quantize, vision_dtype, fuse, keep_awq, half_lm_head, device)
     opened = open_checkpoint(model)
     loaded = opened.family.build(opened, options)
     loaded.family = opened.family

@@ -51,7 +51,8 @@ def load_vision_tower(cfg: LlavaConfig, store, folder: Path, dtype: torch.dtype)
                               f"{cfg.mm_vision_tower!r}): {exc}") from exc
 
 
-def load_projector(cfg: LlavaConfig, store, dtype: torch.dtype) -> tuple[nn.Module | None, set[str]]:
+def load_projector(cfg: LlavaConfig, store, dtype: torch.dtype,
+                   device: torch.device = torch.device("cpu")) -> tuple[nn.Module | None, set[str]]:
     if f"{PROJECTOR_PREFIX}0.weight" not in store:
         return None, set()
     if cfg.mm_projector_type != "mlp2x_gelu":
@@ -61,7 +62,7 @@ def load_projector(cfg: LlavaConfig, store, dtype: torch.dtype) -> tuple[nn.Modu
     used = set()
     for name, _ in list(projector.named_parameters()):
         key = PROJECTOR_PREFIX + name
-        assign(projector, name, store.get(key).to(dtype))
+        assign(projector, name, store.get(key).to(device=device, dtype=dtype))
         used.add(key)
     return projector, used
 
@@ -81,8 +82,10 @@ def build_llava(opened: OpenedCheckpoint, options: LoadOptions) -> LoadedModel:
     tokenizer = LlamaTokenizer.from_dir(folder)
     lm, used = load_llama(opened, llama_spec(cfg), options, cfg.tie_word_embeddings)
     vision_dtype = options.vision_dtype or options.dtype
-    projector, proj_keys = load_projector(cfg, store, vision_dtype)
+    projector, proj_keys = load_projector(cfg, store, vision_dtype, options.device)
     vision = load_vision_tower(cfg, store, folder, vision_dtype) if projector is not None else None
+    if vision is not None and options.device.type != "cpu":
+        vision.to(options.device)  # CLIP-L is 0.6 GB in fp16: built on the CPU, then moved
     check_select_layer(cfg, vision, folder)
     warn_unused(opened, used | proj_keys | set(IGNORED_KEYS), also_ignored=(VISION_PREFIX,))
     model = LlavaModel(vision, projector, lm, cfg.mm_vision_select_layer, cfg.mm_vision_select_feature).eval()
