@@ -1,4 +1,4 @@
-"""INT4 matmul backends behind one dispatch.
+"""INT4 matmul backends behind one dispatch (INT8 layers have their own: ``native_int8.select_int8_backend``).
 
 A backend computes ``y[M, O] = x[M, I] @ W^T + bias`` for a packed layer (an object with ``qweight``,
 ``qzeros``, ``scales``, ``bias``, ``group_size``, ``in_features``, ``out_features`` and a dict
@@ -69,6 +69,7 @@ def select_backend(device: torch.device, rows: int, override: str | None = None)
 from . import reference as _reference  # noqa: E402  (registers backends)
 from . import torch_cpu as _torch_cpu  # noqa: E402
 from . import native as _native  # noqa: E402
+from . import native_int8 as _native_int8  # noqa: E402
 
 register_backend(_reference.ReferenceBackend())
 register_backend(_torch_cpu.DenseBackend())
@@ -78,3 +79,4 @@ register_backend(_native.NativeBackend())
 register_backend(_native.NativeF32Backend())
 register_backend(_native.NativeI8X2Backend())
 register_backend(_native.NativeBF16Backend())
+register_backend(_native_int8.NativeIGemmBackend())

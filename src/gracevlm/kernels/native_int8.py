@@ -192,7 +192,8 @@ class Int8NativeBackend:
     """Our C kernels on the layer's own tensors (no repacked copy). M < ``gemm_min_rows``: ``gv8_matmul``
     (activations rounded per group to 24-bit fixed point, exact integer dot products on AVX2 vpmaddwd, the
     group scale factored out; measured relative L2 error vs ``reference`` ~1e-7; each output row bitwise what
-    its input row gives alone, whatever M and the thread count). M >= ``gemm_min_rows``: ``dense`` (exact fp32
+    its input row gives alone, whatever M and the thread count; an activation group holding inf or NaN makes
+    the outputs NaN, where fp32 could give +-inf). M >= ``gemm_min_rows``: ``dense`` (exact fp32
     tiles + ``torch.addmm``). Layers the kernels do not take (see ``native_int8_supports``) go to ``dense``."""
 
     name = "native"
