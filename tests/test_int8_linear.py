@@ -153,6 +153,16 @@ def test_forward_dispatch_dtypes_and_autograd():
         Int8Linear(layer.qweight, layer.scales[:, :2], None, 64)
     state = layer.state_dict()
     assert set(state) == {"qweight", "scales", "bias"}
+    wide = random_layer(128, 1024, 128, False)  # several dequantized tiles; gradients through each
+    native_int8.MAX_TILE_ELEMS, saved = 128 * 256, native_int8.MAX_TILE_ELEMS
+    try:
+        xg = torch.randn(3, 128, requires_grad=True)
+        (wide(xg) * torch.arange(1024.0)).sum().backward()
+        assert torch.allclose(xg.grad, (torch.arange(1024.0) @ wide.dequantize()).expand(3, -1), rtol=1e-4, atol=1e-4)
+    finally:
+        native_int8.MAX_TILE_ELEMS = saved
+    half = random_layer(256, 40, 64, True).to(torch.bfloat16)  # a model cast keeps the fp32 scales
+    assert half.scales.dtype == torch.float32 and torch.equal(half.scales, random_layer(256, 40, 64, True).scales)
 
 
 # ---- GRACE QAT W8 ---------------------------------------------------------------------------------------

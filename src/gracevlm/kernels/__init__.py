@@ -61,7 +61,8 @@ def select_backend(device: torch.device, rows: int, override: str | None = None)
         return backend
     if device.type == "cpu":
         if _BACKENDS["native"].available(device):  # our C kernels; warns once and falls back if unloadable
-            return _BACKENDS["native"]
+            # on the AVX2 code path the integer prefill GEMM beats dequantize + fp32 GEMM (README)
+            return _BACKENDS["native-igemm"] if _native_int8.igemm_preferred() else _BACKENDS["native"]
         return _BACKENDS["dense"] if rows >= DENSE_MIN_ROWS_CPU else _BACKENDS["int4pack"]
     return _BACKENDS["dense"]
 

@@ -161,7 +161,9 @@ class Int8DenseBackend:
 
     def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
         in_f, out_f, g = layer.in_features, layer.out_features, layer.group_size
-        lib = load_library() if layer.qweight.device.type == "cpu" and native_int8_supports(layer) else None
+        grad = x.requires_grad and torch.is_grad_enabled()  # autograd keeps each tile: no reused buffer then
+        lib = (load_library() if layer.qweight.device.type == "cpu" and native_int8_supports(layer) and not grad
+               else None)
         xf = x.to(torch.float32)
         bias = _bias32(layer)
         tile = max(8, min(out_f, MAX_TILE_ELEMS // in_f) // 8 * 8)
@@ -272,16 +274,27 @@ def select_int8_backend(device: torch.device, override: str | None = None):
 
 # ---- INT4: the integer prefill GEMM ---------------------------------------------------------------------
 
+def igemm_preferred() -> bool:
+    """Whether automatic selection uses ``native-igemm`` for INT4 layers: both libraries load and the INT4
+    kernels run their AVX2 path (with AVX-512 VNNI, ``native``'s measured crossover and GEMM are kept: the
+    integer GEMM has no AVX-512 code and was not measured there)."""
+    lib4 = native.load_library()
+    return lib4 is not None and lib4.gv_isa() == 2 and load_library() is not None
+
+
 class NativeIGemmBackend(native.NativeBackend):
     """``native`` whose large-M path is ``gv_igemm4`` instead of exact fp32 tiles + ``torch.addmm``: the INT4
     codes minus zero points as int16 times the activations rounded per group to 16-bit fixed point (two int8
     planes' worth), vpmaddwd integer dot products, register-blocked (4 rows x 24 columns) and cache-tiled
-    (int16 weight panels of 256 inputs x 24 columns). APPROXIMATE: measured relative L2 error vs
+    (int16 weight panels of 1024 inputs x 24 columns, L2 resident). APPROXIMATE: measured relative L2 error vs
     ``reference`` ~1.5e-5 (the issue's budget: 1e-4). Rows are bitwise independent of M within the GEMM path
     (M >= ``min_gemm_rows``); below it ``native``'s small-M kernel computes them (24-bit activations), so a row's
     bits change where a batch crosses that threshold. Layers with g not a multiple of 64 use ``native``'s path."""
 
     name = "native-igemm"
+    # Crossover vs the small-M kernel (1 thread, ms, kernel vs igemm, 2-core AMD EPYC, AVX2): M=8: 14 vs 17,
+    # 74 vs 61, 74 vs 47 (4096x4096, 4096->11008, 11008->4096); M=12: 29 vs 22, 93 vs 68, 98 vs 61.
+    gemm_min_rows_avx2 = 12
 
     def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
         lib8 = load_library()

@@ -76,8 +76,14 @@ class Int8Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in ts)
 
     def _apply(self, fn, recurse=True):
+        """Moves and casts as any module, except that the scales (and log_scale) keep their dtype: ``.half()``
+        or ``.to(torch.bfloat16)`` must not round them (the layer's function is ``q * s`` with fp32 ``s``)."""
         self.kernel_cache = {}
-        return super()._apply(fn, recurse)
+        keep = {n: self._buffers[n] for n in ("scales", "log_scale") if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for n, t in keep.items():
+            self._buffers[n] = t.to(self.qweight.device)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
