@@ -1,7 +1,8 @@
-"""Build hook for the native INT4 CPU kernels (metadata lives in pyproject.toml).
+"""Build hook for the native CPU kernels (metadata lives in pyproject.toml).
 
-Compiles ``src/gracevlm/kernels/csrc/gv_int4.c`` into ``gracevlm/kernels/_gv_int4<EXT_SUFFIX>``, a plain
-C shared library that gracevlm loads with ctypes (it has no Python module init). Baseline flags only; the
+Compiles ``src/gracevlm/kernels/csrc/gv_int4.c`` into ``gracevlm/kernels/_gv_int4<EXT_SUFFIX>`` and
+``csrc/gv_int8.c`` + ``csrc/gv_igemm.c`` into ``gracevlm/kernels/_gv_int8<EXT_SUFFIX>``, plain C shared
+libraries that gracevlm loads with ctypes (they have no Python module init). Baseline flags only; the
 AVX2/FMA code paths carry their own target attributes and are chosen at run time. A failed compile does
 not fail the install: gracevlm then compiles the library on first use, or falls back to torch kernels.
 """
@@ -53,4 +54,15 @@ native = Extension(
     libraries=["m"],
 )
 
-setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExt})
+SOURCES8 = [Path("src/gracevlm/kernels/csrc/gv_int8.c"), Path("src/gracevlm/kernels/csrc/gv_igemm.c")]
+digest8 = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES8)).hexdigest()[:16]  # as native_int8.source_hash
+native8 = Extension(
+    "gracevlm.kernels._gv_int8",
+    sources=[str(p) for p in SOURCES8],
+    define_macros=[("GV_SOURCE_HASH", f'"{digest8}"')],
+    extra_compile_args=["-O3", "-fvisibility=hidden", *OPENMP],
+    extra_link_args=OPENMP,
+    libraries=["m"],
+)
+
+setup(ext_modules=[native, native8], cmdclass={"build_ext": OptionalBuildExt})

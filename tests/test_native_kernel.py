@@ -10,11 +10,13 @@ import torch
 
 from gracevlm import kernels
 from gracevlm.formats.awq import dequantize_awq
-from gracevlm.kernels import native
+from gracevlm.kernels import native, native_int8
 from gracevlm.nn import Int4Linear
 from int4_helpers import random_int4_layer
 
 LIB = native.load_library()
+# the automatic CPU choice: ``native``, or on the AVX2 path ``native`` with the integer prefill GEMM
+AUTO = "native-igemm" if native_int8.igemm_preferred() else "native"
 needs_lib = pytest.mark.skipif(LIB is None, reason="native INT4 library could not be built or loaded")
 
 # relative L2 tolerance vs reference for each small-M mode (measured errors are in native.py)
@@ -103,7 +105,7 @@ def test_auto_backend_bf16_and_leading_dims(rows):
     layer = make_layer(384, 4104, 128, True, True)
     x = torch.randn(2, rows, 384).to(torch.bfloat16)
     layer.backend = None
-    assert kernels.select_backend(x.device, 2 * rows).name == "native"
+    assert kernels.select_backend(x.device, 2 * rows).name == AUTO
     y = layer(x)
     ref = reference(layer, x.reshape(-1, 384)).reshape(2, rows, -1)
     assert y.dtype == torch.bfloat16 and y.shape == (2, rows, 4104)
@@ -215,7 +217,7 @@ def test_special_activation_values(mode):
 @needs_lib
 def test_automatic_choice_on_cpu():
     cpu = torch.device("cpu")
-    assert [kernels.select_backend(cpu, m).name for m in (1, 24, 512)] == ["native"] * 3
+    assert [kernels.select_backend(cpu, m).name for m in (1, 24, 512)] == [AUTO] * 3
     assert kernels.select_backend(cpu, 1, "native-i8x2").name == "native-i8x2"  # opt-in only
 
 

@@ -1,4 +1,4 @@
-"""INT4 matmul backends behind one dispatch.
+"""INT4 matmul backends behind one dispatch (INT8 layers have their own: ``native_int8.select_int8_backend``).
 
 A backend computes ``y[M, O] = x[M, I] @ W^T + bias`` for a packed layer (an object with ``qweight``,
 ``qzeros``, ``scales``, ``bias``, ``group_size``, ``in_features``, ``out_features`` and a dict
@@ -91,7 +91,8 @@ def select_backend(device: torch.device, rows: int, override: str | None = None)
         return backend
     if device.type == "cpu":
         if _BACKENDS["native"].available(device):  # our C kernels; warns once and falls back if unloadable
-            return _BACKENDS["native"]
+            # on the AVX2 code path the integer prefill GEMM beats dequantize + fp32 GEMM (README)
+            return _BACKENDS["native-igemm"] if _native_int8.igemm_preferred() else _BACKENDS["native"]
         return _BACKENDS["dense"] if rows >= DENSE_MIN_ROWS_CPU else _BACKENDS["int4pack"]
     if device.type == "cuda" and _BACKENDS["triton"].available(device):  # Triton W4A16 kernels
         return _BACKENDS["triton"]
@@ -102,6 +103,7 @@ from . import reference as _reference  # noqa: E402  (registers backends)
 from . import torch_cpu as _torch_cpu  # noqa: E402
 from . import native as _native  # noqa: E402
 from . import triton_w4a16 as _triton  # noqa: E402  (imports triton only when its kernels first run)
+from . import native_int8 as _native_int8  # noqa: E402
 
 register_backend(_reference.ReferenceBackend())
 register_backend(_torch_cpu.DenseBackend())
@@ -112,3 +114,4 @@ register_backend(_native.NativeF32Backend())
 register_backend(_native.NativeI8X2Backend())
 register_backend(_native.NativeBF16Backend())
 register_backend(_triton.TritonBackend())
+register_backend(_native_int8.NativeIGemmBackend())

@@ -56,9 +56,10 @@ def cache_dir() -> Path:
     return Path(base) / "gracevlm"
 
 
-def compile_library(out: Path, digest: str) -> None:
-    """Compile SOURCE into the shared library ``out`` with ``$CC`` (default ``cc``), with OpenMP and the
-    AVX-512 code where the compiler has them. Raises RuntimeError with the compiler's first error on failure."""
+def compile_library(out: Path, digest: str, sources: tuple[Path, ...] = (SOURCE,)) -> None:
+    """Compile ``sources`` (default SOURCE) into the shared library ``out`` with ``$CC`` (default ``cc``), with
+    OpenMP and the AVX-512 code where the compiler has them. Raises RuntimeError with the compiler's first
+    error on failure."""
     cc = os.environ.get("CC", "cc")
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -68,7 +69,7 @@ def compile_library(out: Path, digest: str) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         cmd = [cc, "-O3", "-fPIC", "-shared", "-fvisibility=hidden", f'-DGV_SOURCE_HASH="{digest}"', *flags,
-               str(SOURCE), "-o", tmp, "-lm"]
+               *map(str, sources), "-o", tmp, "-lm"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
@@ -81,7 +82,7 @@ def compile_library(out: Path, digest: str) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError(f"compiling {SOURCE.name} with {cc!r} failed: {errors[0]}")
+    raise RuntimeError(f"compiling {', '.join(p.name for p in sources)} with {cc!r} failed: {errors[0]}")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -1,6 +1,7 @@
-"""torch.nn modules: packed INT4 linear layers (and, for training, fake-quant layers)."""
+"""torch.nn modules: packed INT4 and INT8 linear layers (and, for training, fake-quant layers)."""
 from .half_linear import HalfLinear
 from .int4_linear import Int4Linear
+from .int8_linear import Int8Linear
 from .lsq import LSQLinear
 
-__all__ = ["HalfLinear", "Int4Linear", "LSQLinear"]
+__all__ = ["HalfLinear", "Int4Linear", "Int8Linear", "LSQLinear"]
