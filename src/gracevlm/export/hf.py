@@ -166,6 +166,7 @@ def write_tokenizer_and_processor(src: SourceModel, out: Path, image_id: int, vi
         "vision_feature_select_strategy": "default" if src.config.mm_vision_select_feature == "patch" else "full",
         "num_additional_image_tokens": 1})
     write_json_atomic(out / "chat_template.json", {"chat_template": template})
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")  # for vLLM's --chat-template
 
 
 def _dense_to_codes(name: str, weight: torch.Tensor, group: int) -> LinearCodes:
