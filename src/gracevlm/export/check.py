@@ -49,6 +49,8 @@ class CaseResult:
     forced_argmax: list[int] | None = None
     margins: list[float] | None = None   # gracevlm: logit(its token) - runner-up, per step
     gaps: list[float] | None = None      # peer: logit(its argmax) - logit(gracevlm's token), per step
+    logit_error: list[float] | None = None  # per step: max |peer logit - gracevlm logit| over the vocabulary
+    tokenizer_agrees: bool | None = None  # llama.cpp: its tokenization of the text prompt = gracevlm's ids
 
     @property
     def agree(self) -> int:
@@ -77,7 +79,9 @@ class CaseResult:
         """Teacher-forced steps where the peer's argmax differs, with gracevlm's margin and the peer's gap."""
         if self.forced_argmax is None:
             return []
-        return [{"step": i, "gracevlm": t, "peer": p, "gracevlm_margin": self.margins[i], "peer_gap": self.gaps[i]}
+        err = self.logit_error or [float("nan")] * len(self.forced_argmax)
+        return [{"step": i, "gracevlm": t, "peer": p, "gracevlm_margin": self.margins[i], "peer_gap": self.gaps[i],
+                 "logit_error": err[i]}
                 for i, (t, p) in enumerate(zip(self.forced_targets, self.forced_argmax)) if t != p]
 
     def line(self) -> str:
@@ -85,9 +89,11 @@ class CaseResult:
         text = f"{self.case}: greedy {self.agree}/{n} tokens agree (first {self.prefix} identical)"
         if self.forced_argmax is not None:
             text += f"; teacher-forced {self.forced_agree}/{len(self.forced_argmax)}"
+            if self.logit_error:
+                text += f" (max logit error {max(self.logit_error):.3g})"
             for d in self.disagreements():
                 text += (f"; step {d['step']}: gracevlm margin {d['gracevlm_margin']:.3g}, "
-                         f"peer gap {d['peer_gap']:.3g}")
+                         f"peer gap {d['peer_gap']:.3g}, logit error {d['logit_error']:.3g}")
         return text
 
     def as_dict(self) -> dict:
@@ -122,9 +128,11 @@ class Reference:
     tokens: list[int]
     forced: list[int]               # tokens + EOS when gracevlm stopped
     margins: list[float]
+    logits: object                  # float32 numpy [len(forced), tokenizer vocabulary], teacher-forced
+    prompt: str = ""
 
 
-def _margins(vlm, prompt_ids: list[int], forced: list[int], images) -> list[float]:
+def _forced_logits(vlm, prompt_ids: list[int], forced: list[int], images):
     import torch
 
     model, lm = vlm.model, vlm.model.language_model
@@ -136,13 +144,25 @@ def _margins(vlm, prompt_ids: list[int], forced: list[int], images) -> list[floa
         n = embeds.shape[0]
         cache = model.new_cache(1, n, embeds.dtype)
         logits = lm(embeds.unsqueeze(0), torch.arange(n).unsqueeze(0), cache, logits_for="all")[0]
-    rows = logits[n - len(forced):, : vlm.tokenizer.vocab_size].float()
+    return logits[n - len(forced):, : vlm.tokenizer.vocab_size].float().numpy()
+
+
+def _margins(rows, forced: list[int]) -> list[float]:
+    import numpy as np
+
     out = []
     for row, tok in zip(rows, forced):
-        others = row.clone()
-        others[tok] = -float("inf")
+        others = np.array(row, copy=True)
+        others[tok] = -np.inf
         out.append(float(row[tok] - others.max()))
     return out
+
+
+def _logit_error(peer_rows, ref: "Reference") -> list[float]:
+    import numpy as np
+
+    v = min(np.shape(peer_rows)[1], ref.logits.shape[1])
+    return [float(np.abs(np.asarray(a[:v]) - b[:v]).max()) for a, b in zip(peer_rows, ref.logits)]
 
 
 def gracevlm_references(vlm, image, n: int = PROBE_TOKENS) -> list[Reference]:
@@ -150,8 +170,9 @@ def gracevlm_references(vlm, image, n: int = PROBE_TOKENS) -> list[Reference]:
     for case, query, images in (("text", PROBE_TEXT, []), ("image", PROBE_QUERY, [image])):
         g = vlm.generate(query, images=images, max_new_tokens=n)
         forced = g.token_ids + ([vlm.tokenizer.eos_id] if g.finish_reason == "stop" else [])
-        refs.append(Reference(case, g.prompt_token_ids, g.token_ids, forced,
-                              _margins(vlm, g.prompt_token_ids, forced, images)))
+        logits = _forced_logits(vlm, g.prompt_token_ids, forced, images)
+        refs.append(Reference(case, g.prompt_token_ids, g.token_ids, forced, _margins(logits, forced), logits,
+                              g.prompt))
     return refs
 
 
@@ -183,7 +204,7 @@ def check_transformers(folder: Path, refs: list[Reference], image, n: int) -> li
         rows = logits[inputs["input_ids"].shape[1] - 1:].float()
         argmax = rows.argmax(-1).tolist()
         gaps = [float(r.max() - r[t]) for r, t in zip(rows, ref.forced)]
-        out.append(CaseResult(ref.case, ref.tokens, greedy, argmax, ref.margins, gaps))
+        out.append(CaseResult(ref.case, ref.tokens, greedy, argmax, ref.margins, gaps, _logit_error(rows, ref)))
     return out
 
 
@@ -202,7 +223,8 @@ def check_llama_cpp(folder: Path, refs: list[Reference], image, n: int, timeout:
                 continue
             spec = {"model": str(model), "mmproj": str(mmproj) if ref.case == "image" else "",
                     "before": ref.prompt_ids[:k], "after": ref.prompt_ids[k + 1:], "image": str(image_file),
-                    "n": n, "forced": ref.forced, "probe_text": ""}
+                    "n": n, "forced": ref.forced, "probe_text": ref.prompt,
+                    "logits_out": str(Path(tmp) / f"{ref.case}.npy")}
             spec_file = Path(tmp) / f"{ref.case}.json"
             spec_file.write_text(json.dumps(spec))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).parents[2]),
@@ -213,8 +235,12 @@ def check_llama_cpp(folder: Path, refs: list[Reference], image, n: int, timeout:
                 why = f"signal {-p.returncode}" if p.returncode < 0 else p.stderr.strip().splitlines()[-1:]
                 raise RuntimeError(f"llama.cpp failed on the {ref.case} probe: {why}")
             got = json.loads(p.stdout.strip().splitlines()[-1])
+            import numpy as np
+
+            peer = np.load(spec["logits_out"])
             out.append(CaseResult(ref.case, ref.tokens, got["greedy"], got["forced_argmax"], ref.margins,
-                                  got["forced_gap"]))
+                                  got["forced_gap"], _logit_error(peer, ref),
+                                  got["tokenize"] == ref.prompt_ids if ref.case == "text" else None))
     return out
 
 

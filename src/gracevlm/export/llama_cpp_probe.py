@@ -5,7 +5,8 @@ native code must not take the caller down). SPEC: ``model``, ``mmproj`` ("" for 
 ``after`` (prompt ids around the image), ``image`` (a file), ``n`` (new tokens), ``forced`` (token ids).
 Prints one JSON line: ``greedy`` (llama.cpp's own greedy tokens, EOS excluded), ``forced_argmax`` and
 ``forced_gap`` (fed ``forced`` one by one, llama.cpp's argmax at each step and ``logit[argmax] -
-logit[forced token]``), ``n_image_tokens`` and ``tokenize`` (llama.cpp's tokenization of ``probe_text``).
+logit[forced token]``), ``n_image_tokens`` and ``tokenize`` (llama.cpp's tokenization of ``probe_text``);
+with ``logits_out`` the teacher-forced logit rows are saved there (``.npy``, float32 [steps, vocab]).
 
 Prompt ids go in directly (llama.cpp's own template and tokenizer are checked separately through
 ``tokenize``); the image goes through mtmd's preprocessing and the mmproj. No AMX / repacked weight buffers
@@ -94,13 +95,16 @@ def main(path: str) -> None:
         greedy.append(tok)
         llm.eval([tok])
     _prefill(spec, llm, image)
-    argmax, gap = [], []
+    argmax, gap, rows = [], [], []
     for tok in spec["forced"]:
-        row = llm.scores[llm.n_tokens - 1]
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
         best = int(np.argmax(row))
         argmax.append(best)
         gap.append(float(row[best] - row[tok]))
+        rows.append(row)
         llm.eval([tok])
+    if spec.get("logits_out"):
+        np.save(spec["logits_out"], np.stack(rows) if rows else np.zeros((0, llm.n_vocab()), np.float32))
     print(json.dumps({"greedy": greedy, "forced_argmax": argmax, "forced_gap": gap, "n_image_tokens": n_image,
                       "tokenize": llm.tokenize(spec.get("probe_text", "").encode(), add_bos=True)}))
 
