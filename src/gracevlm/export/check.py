@@ -130,6 +130,8 @@ class Reference:
     margins: list[float]
     logits: object                  # float32 numpy [len(forced), tokenizer vocabulary], teacher-forced
     prompt: str = ""
+    query: str = ""
+    image: object = None            # PIL image or None
 
 
 def _forced_logits(vlm, prompt_ids: list[int], forced: list[int], images):
@@ -165,26 +167,29 @@ def _logit_error(peer_rows, ref: "Reference") -> list[float]:
     return [float(np.abs(np.asarray(a[:v]) - b[:v]).max()) for a, b in zip(peer_rows, ref.logits)]
 
 
-def gracevlm_references(vlm, image, n: int = PROBE_TOKENS) -> list[Reference]:
+def gracevlm_references(vlm, image, n: int = PROBE_TOKENS, cases=None) -> list[Reference]:
+    """gracevlm's greedy answers and teacher-forced logits; ``cases``: (name, query, PIL image or None), by
+    default the text-only probe and the image probe."""
     refs = []
-    for case, query, images in (("text", PROBE_TEXT, []), ("image", PROBE_QUERY, [image])):
+    for case, query, img in cases or (("text", PROBE_TEXT, None), ("image", PROBE_QUERY, image)):
+        images = [] if img is None else [img]
         g = vlm.generate(query, images=images, max_new_tokens=n)
         forced = g.token_ids + ([vlm.tokenizer.eos_id] if g.finish_reason == "stop" else [])
         logits = _forced_logits(vlm, g.prompt_token_ids, forced, images)
         refs.append(Reference(case, g.prompt_token_ids, g.token_ids, forced, _margins(logits, forced), logits,
-                              g.prompt))
+                              g.prompt, query, img))
     return refs
 
 
 def _messages(ref: Reference, image_part: dict) -> list[dict]:
-    if ref.case == "text":
-        return [{"role": "user", "content": PROBE_TEXT}]
-    return [{"role": "user", "content": [image_part, {"type": "text", "text": PROBE_QUERY}]}]
+    if ref.image is None:
+        return [{"role": "user", "content": ref.query}]
+    return [{"role": "user", "content": [image_part, {"type": "text", "text": ref.query}]}]
 
 
 # -- peers ----------------------------------------------------------------------------------------------
 
-def check_transformers(folder: Path, refs: list[Reference], image, n: int) -> list[CaseResult]:
+def check_transformers(folder: Path, refs: list[Reference], n: int) -> list[CaseResult]:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -194,7 +199,7 @@ def check_transformers(folder: Path, refs: list[Reference], image, n: int) -> li
     out = []
     for ref in refs:
         text = proc.apply_chat_template(_messages(ref, {"type": "image"}), add_generation_prompt=True)
-        inputs = proc(images=[image] if ref.case == "image" else None, text=text, return_tensors="pt")
+        inputs = proc(images=None if ref.image is None else [ref.image], text=text, return_tensors="pt")
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
             greedy = gen[: gen.index(eos)] if eos in gen else gen
@@ -208,24 +213,25 @@ def check_transformers(folder: Path, refs: list[Reference], image, n: int) -> li
     return out
 
 
-def check_llama_cpp(folder: Path, refs: list[Reference], image, n: int, timeout: float = 600) -> list[CaseResult]:
+def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float = 600) -> list[CaseResult]:
     model = next((p for p in (folder / "ggml-model-q4_0.gguf", folder / "ggml-model-f16.gguf") if p.is_file()), None)
     mmproj = folder / "mmproj-model-f16.gguf"
     if model is None:
         raise InputError(f"{folder} holds no ggml-model-q4_0.gguf / ggml-model-f16.gguf")
     out = []
     with tempfile.TemporaryDirectory(prefix="gracevlm-check-") as tmp:
-        image_file = Path(tmp) / "probe.png"
-        image.save(image_file)
-        for ref in refs:
-            k = ref.prompt_ids.index(-200) if ref.case == "image" else len(ref.prompt_ids)
-            if ref.case == "image" and not mmproj.is_file():
+        for i, ref in enumerate(refs):
+            k = len(ref.prompt_ids) if ref.image is None else ref.prompt_ids.index(-200)
+            if ref.image is not None and not mmproj.is_file():
                 continue
-            spec = {"model": str(model), "mmproj": str(mmproj) if ref.case == "image" else "",
+            image_file = Path(tmp) / f"image-{i}.png"
+            if ref.image is not None:
+                ref.image.save(image_file)
+            spec = {"model": str(model), "mmproj": "" if ref.image is None else str(mmproj),
                     "before": ref.prompt_ids[:k], "after": ref.prompt_ids[k + 1:], "image": str(image_file),
                     "n": n, "forced": ref.forced, "probe_text": ref.prompt,
-                    "logits_out": str(Path(tmp) / f"{ref.case}.npy")}
-            spec_file = Path(tmp) / f"{ref.case}.json"
+                    "logits_out": str(Path(tmp) / f"case-{i}.npy")}
+            spec_file = Path(tmp) / f"case-{i}.json"
             spec_file.write_text(json.dumps(spec))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).parents[2]),
                                                                             os.environ.get("PYTHONPATH", "")] if p)}
@@ -240,11 +246,11 @@ def check_llama_cpp(folder: Path, refs: list[Reference], image, n: int, timeout:
             peer = np.load(spec["logits_out"])
             out.append(CaseResult(ref.case, ref.tokens, got["greedy"], got["forced_argmax"], ref.margins,
                                   got["forced_gap"], _logit_error(peer, ref),
-                                  got["tokenize"] == ref.prompt_ids if ref.case == "text" else None))
+                                  got["tokenize"] == ref.prompt_ids if ref.image is None else None))
     return out
 
 
-def check_vllm(url: str, refs: list[Reference], image, n: int, timeout: float = 300) -> list[CaseResult]:
+def check_vllm(url: str, refs: list[Reference], n: int, timeout: float = 300) -> list[CaseResult]:
     import base64
     import io
     import urllib.request
@@ -256,11 +262,14 @@ def check_vllm(url: str, refs: list[Reference], image, n: int, timeout: float = 
             return json.loads(r.read())
 
     model = call("/v1/models")["data"][0]["id"]
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
     out = []
     for ref in refs:
+        part = None
+        if ref.image is not None:
+            buf = io.BytesIO()
+            ref.image.save(buf, format="PNG")
+            part = {"type": "image_url",
+                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
         body = {"model": model, "messages": _messages(ref, part), "max_tokens": n, "temperature": 0,
                 "logprobs": True, "return_tokens_as_token_ids": True, "skip_special_tokens": False}
         content = call("/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
@@ -315,9 +324,9 @@ def check_export(folder: str | os.PathLike, engine: str, model: str | os.PathLik
     image = probe_image()
     refs = gracevlm_references(vlm, image, n)
     if engine == "transformers":
-        result.cases = check_transformers(folder, refs, image, n)
+        result.cases = check_transformers(folder, refs, n)
     elif engine == "llama_cpp":
-        result.cases = check_llama_cpp(folder, refs, image, n)
+        result.cases = check_llama_cpp(folder, refs, n)
     else:
-        result.cases = check_vllm(vllm_url, refs, image, n)
+        result.cases = check_vllm(vllm_url, refs, n)
     return result
