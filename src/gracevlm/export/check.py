@@ -132,6 +132,7 @@ class Reference:
     prompt: str = ""
     query: str = ""
     image: object = None            # PIL image or None
+    eos: int = 2
 
 
 def _forced_logits(vlm, prompt_ids: list[int], forced: list[int], images):
@@ -177,7 +178,7 @@ def gracevlm_references(vlm, image, n: int = PROBE_TOKENS, cases=None) -> list[R
         forced = g.token_ids + ([vlm.tokenizer.eos_id] if g.finish_reason == "stop" else [])
         logits = _forced_logits(vlm, g.prompt_token_ids, forced, images)
         refs.append(Reference(case, g.prompt_token_ids, g.token_ids, forced, _margins(logits, forced), logits,
-                              g.prompt, query, img))
+                              g.prompt, query, img, vlm.tokenizer.eos_id))
     return refs
 
 
@@ -274,7 +275,7 @@ def check_vllm(url: str, refs: list[Reference], n: int, timeout: float = 300) ->
                 "logprobs": True, "return_tokens_as_token_ids": True, "skip_special_tokens": False}
         content = call("/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
         toks = [int(c["token"].split(":", 1)[1]) for c in content]
-        out.append(CaseResult(ref.case, ref.tokens, [t for t in toks if t != 2]))
+        out.append(CaseResult(ref.case, ref.tokens, toks[: toks.index(ref.eos)] if ref.eos in toks else toks))
     return out
 
 
