@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import gracevlm
-from gracevlm.engine.generate import Generation
 from gracevlm.export import export_model
 from gracevlm.export.chat_template import chat_template
+from gracevlm.export.check import probe_image
 from gracevlm.export.source import SourceModel
 from gracevlm.formats.gguf_q4 import q4_0_from_codes, q4_0_to_codes, qk_row_permutation
 from gracevlm.models.llava.gguf_names import llama_tensor_name
@@ -37,7 +37,8 @@ def reader(path):
 
 def test_q4_0_blocks_are_the_codes_and_scales(src, exported):
     out, report = exported
-    assert report.exact and report.files[:2] == ["ggml-model-q4_0.gguf", "mmproj-model-f16.gguf"]
+    assert report.exact and report.files == ["README.md", "ggml-model-q4_0.gguf", "mmproj-model-f16.gguf",
+                                            "gracevlm_export.json"]
     source = SourceModel(src)
     r, tensors = reader(out / "ggml-model-q4_0.gguf")
     heads = {"q_proj": 4, "k_proj": 4}
@@ -56,7 +57,10 @@ def test_q4_0_blocks_are_the_codes_and_scales(src, exported):
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
-    assert np.array_equal(np.asarray(tensors["output.weight"].data), source.tensor("lm_head.weight").numpy())
+    # the vocabulary is trimmed to the 1000 tokenizer pieces (the source's 24 rows past them are never sampled)
+    assert np.array_equal(np.asarray(tensors["output.weight"].data), source.tensor("lm_head.weight")[:1000].numpy())
+    assert np.array_equal(np.asarray(tensors["token_embd.weight"].data),
+                          source.tensor("model.embed_tokens.weight")[:1000].numpy())
 
 
 def test_q4_0_packing_round_trips_any_codes():
@@ -144,6 +148,8 @@ def test_gguf_forward_reproduces_gracevlm_logits(src, exported):
         ours = lm(lm.embed(torch.tensor([ids]), torch.float32), torch.arange(len(ids)).unsqueeze(0), cache,
                   logits_for="all")[0].numpy()
     theirs = gguf_llama_logits(out / "ggml-model-q4_0.gguf", ids)
+    ours = ours[:, : theirs.shape[1]]  # gracevlm samples only the tokenizer's 1000 rows; the file has those
+    assert theirs.shape[1] == vlm.tokenizer.vocab_size == 1000
     assert np.abs(theirs - ours).max() < 1e-4 * max(1.0, np.abs(ours).max())
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
@@ -158,11 +164,13 @@ def test_tokenizer_and_chat_metadata_round_trip(src, exported):
     scores = r.fields["tokenizer.ggml.scores"].contents()
     types = r.fields["tokenizer.ggml.token_type"].contents()
     n = sp.GetPieceSize()
-    assert len(tokens) == 1024 and tokens[:n] == [sp.IdToPiece(i) for i in range(n)]
-    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, 1024)]
-    assert np.allclose(scores[:n], [sp.GetScore(i) for i in range(n)])
+    # one token per embedding row, every one a piece (no id without text)
+    rows = reader(out / "ggml-model-q4_0.gguf")[1]["token_embd.weight"].shape
+    assert len(tokens) == n == 1000 and tokens == [sp.IdToPiece(i) for i in range(n)] and 1000 in rows
+    assert r.fields["llama.vocab_size"].contents() == 1000
+    assert np.allclose(scores, [sp.GetScore(i) for i in range(n)])
     assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
-    assert types[3] == gguf.TokenType.BYTE and tokens[3] == "<0x00>" and types[n] == gguf.TokenType.UNUSED
+    assert types[3] == gguf.TokenType.BYTE and tokens[3] == "<0x00>"
     assert types[300] == gguf.TokenType.NORMAL
     meta = {k: r.fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.bos_token_id",
                                                  "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
@@ -191,12 +199,17 @@ def test_mmproj_holds_the_tower_and_projector_as_llama_cpp_reads_them(src, expor
     assert "clip.vision.feature_layer" not in r.fields  # default = block_count - 1 layers = LLaVA's layer -2
     assert np.allclose(meta("clip.vision.image_mean"), [0.48145466, 0.4578275, 0.40821073])
     assert not any(n.startswith("v.post_ln") for n in T)
+    # no class embedding (see llama_cpp_llava_features); the position rows of the 16 patches only
+    assert "v.class_embd" not in T
+    pos = source.tensor("model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight")
+    assert np.array_equal(np.asarray(T["v.position_embd.weight"].data, dtype=np.float32).reshape(16, 128),
+                          pos[1:].float().numpy())
     vt = "model.vision_tower.vision_tower.vision_model."
     pairs = {"v.blk.1.ffn_up.weight": vt + "encoder.layers.1.mlp.fc1.weight",
              "v.blk.1.ffn_down.bias": vt + "encoder.layers.1.mlp.fc2.bias",
              "v.blk.2.attn_out.weight": vt + "encoder.layers.2.self_attn.out_proj.weight",
              "v.patch_embd.weight": vt + "embeddings.patch_embedding.weight",
-             "v.class_embd": vt + "embeddings.class_embedding", "v.pre_ln.weight": vt + "pre_layrnorm.weight",
+             "v.pre_ln.weight": vt + "pre_layrnorm.weight",
              "mm.0.weight": "model.mm_projector.0.weight", "mm.2.bias": "model.mm_projector.2.bias"}
     for name, key in pairs.items():
         assert np.array_equal(np.asarray(T[name].data, dtype=np.float32).reshape(-1),
@@ -204,97 +217,93 @@ def test_mmproj_holds_the_tower_and_projector_as_llama_cpp_reads_them(src, expor
     assert len([n for n in T if n.startswith("v.blk.")]) == 3 * 16
 
 
-LLAMA_CPP_SCRIPT = r"""
-import ctypes, json, sys
-import numpy as np
-import llama_cpp
-import llama_cpp.llama as L
-import llama_cpp.mtmd_cpp as M
-
-default_params = llama_cpp.llama_model_default_params
-def params():  # no AMX/repacked weight buffers: some sandboxes trap AMX tiles (illegal instruction)
-    p = default_params(); p.use_extra_bufts = False; return p
-L.llama_cpp.llama_model_default_params = params
-model, mmproj, before, after, image, n_new = sys.argv[1:7]
-before, after, n_new = json.loads(before), json.loads(after), int(n_new)
-llm = llama_cpp.Llama(model_path=model, n_ctx=512, verbose=False, n_threads=1, logits_all=True)
-n_image = 0
-if mmproj:
-    p = M.mtmd_context_params_default(); p.use_gpu = False; p.n_threads = 1; p.print_timings = False
-    ctx = M.mtmd_init_from_file(mmproj.encode(), llm.model, p)
-    data = open(image, "rb").read()
-    bmp = M.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(data)).from_buffer(bytearray(data)),
-                                             len(data), False)
-    text = M.mtmd_input_text(); marker = M.mtmd_default_marker()
-    text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
-    chunks = M.mtmd_input_chunks_init()
-    assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-llm.reset()
-llm.eval(before)
-if mmproj:
-    for i in range(M.mtmd_input_chunks_size(chunks)):
-        ch = M.mtmd_input_chunks_get(chunks, i)
-        if M.mtmd_input_chunk_get_type(ch) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-            n_image = M.mtmd_input_chunk_get_n_tokens(ch)
-            past = llama_cpp.llama_pos(0)
-            assert M.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, ch, llama_cpp.llama_pos(llm.n_tokens),
-                                                   llama_cpp.llama_seq_id(0), llm.n_batch, False,
-                                                   ctypes.byref(past)) == 0
-            llm.n_tokens = past.value
-llm.eval(after)
-out = []
-for _ in range(n_new):
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    if tok == llm.token_eos():
-        break
-    out.append(tok)
-    llm.eval([tok])
-print(json.dumps({"tokens": out, "n_image_tokens": n_image,
-                  "tokenize": llm.tokenize(b"USER: Hello there, how are you? ASSISTANT:", add_bos=True)}))
-"""
+def _ln(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
-def test_llama_cpp_runs_the_export(src, exported, tmp_path):
-    """llama-cpp-python (when installed) loads both files and greedy-decodes like gracevlm. ggml quantizes
-    activations to Q8_0 and resamples images with its own bicubic, so on this random tiny model only a prefix of
-    the tokens is expected to agree (8 of 8 text-only, 7 and 5 of 8 with images in the run that set these
-    bounds). Run in a subprocess: a crash in native code must not take pytest down."""
-    import subprocess
-    import sys
+def llama_cpp_llava_features(T, meta, pixels):
+    """llama.cpp's llava image graph (``tools/mtmd/models/llava.cpp`` and the ``PROJECTOR_TYPE_MLP`` inputs in
+    ``clip.cpp``, read in llama-cpp-python 0.3.36's vendored llama.cpp) in float32 numpy: patch tokens in raster
+    order, ``ggml_concat(patches, v.class_embd)`` when the file has a class embedding (CLS *last*), position
+    rows ``0..n_pos-1`` added in that order, pre-LN, ``block_count - 1`` layers, then rows ``1..N`` (``patches[i]
+    = i + 1`` when there is a class embedding, else ``i``) through ``mm.0`` -> ``ggml_gelu`` (tanh form) ->
+    ``mm.2``."""
+    d, p = meta("clip.vision.embedding_length"), meta("clip.vision.patch_size")
+    heads, eps = meta("clip.vision.attention.head_count"), meta("clip.vision.attention.layer_norm_epsilon")
+    g = pixels.shape[-1] // p
+    w = lambda n: _f(T[n]) if not isinstance(T[n], np.ndarray) else T[n]  # noqa: E731
+    patches = pixels.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, -1)
+    x = patches @ w("v.patch_embd.weight").reshape(d, -1).T
+    offset = 0
+    if "v.class_embd" in T:
+        x, offset = np.concatenate([x, w("v.class_embd").reshape(1, d)]), 1
+    x = x + w("v.position_embd.weight").reshape(-1, d)[: len(x)]
+    x = _ln(x, w("v.pre_ln.weight"), w("v.pre_ln.bias"), eps)
+    hd = d // heads
+    for i in range(meta("clip.vision.block_count") - 1):
+        b = lambda n: w(f"v.blk.{i}.{n}")  # noqa: E731
+        h = _ln(x, b("ln1.weight"), b("ln1.bias"), eps)
+        q, k, v = ((h @ b(f"attn_{n}.weight").T + b(f"attn_{n}.bias")).reshape(len(x), heads, hd) for n in "qkv")
+        att = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", att, v).reshape(len(x), d) @ b("attn_out.weight").T + b("attn_out.bias")
+        h = _ln(x, b("ln2.weight"), b("ln2.bias"), eps) @ b("ffn_up.weight").T + b("ffn_up.bias")
+        h = h / (1 + np.exp(-1.702 * h))  # clip.use_gelu false: quick_gelu
+        x = x + h @ b("ffn_down.weight").T + b("ffn_down.bias")
+    x = x[offset: offset + g * g]
+    h = x @ w("mm.0.weight").T + w("mm.0.bias")
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    return h @ w("mm.2.weight").T + w("mm.2.bias")
 
-    from PIL import Image
 
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; the files are checked above with "
-                        "gguf-py and a numpy forward pass instead")
-    script = tmp_path / "run_llama_cpp.py"
-    script.write_text(LLAMA_CPP_SCRIPT)
-    image = tmp_path / "img.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8)).save(image)
-    vlm = gracevlm.load(src, device="cpu")
-
-    def run(before, after, with_image):
-        p = subprocess.run([sys.executable, str(script), str(out / "ggml-model-q4_0.gguf"),
-                            str(out / "mmproj-model-f16.gguf") if with_image else "", json.dumps(before),
-                            json.dumps(after), str(image), "8"], capture_output=True, text=True, timeout=120)
-        if p.returncode < 0:
-            pytest.skip(f"llama.cpp died with signal {-p.returncode} in this environment")
-        assert p.returncode == 0, p.stderr[-2000:]
-        return json.loads(p.stdout.strip().splitlines()[-1])
+def test_llama_cpp_graph_reads_the_mmproj_in_llava_order(src, exported):
+    """Through llama.cpp's llava graph, our mmproj gives gracevlm's image features but for the missing CLS
+    token (relative L2 < 0.1); the layout llama.cpp's own converter writes (``v.class_embd`` + all 17 position
+    rows) is read with CLS appended and patch 0 dropped, and is far off."""
+    from gracevlm.models.llava.processing import preprocess_images
 
     out, _ = exported
-    prompt = "USER: Hello there, how are you? ASSISTANT:"
-    ids = vlm.tokenizer.encode(prompt)
-    text_ref = Generation("", [], [], "length")
-    for _ in vlm.generate_raw(prompt, result=text_ref, max_new_tokens=8):
-        pass
-    got = run(ids, [], False)
-    assert got["tokenize"] == ids  # llama.cpp's SPM tokenizer from our metadata = gracevlm's tokenizer
-    assert got["tokens"][:4] == text_ref.token_ids[:4]
-    ref = vlm.generate("What is shown in this image?", images=[image], max_new_tokens=8)
-    k = ref.prompt_token_ids.index(-200)
-    got = run(ref.prompt_token_ids[:k], ref.prompt_token_ids[k + 1:], True)
-    assert got["n_image_tokens"] == 16
-    assert got["tokens"][:3] == ref.token_ids[:3]
+    vlm = gracevlm.load(src, device="cpu")
+    image = probe_image()
+    pixels = preprocess_images([image], vlm.image_spec)
+    ours = vlm.model.encode_images(pixels)[0].numpy()
+    r, T = reader(out / "mmproj-model-f16.gguf")
+    meta = lambda k: r.fields[k].contents()  # noqa: E731
+    got = llama_cpp_llava_features(T, meta, pixels[0].numpy())
+    rel = np.linalg.norm(got - ours) / np.linalg.norm(ours)
+    assert got.shape == ours.shape == (16, 128) and rel < 0.1, rel
+    # what llama.cpp's converter writes: the class embedding and all 17 position rows
+    vt = "model.vision_tower.vision_tower.vision_model.embeddings."
+    source = SourceModel(src)
+    converted = {n: _f(t) for n, t in T.items()}
+    converted["v.class_embd"] = source.tensor(vt + "class_embedding").float().numpy()
+    converted["v.position_embd.weight"] = source.tensor(vt + "position_embedding.weight").float().numpy()
+    converter_layout = llama_cpp_llava_features(converted, meta, pixels[0].numpy())
+    assert np.linalg.norm(converter_layout - ours) / np.linalg.norm(ours) > 0.5
+
+
+def test_llama_cpp_runs_the_export(src, exported):
+    """llama-cpp-python (when installed; a subprocess, see ``export.llama_cpp_probe``) loads both files. Text
+    only: its tokenizer from our metadata gives gracevlm's ids and every greedy token agrees. With the image:
+    >= 20 of 24 greedy tokens agree and, fed gracevlm's tokens, llama.cpp disagrees only where gracevlm's own
+    margin is below llama.cpp's logit error at that step (Q8_0 activations, its own bicubic resize, and the
+    patches attending to no CLS token; the numbers are printed)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; the files are checked above with "
+                        "gguf-py and numpy forward passes of llama.cpp's graphs instead")
+    from gracevlm.export.check import check_export
+
+    out, _ = exported
+    result = check_export(out, "llama_cpp", model=src)
+    assert result.status == "ok", result.reason
+    print("\n".join(result.lines()))
+    text, image = result.cases
+    assert text.tokenizer_agrees
+    assert text.agree == len(text.reference) and text.forced_agree == len(text.forced_argmax)
+    assert image.agree >= 20 and len(image.reference) == 24
+    for d in image.disagreements():
+        assert d["gracevlm_margin"] < 2 * d["logit_error"], d
 
 
 def test_gguf_report_and_cli(src, exported, tmp_path, capsys):

@@ -75,7 +75,7 @@ def test_llava_hf_loads_in_transformers_and_decodes_like_gracevlm(exports, ours,
     assert report.exact and report.rounding["dtype"] == "float16"
     # processor: pixels and prompt ids equal gracevlm's preprocessing and tokenisation
     assert torch.equal(inputs["pixel_values"], preprocess_images([image], vlm.runtime.image_spec))
-    assert prompt == ref.prompt
+    assert prompt == "<s>" + ref.prompt  # the template writes BOS; the tokenizer does not add a second one
     assert collapse_image_tokens(inputs["input_ids"][0].tolist(), model.config.image_token_index) == \
         ref.prompt_token_ids
     assert (inputs["input_ids"] == model.config.image_token_index).sum() == 16  # (56/14)^2 patches
@@ -90,13 +90,20 @@ def test_llava_hf_weights_are_the_dequantized_codes(src, exports, tmp_path):
     exact = codes.dequantize()
     assert torch.equal(tensors[original_to_hf(codes.name + ".weight")], exact.half())
     assert report.rounding["max_abs"] >= float((exact.half().float() - exact).abs().max()) > 0
-    # every dense tensor is copied unchanged; the 24 padding rows past the tokenizer keep their values
+    # every dense tensor is copied unchanged, except that the vocabulary is cut to the tokenizer: the 1000
+    # pieces' rows, a zero row for <image> (id 1000); the source's 23 rows past the tokenizer are dropped
+    vocab = ("model.embed_tokens.weight", "lm_head.weight")
     for key in source.dense_keys() + source.vision_keys():
-        assert torch.equal(tensors[original_to_hf(key)], source.tensor(key)), key
+        if key in vocab:
+            out = tensors[original_to_hf(key)]
+            assert out.shape == (1001, 128) and torch.equal(out[:1000], source.tensor(key)[:1000]), key
+            assert not out[1000].any(), key
+        else:
+            assert torch.equal(tensors[original_to_hf(key)], source.tensor(key)), key
     cfg = json.loads((folder / "config.json").read_text())
     gen = json.loads((folder / "generation_config.json").read_text())
-    assert cfg["image_token_index"] == 1000 and cfg["text_config"]["vocab_size"] == 1024
-    assert gen["suppress_tokens"] == list(range(1000, 1024))
+    assert cfg["image_token_index"] == 1000 and cfg["text_config"]["vocab_size"] == 1001
+    assert gen["suppress_tokens"] == [1000]
     # float32: exact
     f32 = export_model(src, "llava-hf", tmp_path / "f32", dtype="float32")
     t32 = load_file(str(tmp_path / "f32" / "model.safetensors"))
@@ -104,15 +111,15 @@ def test_llava_hf_weights_are_the_dequantized_codes(src, exports, tmp_path):
 
 
 def test_image_token_rows_are_padded_when_the_vocabulary_is_full(src, ours, image, tmp_path):
-    """LLaVA-1.5's case: as many embedding rows as tokenizer pieces (32000). <image> gets the next id and
-    zero rows are appended up to a multiple of 64 (32064 for LLaVA-1.5); every existing row is unchanged."""
+    """LLaVA-1.5's case: as many embedding rows as tokenizer pieces (32000). <image> gets the next id and one
+    zero row (32001 rows for LLaVA-1.5); every existing row is unchanged."""
     import shutil
 
     from safetensors.torch import save_file
 
     from gracevlm.export.hf import vocab_layout
 
-    assert vocab_layout(32000, 32000) == (32000, 32064) and vocab_layout(1000, 1024) == (1000, 1024)
+    assert vocab_layout(32000, 32000) == (32000, 32001) and vocab_layout(1000, 1024) == (1000, 1001)
     full = tmp_path / "full-vocab"
     shutil.copytree(src, full)
     tensors = load_file(str(full / "model.safetensors"))
@@ -125,9 +132,9 @@ def test_image_token_rows_are_padded_when_the_vocabulary_is_full(src, ours, imag
     out = load_file(str(tmp_path / "hf" / "model.safetensors"))
     for key, hf in (("model.embed_tokens.weight", "language_model.model.embed_tokens.weight"),
                     ("lm_head.weight", "language_model.lm_head.weight")):
-        assert out[hf].shape == (1024, 128) and torch.equal(out[hf][:1000], tensors[key])
+        assert out[hf].shape == (1001, 128) and torch.equal(out[hf][:1000], tensors[key])
         assert not out[hf][1000:].any()
-    assert "1000 -> 1024" in report.notes[0]
+    assert "1000 -> 1001" in report.notes[0]
     _, _, _, new = hf_generate(tmp_path / "hf", image)
     assert new == ours[1].token_ids  # rows >= 1000 were never sampled by gracevlm either
 
@@ -261,5 +268,60 @@ def test_chat_template_renders_the_gracevlm_prompt(messages):
         rendered = render_jinja_template([messages], chat_template=chat_template(name), add_generation_prompt=True)
         rendered = rendered[0][0] if isinstance(rendered, tuple) else rendered
         assert rendered == render_prompt(normalized(messages), name), name
+        with_bos = render_jinja_template([messages], chat_template=chat_template(name, bos="<s>"),
+                                         add_generation_prompt=True)
+        assert (with_bos[0][0] if isinstance(with_bos, tuple) else with_bos) == "<s>" + rendered, name
     with pytest.raises(Exception, match="system messages"):
         render_jinja_template([[{"role": "system", "content": "x"}] + messages], chat_template=chat_template())
+
+
+@pytest.mark.parametrize("fmt", ["llava-hf", "compressed-tensors"])
+def test_every_embedding_row_has_a_token(exports, fmt):
+    """No peer can sample or report an id without text: the tokenizer has exactly one entry per row."""
+    from transformers import AutoTokenizer
+
+    folder, _ = exports[fmt]
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = load_file(str(folder / "model.safetensors"))["language_model.lm_head.weight"].shape[0]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert len(tok) == rows == cfg["text_config"]["vocab_size"] == 1001
+    pieces = tok.convert_ids_to_tokens(list(range(rows)))
+    assert None not in pieces and len(set(pieces)) == rows and pieces[-1] == "<image>"
+
+
+def test_every_chat_path_gives_gracevlm_prompt_ids_with_one_bos(exports, ours, image):
+    """gracevlm's prompt ids (BOS once) from: vLLM's OpenAI chat rule (the template rendered to text, then
+    tokenized without special tokens - vllm ``ChatCompletionRequest.add_special_tokens`` defaults to False;
+    vLLM passes image parts either as content lists or as ``<image>\n`` placeholders before the text),
+    transformers' one-step ``apply_chat_template(..., tokenize=True)`` (tokenizer and processor) and the
+    two-step processor call."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    vlm, ref = ours
+    folder, _ = exports["compressed-tensors"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    proc = AutoProcessor.from_pretrained(folder, backend="pil")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUERY}]}]
+    placeholder = [{"role": "user", "content": "<image>\n" + QUERY}]
+    want = ref.prompt_token_ids
+    assert want[0] == vlm.tokenizer.bos_id and want.count(vlm.tokenizer.bos_id) == 1
+    for msgs in (parts, placeholder):
+        rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        vllm_ids = tok(rendered, add_special_tokens=False).input_ids  # vLLM's chat tokenization
+        assert collapse_image_tokens(vllm_ids, image_id) == want
+        one_step = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+        one_step = one_step["input_ids"] if not isinstance(one_step, list) else one_step
+        assert collapse_image_tokens(one_step, image_id) == want
+        text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+        two_step = proc(images=image, text=text, return_tensors="pt")["input_ids"][0].tolist()
+        assert collapse_image_tokens(two_step, image_id) == want
+    one = proc.apply_chat_template(parts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   images=[image], return_tensors="pt")
+    assert collapse_image_tokens(one["input_ids"][0].tolist(), image_id) == want
+    # text-only chat as well; text that bypasses the template gets no BOS (the model card says to add <s>)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    text_ref = vlm.tokenizer.encode(render_prompt(msgs, "vicuna_v1"))
+    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert tok(rendered, add_special_tokens=False).input_ids == text_ref == tok(rendered).input_ids
+    assert tok("Hello").input_ids == vlm.tokenizer.encode("Hello", add_bos=False)

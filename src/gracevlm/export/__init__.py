@@ -3,9 +3,10 @@
 
 ``export_model(model, fmt, out)`` reads the checkpoint tensors (any layout ``gracevlm.load`` reads), writes
 into a temporary folder next to ``out`` and renames it into place only when complete, so a failed export
-leaves nothing behind. Conversions that cannot keep the integer codes and scales exactly raise
-``LossyExportError`` with the reason; with ``allow_lossy=True`` they proceed and the report carries the
-max and mean absolute weight error. See ``ExportReport``.
+leaves nothing behind; every export folder gets a ``README.md`` model card (``export.card``).
+Conversions that cannot keep the integer codes and scales exactly raise ``LossyExportError`` with the
+reason; with ``allow_lossy=True`` they proceed and the report carries the max and mean absolute weight
+error. See ``ExportReport``. ``export.check`` compares an export in its peer engine with gracevlm.
 """
 from __future__ import annotations
 
@@ -110,6 +111,9 @@ def export_model(model: str | os.PathLike, fmt: str, out: str | os.PathLike, for
             write_llava_hf(src, tmp, report, err, reasons, allow_lossy, fmt == "compressed-tensors", dtype,
                            progress)
         _finish_error(report, reasons, err, allow_lossy)
+        from .card import write_model_card
+
+        write_model_card(tmp, report.as_dict())
         report.files = sorted(p.name for p in tmp.iterdir()) + [REPORT_NAME]
         report.bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
         write_json_atomic(tmp / REPORT_NAME, report.as_dict())

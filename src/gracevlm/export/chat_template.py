@@ -41,11 +41,19 @@ _CONTENT = """{%- if message['content'] is string -%}
 {%- endif -%}"""
 
 
-def chat_template(name: str = "vicuna_v1") -> str:
-    """The Jinja template of gracevlm's conversation template ``name``."""
+def chat_template(name: str = "vicuna_v1", bos: str | None = None) -> str:
+    """The Jinja template of gracevlm's conversation template ``name``.
+
+    ``bos`` (the BOS token's text, e.g. ``"<s>"``): rendered first, as a literal (not the ``bos_token``
+    variable, which some renderers do not pass). For readers that tokenize the rendered chat without adding
+    special tokens - vLLM's and SGLang's OpenAI chat, transformers' ``tokenizer.apply_chat_template(...,
+    tokenize=True)`` - with a tokenizer that does not add BOS itself; see ``export.hf``. None: no BOS in the
+    text (llama.cpp, whose tokenizer adds it)."""
     t = get_template(name)
     head = (f"{{%- set NL = {_lit(chr(10))} -%}}{{%- set IMG = {_lit(IMAGE_TOKEN)} -%}}"
             f"{{%- set SYSTEM = {_lit(t.system)} -%}}")
+    if bos:
+        head += f"{{{{- {_lit(bos)} -}}}}"
     checks = ("{%- if message['role'] == 'system' -%}"
               "{{- raise_exception('system messages are not supported: the LLaVA-1.5 template has a fixed "
               "system prompt') -}}"

@@ -1,19 +1,57 @@
-"""``gracevlm export --model M --format {llava-hf,compressed-tensors,gguf} --out DIR [--force] [--allow-lossy]``."""
+"""``gracevlm export --model M --format {llava-hf,compressed-tensors,gguf} --out DIR [--force] [--allow-lossy]
+[--check ENGINE ...]``.
+
+With ``--check``, an ``--out`` that already holds a gracevlm export of ``--format`` is checked as it is (no
+re-export unless ``--force``); otherwise the export is written first. See ``export.check``."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from . import FORMATS
+from .check import ENGINES
+
+
+def _existing_export(out: Path, fmt: str) -> dict | None:
+    from . import REPORT_NAME
+
+    report = out / REPORT_NAME
+    if not report.is_file():
+        return None
+    data = json.loads(report.read_text(encoding="utf-8"))
+    return data if data.get("format") == fmt else None
+
+
+def _run_checks(args, out: Path) -> list:
+    from .card import write_model_card
+    from .check import check_export
+
+    results = [check_export(out, engine, model=args.model, vllm_url=args.vllm_url) for engine in args.check]
+    write_model_card(out, checks=[r.as_dict() for r in results])
+    return results
 
 
 def cmd_export(args) -> int:
-    from . import export_model
+    from . import ExportReport, export_model
 
-    report = export_model(args.model, args.format, args.out, force=args.force, allow_lossy=args.allow_lossy,
-                          dtype=args.dtype, progress=not args.json)
+    out = Path(args.out)
+    existing = _existing_export(out, args.format) if args.check and not args.force else None
+    if existing is not None:
+        report = ExportReport(**existing)
+        if not args.json:
+            print(f"checking the existing {args.format} export in {out} (pass --force to export again)")
+    else:
+        report = export_model(args.model, args.format, args.out, force=args.force, allow_lossy=args.allow_lossy,
+                              dtype=args.dtype, progress=not args.json)
+    checks = _run_checks(args, out) if args.check else []
     if args.json:
-        print(json.dumps(report.as_dict()))
+        print(json.dumps({**report.as_dict(), "checks": [c.as_dict() for c in checks]} if checks else report.as_dict()))
+        return 0
+    if existing is not None:
+        for c in checks:
+            for line in c.lines():
+                print(f"  check {line}")
         return 0
     state = "exact (codes and scales unchanged)" if report.exact else "LOSSY"
     print(f"exported {report.source} ({report.source_format}) -> {report.out} [{report.format}]: {state}")
@@ -26,6 +64,9 @@ def cmd_export(args) -> int:
     for note in report.notes:
         print(f"  {note}")
     print(f"  files: {', '.join(report.files)} ({report.bytes / 2**20:.1f} MiB)")
+    for c in checks:
+        for line in c.lines():
+            print(f"  check {line}")
     return 0
 
 
@@ -41,5 +82,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                    help="dense tensors of llava-hf / compressed-tensors (float32 keeps llava-hf weights exact)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--check", action="append", default=[], choices=ENGINES, metavar="ENGINE",
+                   help="after exporting (or on an existing export in --out), greedy-decode fixed prompts in a "
+                        "peer engine and compare tokens with gracevlm: transformers, llama_cpp (if "
+                        "llama-cpp-python is installed), vllm (with --vllm-url); repeatable")
+    p.add_argument("--vllm-url", help="base URL of a vLLM OpenAI server serving the export (for --check vllm)")
     p.set_defaults(func=cmd_export)
     return p

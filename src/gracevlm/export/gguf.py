@@ -6,21 +6,35 @@ Run them with ``llama-mtmd-cli -m ggml-model-q4_0.gguf --mmproj mmproj-model-f16
 
 LLM file: ``token_embd``/``output`` F16, norms F32, each quantized linear Q4_0 with ``d`` = the group's fp16
 scale and nibbles = the codes (``formats.gguf_q4``); q/k rows permuted for llama.cpp's RoPE layout.
-Tokenizer: SentencePiece pieces, scores and types (``[PAD<id>]`` UNUSED entries fill embedding rows past the
-tokenizer), bos/eos/unk/pad ids, ``add_bos_token`` true, ``add_eos_token`` false, the normaliser's
-dummy-prefix / whitespace flags, and the chat template (the same Jinja as the transformers export).
+Tokenizer: SentencePiece pieces, scores and types, bos/eos/unk/pad ids, ``add_bos_token`` true,
+``add_eos_token`` false, the normaliser's dummy-prefix / whitespace flags, and the chat template (the same
+Jinja as the transformers export, without ``bos_token``: llama.cpp adds BOS itself). The embedding and the
+head are trimmed to one row per piece: rows past the tokenizer have no text and gracevlm never samples or
+reads them (``TokenStream`` samples ``logits[:tokenizer.vocab_size]``), so trimming is exact and llama.cpp
+can no longer pick them.
 
-mmproj file, checked against llama.cpp ``tools/mtmd`` (``clip.cpp`` ``load_hparams``/``load_tensors``,
-``clip-impl.h`` names, ``models/llava.cpp`` graph): ``clip.has_vision_encoder``, ``clip.projector_type =
-"mlp"`` (``clip.has_llava_projector`` too, for older readers), ``clip.vision.{image_size, patch_size,
-embedding_length, feed_forward_length, projection_dim, block_count, attention.head_count,
-attention.layer_norm_epsilon, image_mean, image_std}``, ``clip.use_gelu`` (false = quick_gelu);
-tensors ``v.class_embd``, ``v.patch_embd.weight``, ``v.position_embd.weight``, ``v.pre_ln.*``,
+mmproj file, checked against llama.cpp ``tools/mtmd`` (read in the copy llama-cpp-python 0.3.36 vendors,
+llama.cpp @0c1e5709, and upstream @623ea2ba: ``clip.cpp`` ``load_hparams``/``load_tensors``/the
+``PROJECTOR_TYPE_MLP`` inputs, ``clip-impl.h`` names, ``models/llava.cpp`` graph): ``clip.has_vision_encoder``,
+``clip.projector_type = "mlp"`` (``clip.has_llava_projector`` too, for older readers), ``clip.vision.{image_size,
+patch_size, embedding_length, feed_forward_length, projection_dim, block_count, attention.head_count,
+attention.layer_norm_epsilon, image_mean, image_std}``, ``clip.use_gelu`` (false = quick_gelu); tensors
+``v.patch_embd.weight``, ``v.position_embd.weight``, ``v.pre_ln.*``,
 ``v.blk.N.{attn_q,attn_k,attn_v,attn_out,ln1,ln2,ffn_up,ffn_down}.*`` (fc1 = ffn_up, fc2 = ffn_down),
 ``mm.0.*``, ``mm.2.*``; no ``v.post_ln`` (the llava graph would apply it). The llava graph runs
 ``block_count - 1`` layers when no ``clip.vision.feature_layer`` is given, i.e. LLaVA's layer -2; other
-select layers are written as ``feature_layer``. It drops the CLS token (LLaVA's ``patch``) and pads images
-to a square with (122, 116, 104) before a bicubic resize, LLaVA-1.5's preprocessing.
+select layers are written as ``feature_layer``. It pads images to a square with (122, 116, 104) before a
+bicubic resize, LLaVA-1.5's preprocessing.
+
+Token order. With a ``v.class_embd`` the llava graph builds ``[patch_0 .. patch_{N-1}, CLS]`` (``ggml_concat``
+appends the class embedding *after* the patches), adds position rows ``0..N`` in that order and feeds rows
+``1..N`` to the projector - so patch 0 is dropped, CLS's output is used as the last image token and every
+patch gets its neighbour's position (LLaVA: ``[CLS, patch_0 ..]`` + rows ``0..N``, features = rows ``1..N``).
+No file can fix that with a CLS token: the graph always discards the first patch. Without ``v.class_embd``
+(optional in ``load_tensors``) the graph takes all N patch tokens in order, so we omit it and write the
+position rows of the patches only (LLaVA's rows ``1..N``): every image token then sits in LLaVA's slot with
+LLaVA's position, and the one difference left is that the patches do not attend to a CLS token (the tiny
+test model's features change by relative L2 ~0.035, the old layout's by ~1.2; see the tests and README).
 """
 from __future__ import annotations
 
@@ -40,6 +54,12 @@ from .source import SourceModel
 LLM_NAME_Q4 = "ggml-model-q4_0.gguf"
 LLM_NAME_F16 = "ggml-model-f16.gguf"
 MMPROJ_NAME = "mmproj-model-f16.gguf"
+
+
+def _sp_piece_count(path: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path)).GetPieceSize()
 
 
 def _sp_vocab(path: Path, rows: int):
@@ -196,7 +216,11 @@ def write_gguf(src: SourceModel, out: Path, report, err, reasons: list[str], all
     # -- LLM ---------------------------------------------------------------------------------------
     plan = _Plan()
     lm_linears = set(src.lm_linears)
-    rows = src.store.get_slice_shape("model.embed_tokens.weight")[0]
+    src_rows = src.store.get_slice_shape("model.embed_tokens.weight")[0]
+    rows = _sp_piece_count(src.tokenizer_file())  # embedding trimmed to the tokenizer (see module docstring)
+    if rows > src_rows:
+        raise CheckpointError(f"the tokenizer has {rows} pieces but the embedding only {src_rows} rows")
+    vocab_keys = {"model.embed_tokens.weight", "lm_head.weight"}
     dense = src.dense_keys()
     keys = ["model.embed_tokens.weight"] + [k for k in dense if k.startswith("model.layers.")] + \
         ["model.norm.weight", "lm_head.weight" if "lm_head.weight" in dense else "model.embed_tokens.weight"]
@@ -224,6 +248,9 @@ def write_gguf(src: SourceModel, out: Path, report, err, reasons: list[str], all
             continue
         gname = "output.weight" if kind == "head" else llama_tensor_name(key)
         shape = src.store.get_slice_shape(key)
+        if key in vocab_keys:
+            plan.add(gname, (rows, shape[1]), np.float16, None, lambda key=key: _f16(src.tensor(key)[:rows]))
+            continue
         module = key[: -len(".weight")] if key.endswith(".weight") else key
         if module in lm_linears:  # dense source: the linear goes out as F16 (exact for an fp16 checkpoint)
             perm = permutation(module, shape[0])
@@ -281,7 +308,8 @@ def write_gguf(src: SourceModel, out: Path, report, err, reasons: list[str], all
         report.notes.append(f"run: llama-mtmd-cli -m {llm_name} --mmproj {MMPROJ_NAME}")
     else:
         report.notes.append("no vision tower/projector: only the language model was written")
-    report.notes.append(f"tokenizer: {n_pieces} SentencePiece pieces + {rows - n_pieces} [PAD] entries; "
+    report.notes.append(f"tokenizer: {n_pieces} SentencePiece pieces, one per embedding row (rows {src_rows} -> "
+                        f"{rows}: the rows past the tokenizer, which gracevlm never samples, are dropped); "
                         f"chat template gracevlm {conv_mode!r}")
     report.notes.append("q_proj/k_proj rows permuted per head (llama.cpp RoPE layout); codes and scales "
                         "unchanged otherwise")
@@ -329,9 +357,12 @@ def _write_mmproj(src: SourceModel, path: Path, vision_keys, proj_keys, progress
     plan = _Plan()
     for key in sorted(vision_keys) + sorted(proj_keys):
         name = clip_tensor_name(key)
-        if name is None:
+        if name is None or name == "v.class_embd":  # no CLS token: see "Token order" in the module docstring
             continue
         shape = src.vision.get_slice_shape(key) if key in vision_keys else src.store.get_slice_shape(key)
+        if name == "v.position_embd.weight":  # the patch rows only (row 0 is the CLS token's position)
+            plan.add(name, (shape[0] - 1, shape[1]), np.float16, None, lambda key=key: _f16(src.tensor(key)[1:]))
+            continue
         if key.endswith(".weight") and len(shape) >= 2:
             plan.add(name, shape, np.float16, None, lambda key=key: _f16(src.tensor(key)))
         else:

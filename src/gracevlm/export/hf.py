@@ -4,15 +4,22 @@ Both produce a folder that ``LlavaForConditionalGeneration.from_pretrained`` + `
 classic llava-hf tensor names (``models.llava.weights``), config.json, generation_config.json, tokenizer
 (tokenizer.model + tokenizer.json with ``<image>`` added), processor and chat template.
 
-Image token. LLaVA-1.5 has no ``<image>`` token (the original code splices features at a -200 marker);
-transformers embeds ``input_ids`` before scattering image features, so the image token id must be a
-row of the embedding. We add ``<image>`` as a special token right after the SentencePiece pieces
-(id = number of pieces, 32000 for LLaVA-1.5 - as llava-hf does) and, where the model has no row for it,
-pad ``embed_tokens`` and ``lm_head`` with zero rows up to a multiple of 64 (32064, llava-hf's size). No
-existing row changes. Every id at or past the first added one is listed in generation_config's
-``suppress_tokens``, so transformers never samples them - the same rule as gracevlm (it never samples
-past the tokenizer). vLLM/SGLang do not read ``suppress_tokens``: there the padded rows give logit exactly 0
-and the image id could only win against a model whose every real logit is negative.
+Image token and vocabulary. LLaVA-1.5 has no ``<image>`` token (the original code splices features at a
+-200 marker); transformers embeds ``input_ids`` before scattering image features, so the image token id must
+be a row of the embedding. We add ``<image>`` as a special token right after the SentencePiece pieces (id =
+number of pieces, 32000 for LLaVA-1.5 - as llava-hf does). ``embed_tokens`` and ``lm_head`` get exactly one
+row per tokenizer entry: the pieces' rows unchanged, a zero row for ``<image>``, and any source rows past the
+tokenizer dropped (they have no text; gracevlm samples ``logits[:tokenizer.vocab_size]`` and never reads
+them, so dropping them is exact) - no peer can sample or report an id without text. ``<image>`` is in
+generation_config's ``suppress_tokens`` (transformers never samples it); vLLM/SGLang do not read that, but its
+logit is exactly 0, so it could only win against a model whose every real logit is negative.
+
+BOS. gracevlm's prompt ids start with one BOS. vLLM's and SGLang's OpenAI chat render the chat template and
+tokenize the text *without* special tokens, and so does transformers' ``tokenizer.apply_chat_template(...,
+tokenize=True)``; the processor's two-step form (``apply_chat_template`` to text, then ``processor(text=...)``)
+tokenizes *with* them. So the template writes the BOS text itself and the tokenizer does not add one
+(``add_bos_token`` false, tokenizer.json's post-processor without BOS): every chat path gives BOS once and
+text that bypasses the template needs a leading ``<s>`` (the model card says so).
 
 Preprocessing. ``preprocessor_config.json`` is a ``LlavaImageProcessor`` with ``do_pad=True`` (pad to a
 square with the CLIP mean colour, resize the short side to 336 bicubic, centre crop, normalise), which
@@ -81,11 +88,19 @@ IMAGE_TOKEN = "<image>"
 
 
 def vocab_layout(n_pieces: int, rows: int) -> tuple[int, int]:
-    """(image token id, embedding rows after padding)."""
-    image_id = n_pieces
-    if rows > image_id:
-        return image_id, rows
-    return image_id, -(-(image_id + 1) // 64) * 64
+    """(image token id, embedding rows written): one row per SentencePiece piece plus ``<image>``, whatever
+    the source has (``rows``): rows past the tokenizer have no text and gracevlm never samples or reads them,
+    so dropping them is exact."""
+    return n_pieces, n_pieces + 1
+
+
+def vocab_rows(weight: torch.Tensor, image_id: int) -> torch.Tensor:
+    """The first ``image_id`` rows (one per piece) and a zero row for ``<image>`` (as input its row is
+    replaced by image features; as output its logit is exactly 0, and it is in ``suppress_tokens``)."""
+    keep = weight[:image_id]
+    if keep.shape[0] < image_id:  # fewer rows than pieces: the missing pieces get zero rows (never sampled)
+        keep = torch.cat([keep, keep.new_zeros(image_id - keep.shape[0], keep.shape[1])])
+    return torch.cat([keep, keep.new_zeros(1, keep.shape[1])])
 
 
 def _sp_pieces(path: Path) -> int:
@@ -107,7 +122,7 @@ def write_tokenizer_and_processor(src: SourceModel, out: Path, image_id: int, vi
     for name in TOKENIZER_FILES:
         if (src.folder / name).is_file():
             shutil.copy2(src.folder / name, staging / name)
-    tok = HFLlamaTokenizer.from_pretrained(str(staging))
+    tok = HFLlamaTokenizer.from_pretrained(str(staging), add_bos_token=False)  # BOS comes from the template
     shutil.rmtree(staging)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -115,7 +130,7 @@ def write_tokenizer_and_processor(src: SourceModel, out: Path, image_id: int, vi
     if got != image_id:
         raise CheckpointError(f"the tokenizer gives {IMAGE_TOKEN} id {got}, expected {image_id} (the first id "
                               "after the SentencePiece pieces); the source tokenizer has unexpected added tokens")
-    template = chat_template(conv_mode)
+    template = chat_template(conv_mode, bos=tok.bos_token)
     # tokenizer.json from transformers (the fast tokenizer all readers prefer); the other files are written
     # by hand in the layout of llava-hf/llava-1.5-7b-hf, which transformers 4.x (vLLM, SGLang) and 5.x read
     tok.backend_tokenizer.save(str(out / "tokenizer.json"))
@@ -130,7 +145,7 @@ def write_tokenizer_and_processor(src: SourceModel, out: Path, image_id: int, vi
         decoder[str(token_id)] = {"content": added.content, "lstrip": added.lstrip, "normalized": added.normalized,
                                   "rstrip": added.rstrip, "single_word": added.single_word, "special": added.special}
     tok_cfg.update({"added_tokens_decoder": decoder, "tokenizer_class": "LlamaTokenizer",
-                    "processor_class": "LlavaProcessor", "add_bos_token": True, "add_eos_token": False,
+                    "processor_class": "LlavaProcessor", "add_bos_token": False, "add_eos_token": False,
                     "legacy": tok_cfg.get("legacy", True), "chat_template": template,
                     "model_max_length": src.config.tokenizer_model_max_length})
     tok_cfg.setdefault("pad_token", "<unk>")
@@ -152,6 +167,7 @@ def write_tokenizer_and_processor(src: SourceModel, out: Path, image_id: int, vi
         "vision_feature_select_strategy": "default" if src.config.mm_vision_select_feature == "patch" else "full",
         "num_additional_image_tokens": 1})
     write_json_atomic(out / "chat_template.json", {"chat_template": template})
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")  # for vLLM's --chat-template
 
 
 def _dense_to_codes(name: str, weight: torch.Tensor, group: int) -> LinearCodes:
@@ -227,8 +243,8 @@ def write_llava_hf(src: SourceModel, out: Path, report, err, reasons: list[str],
         written = t.to(tdtype)
         if t.dtype != tdtype:
             dense_cast.add(written, t)
-        if key in ("model.embed_tokens.weight", "lm_head.weight") and rows > written.shape[0]:
-            written = torch.cat([written, written.new_zeros(rows - written.shape[0], written.shape[1])])
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            written = vocab_rows(written, image_id)
         writer.add(original_to_hf(key), written)
         if key == "model.embed_tokens.weight" and not have_head:  # tied embeddings: write the head explicitly
             writer.add("language_model.lm_head.weight", written)
@@ -251,7 +267,9 @@ def write_llava_hf(src: SourceModel, out: Path, report, err, reasons: list[str],
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
         "do_sample": False, "suppress_tokens": list(range(n_pieces, rows))})
     write_tokenizer_and_processor(src, out, image_id, vision, conv_mode)
-    report.notes.append(f"<image> = token {image_id}; embedding rows {cfg.vocab_size} -> {rows} "
-                        f"(zero rows added: {max(0, rows - cfg.vocab_size)}); ids {n_pieces}..{rows - 1} are "
-                        "in generation_config.suppress_tokens")
+    report.notes.append(f"<image> = token {image_id} (zero row); embedding rows {cfg.vocab_size} -> {rows}: one per "
+                        f"tokenizer entry (rows past the tokenizer dropped, gracevlm never samples them); id "
+                        f"{image_id} is in generation_config.suppress_tokens")
+    report.notes.append("BOS: written by the chat template; the tokenizer does not add it (add_bos_token false), "
+                        "so text tokenized without the template needs a leading <s>")
     report.notes.append(f"chat template: gracevlm {conv_mode!r}")
