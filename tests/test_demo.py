@@ -217,3 +217,19 @@ def test_demo_evaluate_cli_reproduces_the_recorded_accuracy(capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["answer"] and res["reference"] and len(res["turns"]) == 3
     assert len({t["kind"] for t in res["turns"]}) == 3
+
+
+def test_results_table_lists_every_model_and_view():
+    from gracevlm.demo.recipe import results_table
+
+    def res(acc, k, n):
+        return {"accuracy": acc, "ci95": [acc - 2.0, acc + 1.5], "n": n, "correct": k,
+                "by_type": {"color": 100.0, "where": acc - 5}}
+
+    results = {"accuracy": {"teacher_fp16": res(98.0, 392, 400), "grace_w3": res(90.0, 360, 400)},
+               "views": {"grace_w4": {"64x64": res(97.0, 388, 400), "200x150": res(93.5, 374, 400)}}}
+    lines = results_table(results).splitlines()
+    assert "| teacher (fp16) | 98.00% | 96.0-99.5% | where 93.0% |" in lines
+    assert "| GRACE W3G128 | 90.00% | 88.0-91.5% | where 85.0% |" in lines
+    assert lines[lines.index("") + 1] == "| model | 64x64 px | 200x150 px | weakest type, any view |"
+    assert "| GRACE W4G128 (the bundled model) | 97.00% | 93.50% | where 88.5% (200x150) |" in lines

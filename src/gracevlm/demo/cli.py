@@ -39,11 +39,16 @@ def cmd_run(args) -> int:
     except ValueError as exc:
         print(f"gracevlm demo: error: {exc}", file=sys.stderr)
         return 2
-    if args.index < 0:
+    if args.index is not None and args.index < 0:
         print(f"gracevlm demo: error: --index must be >= 0, got {args.index}", file=sys.stderr)
         return 2
     vlm = load(model, device="cpu")
-    _, scene = generate_split("heldout", args.index + 1, args.seed)[args.index]
+    if args.index is None:  # the first held-out picture with three objects: something to talk about
+        pairs = generate_split("heldout", 50, args.seed)
+        index = next((i for i, (_, sc) in enumerate(pairs) if len(sc.objects) == 3), 0)
+    else:
+        index = args.index
+    _, scene = generate_split("heldout", index + 1, args.seed)[index]
     image = draw_scene(scene, width, height)
     saved = None
     if args.save_image != "":
@@ -52,7 +57,7 @@ def cmd_run(args) -> int:
     if args.query:
         turns = [(args.query, None, None)]
     else:
-        turns = [(qa.question, qa.answer, qa.kind) for qa in showcase(scene, random.Random(args.seed * 7 + args.index))]
+        turns = [(qa.question, qa.answer, qa.kind) for qa in showcase(scene, random.Random(args.seed * 7 + index))]
     objects = [f"{o.size} {o.color} {o.shape} ({QUADRANTS[o.quadrant]})" for o in scene.objects]
     results = []
     for query, reference, kind in turns:
@@ -157,7 +162,8 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
     def run_args(q):
         q.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--index", type=int, default=0, help="which held-out picture")
+        q.add_argument("--index", type=int, default=None,
+                       help="which held-out picture (default: the first with three objects)")
         q.add_argument("--query", default=None, help="your own question (default: the held-out one)")
         q.add_argument("--save-image", default=None,
                        help="where to save the picture (default ./gracevlm-demo.png; '' to not save it)")
