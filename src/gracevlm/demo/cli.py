@@ -1,8 +1,9 @@
 """``gracevlm demo``: the bundled GRACE W4 demo model.
 
-    gracevlm demo [run]             answer a held-out question about a freshly drawn picture
-    gracevlm demo evaluate --json   exact-match accuracy on the held-out split (generated live)
-    gracevlm demo compare           teacher / RTN W4G128 / QAT-only W4 / GRACE W4 (needs a build's work folder)
+    gracevlm demo [run]             draw a held-out picture, save it, ask three questions, show the references
+    gracevlm demo evaluate --json   exact-match accuracy on the held-out split (generated live; --views: sizes)
+    gracevlm demo compare           teacher / RTN / QAT-only / GRACE at W4G128 and W3G128 (needs a build's work)
+    gracevlm demo table             the README's demo table from results.json
     gracevlm demo build             the whole recipe (world, tokenizer, teacher, students, packing)
 """
 from __future__ import annotations
@@ -15,47 +16,100 @@ from pathlib import Path
 from .evaluate import DEFAULT_HELDOUT
 
 
+def _view(text: str | None) -> tuple[int, int] | None:
+    from .evaluate import parse_view
+
+    return None if text is None else parse_view(text)
+
+
 def cmd_run(args) -> int:
+    """One picture, three questions of different kinds (or ``--query``), answers next to the references."""
+    import random
+
     from ..engine.vlm import load
     from .evaluate import MODEL_DIR
-    from .world import draw_scene, generate_split
+    from .world import QUADRANTS, draw_scene, generate_split, showcase
 
     model = Path(args.model or MODEL_DIR)
     if not (model / "config.json").is_file():
         print(f"gracevlm demo: no model in {model}; build it with `python -m gracevlm.demo build`", file=sys.stderr)
         return 2
+    try:
+        width, height = _view(args.size) or (256, 192)
+    except ValueError as exc:
+        print(f"gracevlm demo: error: {exc}", file=sys.stderr)
+        return 2
+    if args.index is not None and args.index < 0:
+        print(f"gracevlm demo: error: --index must be >= 0, got {args.index}", file=sys.stderr)
+        return 2
     vlm = load(model, device="cpu")
-    record, scene = generate_split("heldout", args.index + 1, args.seed)[args.index]
-    image = draw_scene(scene, vlm.model.vision_tower.config.image_size)
-    query = args.query or record["conversations"][0]["value"].replace("<image>\n", "")
-    out = vlm.generate(query, images=[image], max_new_tokens=args.max_new_tokens, temperature=0.0)
-    if args.save_image:
-        draw_scene(scene, 256).save(args.save_image)
-    result = {"query": query, "answer": out.text.strip(), "objects": [
-        f"{o.size} {o.color} {o.shape} ({['top left', 'top right', 'bottom left', 'bottom right'][o.quadrant]})"
-        for o in scene.objects]}
-    if not args.query:
-        result["reference"] = record["conversations"][1]["value"]
-    if args.json:
-        print(json.dumps(result))
+    if args.index is None:  # the first held-out picture with three objects: something to talk about
+        pairs = generate_split("heldout", 50, args.seed)
+        index = next((i for i, (_, sc) in enumerate(pairs) if len(sc.objects) == 3), 0)
     else:
-        saved = f" (saved to {args.save_image})" if args.save_image else ""
-        print(f"picture: {', '.join(result['objects'])}{saved}")
-        print(f"USER: {query}\nASSISTANT: {result['answer']}")
-        if "reference" in result:
-            print(f"(reference answer: {result['reference']})")
+        index = args.index
+    _, scene = generate_split("heldout", index + 1, args.seed)[index]
+    image = draw_scene(scene, width, height)
+    saved = None
+    if args.save_image != "":
+        saved = Path(args.save_image or "gracevlm-demo.png").resolve()
+        image.save(saved)
+    if args.query:
+        turns = [(args.query, None, None)]
+    else:
+        turns = [(qa.question, qa.answer, qa.kind) for qa in showcase(scene, random.Random(args.seed * 7 + index))]
+    objects = [f"{o.size} {o.color} {o.shape} ({QUADRANTS[o.quadrant]})" for o in scene.objects]
+    results = []
+    for query, reference, kind in turns:
+        out = vlm.generate(query, images=[image], max_new_tokens=args.max_new_tokens, temperature=0.0)
+        item = {"query": query, "answer": out.text.strip()}
+        if reference is not None:
+            item.update(reference=reference, kind=kind, correct=item["answer"] == reference)
+        results.append(item)
+    if args.json:
+        print(json.dumps({"image": str(saved) if saved else None, "size": [width, height], "objects": objects,
+                          "turns": results, **results[0]}))
+        return 0
+    print(f"picture ({width} x {height} px): {', '.join(objects)}")
+    if saved:
+        print(f"saved to {saved} (open it to check the answers yourself)")
+    for item in results:
+        print(f"\nUSER: {item['query']}\nASSISTANT: {item['answer']}")
+        if "reference" in item:
+            mark = "correct" if item["correct"] else "WRONG"
+            print(f"  (reference answer: {item['reference']}; {mark})")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import MODEL_DIR, evaluate
+    from .evaluate import MODEL_DIR, VIEWS, evaluate, evaluate_views
 
-    res = evaluate(args.model or MODEL_DIR, n=args.n, seed=args.seed, quantize=args.quantize,
+    try:
+        view = _view(args.size)
+    except ValueError as exc:
+        print(f"gracevlm demo: error: {exc}", file=sys.stderr)
+        return 2
+    model = args.model or MODEL_DIR
+    if not (Path(model) / "config.json").is_file():
+        print(f"gracevlm demo: no model in {model}; build it with `python -m gracevlm.demo build`", file=sys.stderr)
+        return 2
+    if args.views:
+        res = evaluate_views(model, VIEWS, n=args.n, seed=args.seed, quantize=args.quantize)
+        if args.json:
+            print(json.dumps({v: {k: r[k] for k in ("accuracy", "ci95", "n", "by_type")} for v, r in res.items()}))
+        else:
+            for v, r in res.items():
+                worst = min(r["by_type"].items(), key=lambda kv: kv[1])
+                print(f"{v:>8}: {r['accuracy']:6.2f}% [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] of {r['n']}"
+                      f"  (weakest type: {worst[0]} {worst[1]:.1f}%)")
+        return 0
+    res = evaluate(model, n=args.n, seed=args.seed, quantize=args.quantize, view=view,
                    progress=not args.json and sys.stderr.isatty())
     if args.json:
-        print(json.dumps({"accuracy": res["accuracy"], "n": res["n"]}))
+        print(json.dumps({k: res[k] for k in ("accuracy", "ci95", "n", "by_type", "view")}))
     else:
-        print(f"exact-match accuracy {res['accuracy']:.2f}% on {res['n']} held-out questions ({res['seconds']:.1f}s)")
+        print(f"exact-match accuracy {res['accuracy']:.2f}% (95% CI {res['ci95'][0]:.1f}-{res['ci95'][1]:.1f}) on "
+              f"{res['n']} held-out questions, pictures {res['view'][0]} x {res['view'][1]} ({res['seconds']:.1f}s)")
         for kind, acc in res["by_type"].items():
             print(f"  {kind:<12} {acc:5.1f}%")
     return 0
@@ -66,10 +120,22 @@ def cmd_compare(args) -> int:
 
     res = compare(args.work, n=args.n, seed=args.seed, packed=args.packed)
     if args.json:
-        print(json.dumps({k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in res.items()}))
+        print(json.dumps({k: {"accuracy": v["accuracy"], "ci95": v["ci95"], "n": v["n"]} for k, v in res.items()}))
     else:
         for name, r in res.items():
-            print(f"{name:<14} {r['accuracy']:6.2f}%  (n={r['n']}, {r['path']})")
+            print(f"{name:<14} {r['accuracy']:6.2f}%  95% CI [{r['ci95'][0]:5.1f}, {r['ci95'][1]:5.1f}]  "
+                  f"(n={r['n']}, {r['path']})")
+    return 0
+
+
+def cmd_table(args) -> int:
+    from .recipe import RESULTS_FILE, results_table
+
+    path = Path(args.results or RESULTS_FILE)
+    if not path.is_file():
+        print(f"gracevlm demo: error: {path} not found (written by `python -m gracevlm.demo build`)", file=sys.stderr)
+        return 2
+    print(results_table(json.loads(path.read_text())))
     return 0
 
 
@@ -96,9 +162,12 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
     def run_args(q):
         q.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--index", type=int, default=0, help="which held-out picture")
+        q.add_argument("--index", type=int, default=None,
+                       help="which held-out picture (default: the first with three objects)")
         q.add_argument("--query", default=None, help="your own question (default: the held-out one)")
-        q.add_argument("--save-image", default=None, help="also save the picture (256 px) to this file")
+        q.add_argument("--save-image", default=None,
+                       help="where to save the picture (default ./gracevlm-demo.png; '' to not save it)")
+        q.add_argument("--size", default=None, help="picture size N or WxH in pixels (default 256x192)")
         q.add_argument("--max-new-tokens", type=int, default=16)
         q.add_argument("--json", action="store_true")
 
@@ -112,7 +181,10 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
     q.add_argument("--n", type=int, default=DEFAULT_HELDOUT, help=f"questions (default {DEFAULT_HELDOUT})")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--quantize", choices=["rtn"], default=None, help="RTN W4G128 at load (for fp16 checkpoints)")
-    q.add_argument("--json", action="store_true", help='print {"accuracy": percent, "n": questions}')
+    q.add_argument("--size", default=None, help="draw the pictures at N or WxH pixels (default: the tower's size)")
+    q.add_argument("--views", action="store_true", help="every robustness view (sizes 64-256, non-square)")
+    q.add_argument("--json", action="store_true",
+                   help='print {"accuracy": percent, "ci95": [lo, hi], "n": questions, "by_type": {...}}')
     q.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("compare", help="teacher, RTN W4G128, QAT-only W4 and GRACE W4 on the held-out split")
@@ -122,6 +194,10 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_compare)
+
+    q = sub.add_parser("table", help="the README's demo table (Markdown) from results.json")
+    q.add_argument("--results", default=None, help="results file (default: the one shipped with the model)")
+    q.set_defaults(func=cmd_table)
 
     q = sub.add_parser("build", help="run the recipe that produces the bundled model")
     q.add_argument("--work", default="out/demo-work")

@@ -1,6 +1,7 @@
 """The demo-model recipe: synthetic VQA world -> tokenizer -> teacher trained from scratch -> GRACE W4G128
 student (LSQ + GDKD + RCKA + IB) -> packed GRACE AWQ release folder, plus the baselines it is compared
-with (QAT-only W4 student, RTN W4G128 of the teacher).
+with (QAT-only W4 student, RTN W4G128 of the teacher) and the same three at a harder setting, W3G128
+(3-bit codes -4..3, stored in the same 4-bit AWQ container, so every model loads through ``gracevlm.load``).
 
 Every stage writes into ``work/<stage>`` and is skipped when its output is already complete, so an
 interrupted build continues where it stopped (``force=True`` redoes everything). The run is
@@ -34,19 +35,21 @@ class RecipeConfig:
     seed: int = 0
     n_train: int = 16000
     n_heldout: int = 400
-    questions_per_image: int = 3
+    questions_per_image: int = 7  # + the description: long conversations amortize the system prompt and image
     arch: DemoArch = field(default_factory=lambda: DemoArch(hidden=128, intermediate=384, heads=2, patch_size=16,
                                                             vision_intermediate=256, vision_layers=5))
     tokenizer_vocab: int = 512
     tokenizer_lines: int = 2000
-    teacher_steps: int = 1600
-    teacher_batch: int = 16
+    teacher_steps: int = 1500
+    teacher_batch: int = 12
     teacher_lr: float = 5e-4  # 1e-3 and above collapse to the text-only answer prior (the image gets ignored)
-    student_steps: int = 300
-    student_batch: int = 16
+    teacher_warmup_ratio: float = 0.03
+    student_steps: int = 100
+    student_batch: int = 12
     student_lr: float = 3e-5
     scale_lr: float = 1e-3
-    rcka_warmup: int = 100  # the brief's 400 is longer than this short student run
+    rcka_warmup: int = 40  # the brief's 400 is longer than this short student run
+    harder: bool = True  # also RTN / QAT-only / GRACE at W3G128 (where the methods separate)
     threads: int | None = 1  # 1 thread: on a shared 2-core machine 2 threads oversubscribe and run 5-10x slower
     evaluate: bool = True
     progress: bool = True
@@ -87,6 +90,10 @@ def prepare_workspace(cfg: RecipeConfig, force: bool = False) -> dict[str, Path]
     return paths
 
 
+# The students: stage -> (method, bits). GRACE and QAT-only at W4G128 (the shipped setting) and W3G128.
+STUDENTS = {"grace": ("grace", 4), "qat-only": ("qat", 4), "grace-w3": ("grace", 3), "qat-only-w3": ("qat", 3)}
+
+
 def _train(stage: str, work: Path, force: bool, **kwargs) -> Path:
     from ..train.trainer import TrainConfig, train
 
@@ -97,31 +104,55 @@ def _train(stage: str, work: Path, force: bool, **kwargs) -> Path:
         return final
     if force:
         shutil.rmtree(out, ignore_errors=True)
-    _say(f"{stage}: training ({kwargs['method']}, {kwargs['steps']} steps)")
+    _say(f"{stage}: training ({kwargs['method']}, {kwargs.get('bits', 4)}-bit, {kwargs['steps']} steps)")
     summary = train(TrainConfig(out=str(out), resume="auto", save_every=100, **kwargs))
     if not summary["finished"]:
         raise RuntimeError(f"{stage}: training stopped at step {summary['steps']}")
     return final
 
 
+def rtn_student(teacher: str | os.PathLike, out: str | os.PathLike, bits: int, group_size: int = 128) -> Path:
+    """Round-to-nearest of the teacher's language-model linears at ``bits`` (scale = max|W_group| / qmax,
+    codes clamp(round(W / s))), packed into the GRACE AWQ layout by the same export as the students."""
+    from ..train.export import export_awq
+    from ..train.qat import prepare
+    from ..train.trainer import _load_model
+
+    loaded, model = _load_model(str(teacher), "cpu", fuse=False)
+    prepare(model, bits=bits, group_size=group_size, init="max", learn_scales=False)
+    export_awq(model.eval(), out, dict(loaded.config.raw), teacher, force=True)
+    return Path(out)
+
+
 def folder_bytes(folder: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
-def compare(work: str | os.PathLike, n: int | None = None, seed: int = 0, packed: str | os.PathLike | None = None,
-            progress: bool = False) -> dict:
-    """Exact-match accuracy of the teacher, RTN W4G128 of the teacher, the QAT-only W4 student and the
-    GRACE W4 student (``packed``, default ``work/grace/awq``) on the held-out split."""
-    from .evaluate import DEFAULT_HELDOUT, evaluate
-
+def compare_models(work: str | os.PathLike, packed: str | os.PathLike | None = None) -> dict[str, tuple[Path, str | None]]:
+    """Name -> (checkpoint folder, load-time quantization) of every model ``compare`` scores; the W3 rows
+    only when the build made them."""
     work = Path(work)
-    n = n or DEFAULT_HELDOUT
     models = {"teacher_fp16": (work / "teacher" / "model", None),
               "rtn_w4g128": (work / "teacher" / "model", "rtn"),
               "qat_only_w4": (work / "qat-only" / "awq", None),
               "grace_w4": (Path(packed) if packed else work / "grace" / "awq", None)}
+    harder = {"rtn_w3g128": (work / "rtn-w3" / "awq", None), "qat_only_w3": (work / "qat-only-w3" / "awq", None),
+              "grace_w3": (work / "grace-w3" / "awq", None)}
+    if any((path / "config.json").is_file() for path, _ in harder.values()):
+        models.update(harder)
+    return models
+
+
+def compare(work: str | os.PathLike, n: int | None = None, seed: int = 0, packed: str | os.PathLike | None = None,
+            progress: bool = False) -> dict:
+    """Exact-match accuracy (with 95% Wilson intervals) of the teacher, RTN W4G128 of the teacher, the
+    QAT-only W4 student and the GRACE W4 student (``packed``, default ``work/grace/awq``) on the held-out
+    split, plus RTN / QAT-only / GRACE at W3G128 when the build made them."""
+    from .evaluate import DEFAULT_HELDOUT, evaluate
+
+    n = n or DEFAULT_HELDOUT
     results = {}
-    for name, (path, quantize) in models.items():
+    for name, (path, quantize) in compare_models(work, packed).items():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} not found; build the demo first (python -m gracevlm.demo build)")
         res = evaluate(path, n=n, seed=seed, quantize=quantize, progress=progress)
@@ -129,8 +160,23 @@ def compare(work: str | os.PathLike, n: int | None = None, seed: int = 0, packed
         if name == "grace_w4" and n > 100:  # a cheap reproducibility check for tests of the shipped model
             res["accuracy_first_100"] = evaluate(path, n=100, seed=seed)["accuracy"]
         results[name] = res
-        _say(f"{name:>13}: {res['accuracy']:.2f}% of {res['n']} ({res['seconds']:.0f}s)")
+        _say(f"{name:>13}: {res['accuracy']:.2f}% [{res['ci95'][0]:.1f}, {res['ci95'][1]:.1f}] of {res['n']} "
+             f"({res['seconds']:.0f}s)")
     return results
+
+
+def robustness(work: str | os.PathLike, n: int | None = None, seed: int = 0,
+               packed: str | os.PathLike | None = None) -> dict:
+    """The teacher and the GRACE W4 student at every view of ``evaluate.VIEWS`` (other sizes, non-square)."""
+    from .evaluate import DEFAULT_HELDOUT, evaluate_views
+
+    models = compare_models(work, packed)
+    out = {}
+    for name in ("teacher_fp16", "grace_w4"):
+        out[name] = evaluate_views(models[name][0], n=n or DEFAULT_HELDOUT, seed=seed)
+        summary = ", ".join(f"{view} {r['accuracy']:.1f}%" for view, r in out[name].items())
+        _say(f"{name:>13}: {summary}")
+    return out
 
 
 def build(cfg: RecipeConfig, force: bool = False) -> dict:
@@ -144,20 +190,25 @@ def build(cfg: RecipeConfig, force: bool = False) -> dict:
     paths = prepare_workspace(cfg, force)
     times["prepare_s"] = round(time.perf_counter() - t0, 1)
     common = dict(data=str(paths["data"] / "train.json"), image_folder=str(paths["data"]), seed=cfg.seed,
-                  threads=cfg.threads, progress=cfg.progress, log_every=5)
+                  threads=cfg.threads, progress=cfg.progress, log_every=25)
     t = time.perf_counter()
     teacher = _train("teacher", work, force, method="fp", model=str(paths["init"]), steps=cfg.teacher_steps,
-                     batch_size=cfg.teacher_batch, lr=cfg.teacher_lr, train_vision=True, **common)
+                     batch_size=cfg.teacher_batch, lr=cfg.teacher_lr, warmup_ratio=cfg.teacher_warmup_ratio,
+                     train_vision=True, **common)
     times["teacher_s"] = round(time.perf_counter() - t, 1)
     student = dict(model=str(teacher), steps=cfg.student_steps, batch_size=cfg.student_batch, lr=cfg.student_lr,
                    scale_lr=cfg.scale_lr, **common)
-    t = time.perf_counter()
-    grace = _train("grace", work, force, method="grace", teacher=str(teacher), rcka_warmup=cfg.rcka_warmup,
-                   **student)
-    times["grace_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    _train("qat-only", work, force, method="qat", **student)
-    times["qat_only_s"] = round(time.perf_counter() - t, 1)
+    finals = {}
+    for stage, (method, bits) in STUDENTS.items():
+        if bits != 4 and not cfg.harder:
+            continue
+        t = time.perf_counter()
+        extra = dict(teacher=str(teacher), rcka_warmup=cfg.rcka_warmup) if method == "grace" else {}
+        finals[stage] = _train(stage, work, force, method=method, bits=bits, **extra, **student)
+        times[f"{stage.replace('-', '_')}_s"] = round(time.perf_counter() - t, 1)
+    if cfg.harder and (force or not (work / "rtn-w3" / "awq" / "config.json").is_file()):
+        rtn_student(teacher, work / "rtn-w3" / "awq", bits=3)
+    grace = finals["grace"]
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +224,7 @@ def build(cfg: RecipeConfig, force: bool = False) -> dict:
     if cfg.evaluate:
         t = time.perf_counter()
         results["accuracy"] = compare(work, cfg.n_heldout, cfg.seed, packed=out, progress=cfg.progress)
+        results["views"] = robustness(work, cfg.n_heldout, cfg.seed, packed=out)
         times["evaluate_s"] = round(time.perf_counter() - t, 1)
     times["total_s"] = round(time.perf_counter() - t0, 1)
     results["times"] = times
@@ -181,3 +233,30 @@ def build(cfg: RecipeConfig, force: bool = False) -> dict:
     if out.resolve() == MODEL_DIR.resolve():
         RESULTS_FILE.write_text(text)  # ships next to the model: how it was made and how it scored
     return results
+
+
+LABELS = {"teacher_fp16": "teacher (fp16)", "rtn_w4g128": "round-to-nearest W4G128 of the teacher",
+          "qat_only_w4": "QAT-only W4G128 (cross-entropy only)", "grace_w4": "GRACE W4G128 (the bundled model)",
+          "rtn_w3g128": "round-to-nearest W3G128 of the teacher", "qat_only_w3": "QAT-only W3G128",
+          "grace_w3": "GRACE W3G128"}
+
+
+def results_table(results: dict) -> str:
+    """The README's demo tables (Markdown) from a build's ``results.json``: every compared model with its
+    95% interval and weakest question type, then the teacher and the shipped student at every view."""
+    lines = ["| model | accuracy | 95% CI | weakest question type |", "|---|---|---|---|"]
+    for name, r in results.get("accuracy", {}).items():
+        kind, acc = min(r["by_type"].items(), key=lambda kv: kv[1])
+        lines.append(f"| {LABELS.get(name, name)} | {r['accuracy']:.2f}% | {r['ci95'][0]:.1f}-{r['ci95'][1]:.1f}% "
+                     f"| {kind} {acc:.1f}% |")
+    views = results.get("views") or {}
+    if views:
+        names = list(next(iter(views.values())))
+        lines += ["", "| model | " + " | ".join(f"{v} px" for v in names) + " | weakest type, any view |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        for name, per_view in views.items():
+            worst = min(((k, a, v) for v, r in per_view.items() for k, a in r["by_type"].items()),
+                        key=lambda t: t[1])
+            cells = " | ".join(f"{per_view[v]['accuracy']:.2f}%" for v in names)
+            lines.append(f"| {LABELS.get(name, name)} | {cells} | {worst[0]} {worst[1]:.1f}% ({worst[2]}) |")
+    return "\n".join(lines)

@@ -25,7 +25,8 @@ COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "
           "purple": (148, 60, 189)}
 SIZES = {"small": (6, 8), "large": (11, 13)}  # half extent range in pixels on a 64 px canvas
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-BACKGROUNDS = ((236, 236, 230), (226, 232, 240), (242, 234, 222), (230, 240, 230))
+BACKGROUNDS = ((236, 236, 230), (226, 232, 240), (242, 234, 222), (230, 240, 230), (255, 255, 255),
+               (212, 212, 212))
 IMAGE_SIZE = 64
 QUESTION_TYPES = ("color", "shape", "count_shape", "count_all", "exists", "where", "size", "color_at")
 WORDS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -70,22 +71,31 @@ def make_scene(rng: random.Random) -> Scene:
     return Scene(rng.randrange(len(BACKGROUNDS)), tuple(objs))
 
 
-def draw_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """The scene as an RGB image of ``size`` x ``size`` pixels (drawn at 64 px, then scaled by an integer)."""
-    scale = max(1, size // IMAGE_SIZE)
-    img = Image.new("RGB", (IMAGE_SIZE * scale, IMAGE_SIZE * scale), BACKGROUNDS[scene.background])
+def draw_scene(scene: Scene, size: int = IMAGE_SIZE, height: int | None = None) -> Image.Image:
+    """The scene as an RGB image ``size`` pixels wide and ``height`` (default ``size``) high.
+
+    Scene coordinates are in units of a 64 px square; positions scale with each side (the quadrants are
+    the picture's quadrants) and object extents with the shorter side, so shapes are never stretched.
+    At 64 x 64 every coordinate is an integer and the picture is the one the scene describes exactly."""
+    width, height = size, height or size
+    if width < 16 or height < 16:
+        raise ValueError(f"a scene needs at least 16 x 16 pixels, got {width} x {height}")
+    sx, sy, sh = width / IMAGE_SIZE, height / IMAGE_SIZE, min(width, height) / IMAGE_SIZE
+    img = Image.new("RGB", (width, height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        cx, cy, h = o.cx * scale, o.cy * scale, o.half * scale
+        # pixel centres: a 64 px coordinate c covers [c, c + 1) and maps to [c * sx, (c + 1) * sx)
+        cx, cy, h = (o.cx + 0.5) * sx - 0.5, (o.cy + 0.5) * sy - 0.5, o.half * sh
         fill = COLORS[o.color]
         if o.shape == "circle":
-            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+            draw.ellipse((round(cx - h), round(cy - h), round(cx + h), round(cy + h)), fill=fill)
         elif o.shape == "square":
             s = round(h * 0.85)
-            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+            draw.rectangle((round(cx) - s, round(cy) - s, round(cx) + s, round(cy) + s), fill=fill)
         else:
-            draw.polygon([(cx, cy - h), (cx - h, cy + h - 1), (cx + h, cy + h - 1)], fill=fill)
-    return img if img.size == (size, size) else img.resize((size, size), Image.Resampling.NEAREST)
+            draw.polygon([(round(cx), round(cy - h)), (round(cx - h), round(cy + h - 1)),
+                          (round(cx + h), round(cy + h - 1))], fill=fill)
+    return img
 
 
 def _unique(objs, **attrs):
@@ -110,8 +120,11 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> QA | None:
         shape = rng.choice(SHAPES)
         return QA(kind, f"How many {WORDS[shape]} are there?", str(sum(o.shape == shape for o in objs)))
     elif kind == "count_all":
-        return QA(kind, "How many objects are there?", str(len(objs)))
+        return QA(kind, f"How many {rng.choice(('objects', 'shapes'))} are there?", str(len(objs)))
     elif kind == "exists":
+        if rng.randrange(3) == 0:  # the shape alone ("Is there a triangle?")
+            shape = rng.choice(SHAPES)
+            return QA(kind, f"Is there a {shape}?", "yes" if any(o.shape == shape for o in objs) else "no")
         if rng.randrange(2):
             o = rng.choice(objs)
             color, shape = o.color, o.shape
@@ -123,7 +136,8 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> QA | None:
         cands = [o for o in objs if _unique(objs, color=o.color, shape=o.shape)]
         if cands:
             o = rng.choice(cands)
-            return QA(kind, f"Where is the {o.color} {o.shape}?", QUADRANTS[o.quadrant])
+            name = o.shape if _unique(objs, shape=o.shape) and rng.randrange(2) else f"{o.color} {o.shape}"
+            return QA(kind, f"Where is the {name}?", QUADRANTS[o.quadrant])
     elif kind == "size":
         cands = [o for o in objs if _unique(objs, color=o.color, shape=o.shape)]
         if cands:
@@ -151,6 +165,21 @@ def questions(scene: Scene, rng: random.Random, n: int) -> list[QA]:
     return out
 
 
+def showcase(scene: Scene, rng: random.Random, n: int = 3,
+             kinds: tuple[str, ...] = ("count_all", "where", "exists", "color", "shape", "color_at", "size",
+                                       "count_shape")) -> list[QA]:
+    """``n`` questions of ``n`` different types about the scene (the first types of ``kinds`` that it
+    allows), for showing the model off."""
+    out: list[QA] = []
+    for kind in kinds:
+        qa = ask(scene, kind, rng)
+        if qa is not None:
+            out.append(qa)
+        if len(out) == n:
+            break
+    return out
+
+
 def describe(scene: Scene) -> QA:
     """The dense caption turn of training conversations: every object, in quadrant order."""
     parts = [f"{o.size} {o.color} {o.shape} at {QUADRANTS[o.quadrant]}"
@@ -166,6 +195,19 @@ def _record(rid: str, image: str, qas: list[QA]) -> dict:
     return {"id": rid, "image": image, "conversations": conv, "types": [qa.kind for qa in qas]}
 
 
+# Picture sizes of the training split (width x height before LLaVA's pad-to-square and resize): the model
+# learns the world at every scale and with the padding bars non-square pictures get.
+TRAIN_SIDES = (64, 64, 96, 128, 160, 200, 256)
+TRAIN_ASPECTS = ((1, 1), (1, 1), (4, 3), (3, 4))
+
+
+def train_view(rng: random.Random) -> tuple[int, int]:
+    """A random (width, height): the longer side from ``TRAIN_SIDES``, the aspect from ``TRAIN_ASPECTS``."""
+    side = rng.choice(TRAIN_SIDES)
+    aw, ah = rng.choice(TRAIN_ASPECTS)
+    return (side, side * ah // aw) if aw >= ah else (side * aw // ah, side)
+
+
 def split_seed(seed: int, split: str) -> int:
     return seed * 1009 + {"train": 1, "heldout": 2}[split]
 
@@ -175,29 +217,36 @@ def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image
     """``n_images`` (record, scene) pairs. ``train`` records hold 3 questions per image followed by a
     description of all objects (dense supervision that speeds up learning to see); ``heldout`` records hold
     one short-answer question (override the count with ``questions_per_image``). Image paths are
-    ``{split}/{index:06d}.png``."""
+    ``{split}/{index:06d}.png``. Training records also name the picture's ``size`` [width, height] (drawn
+    from ``train_view`` with a stream of its own, so the scenes and questions do not depend on it)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     per = questions_per_image or (3 if split == "train" else 1)
     rng = random.Random(split_seed(seed, split))
+    views = random.Random(split_seed(seed, split) + 7919)
     out = []
     for i in range(n_images):
         scene = make_scene(rng)
         qas = questions(scene, rng, per)
         if split == "train":
             qas.append(describe(scene))
-        out.append((_record(f"{split}-{i:06d}", f"{split}/{i:06d}.png", qas), scene))
+        record = _record(f"{split}-{i:06d}", f"{split}/{i:06d}.png", qas)
+        if split == "train":
+            record["size"] = list(train_view(views))
+        out.append((record, scene))
     return out
 
 
 def write_split(out_dir: str | os.PathLike, split: str, n_images: int, seed: int = 0,
                 image_size: int = IMAGE_SIZE, questions_per_image: int | None = None) -> Path:
-    """Draw a split into ``out_dir/{split}/*.png`` and write ``out_dir/{split}.json``; returns the JSON path."""
+    """Draw a split into ``out_dir/{split}/*.png`` (at the record's ``size`` if it has one, else
+    ``image_size`` square) and write ``out_dir/{split}.json``; returns the JSON path."""
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
     records = []
     for record, scene in generate_split(split, n_images, seed, questions_per_image):
-        draw_scene(scene, image_size).save(out / record["image"], optimize=False, compress_level=1)
+        width, height = record.get("size", (image_size, image_size))
+        draw_scene(scene, width, height).save(out / record["image"], optimize=False, compress_level=1)
         records.append(record)
     path = out / f"{split}.json"
     path.write_text(json.dumps(records, indent=0) + "\n", encoding="utf-8")
