@@ -12,10 +12,10 @@ from ..model.loader import LoadedModel, load_checkpoint
 from ..model.preprocess import ImageSpec, preprocess_images
 from ..model.prompts import get_template, prepare_user_text, render_prompt, tokenize_with_images
 from ..model.prompts import default_conv_mode
-from .generate import Generation, stream_generate
+from .generate import Generation, generate_choices, stream_generate
 from .sampling import SamplingParams
 
-_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs"}
 
 
 def _sampling(kwargs: dict) -> SamplingParams:
@@ -61,9 +61,8 @@ class VLM:
         out, images = [], []
         for i, msg in enumerate(messages):
             role, content = msg.get("role"), msg.get("content")
-            if role == "system":
-                raise InputError("system messages are not supported: LLaVA-1.5's template has a fixed system "
-                                 "prompt (choose another with conv_mode)")
+            if role == "developer":
+                role = "system"  # OpenAI's newer name; the template's system slot either way
             if isinstance(content, str):
                 out.append({"role": role, "content": content})
                 continue
@@ -105,7 +104,25 @@ class VLM:
         msgs, images = self._chat_inputs(messages)
         yield from self._stream_prompt(self.build_prompt(msgs, conv_mode), images, result, sampling, started)
 
-    def chat(self, messages: list[dict], conv_mode: str | None = None, **sampling) -> Generation:
+    def _choices(self, prompt_text: str, images: list, sampling: dict, n: int, started: float) -> list[Generation]:
+        """``n`` > 1 samples of one templated prompt: one prefill (``generate.generate_choices``)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"n must be a positive integer, got {n!r}")
+        params = _sampling(sampling)
+        ids = tokenize_with_images(prompt_text, self.tokenizer)
+        features, enc_s = self.encode_images(images)
+        gens = generate_choices(self.model, self.tokenizer, ids, features, params, n, self.max_context, started)
+        for g in gens:
+            g.prompt, g.timings.image_encode_s = prompt_text, enc_s
+        return gens
+
+    def chat(self, messages: list[dict], conv_mode: str | None = None, n: int = 1,
+             **sampling) -> Generation | list[Generation]:
+        """Multi-turn generation (a leading system message replaces the template's system text).
+        ``logprobs=k`` (0-20) fills ``Generation.logprobs``; ``n > 1`` returns a list of ``n`` choices."""
+        if n != 1:
+            msgs, images = self._chat_inputs(messages)
+            return self._choices(self.build_prompt(msgs, conv_mode), images, sampling, n, time.perf_counter())
         res = Generation("", [], [], "length")
         for _ in self.stream_chat(messages, res, conv_mode, **sampling):
             pass
@@ -120,8 +137,23 @@ class VLM:
         msgs = [{"role": "user", "content": prepare_user_text(prompt, len(images))}]
         yield from self._stream_prompt(self.build_prompt(msgs, conv_mode), images, result, sampling, started)
 
-    def generate(self, prompt: str, images=None, conv_mode: str | None = None, **sampling) -> Generation:
-        """Generate an answer; returns ``Generation(text, token_ids, prompt_token_ids, finish_reason, timings)``."""
+    def generate(self, prompt: str, images=None, conv_mode: str | None = None, system: str | None = None,
+                 n: int = 1, **sampling) -> Generation | list[Generation]:
+        """Generate an answer; returns ``Generation(text, token_ids, prompt_token_ids, finish_reason, timings)``.
+        ``system`` replaces the template's system text; ``logprobs=k`` (0-20) fills ``Generation.logprobs``
+        (see ``engine.sampling`` for which distribution); ``n > 1`` returns a list of ``n`` independent
+        choices from one prefill, choice i seeded with ``sampling.choice_seed(seed, i)``."""
+        if system is not None or n != 1:
+            images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+            msgs = ([] if system is None else [{"role": "system", "content": system}]) + \
+                [{"role": "user", "content": prepare_user_text(prompt, len(images))}]
+            if n != 1:
+                return self._choices(self.build_prompt(msgs, conv_mode), images, sampling, n, time.perf_counter())
+            res = Generation("", [], [], "length")
+            for _ in self._stream_prompt(self.build_prompt(msgs, conv_mode), images, res, sampling,
+                                         time.perf_counter()):
+                pass
+            return res
         res = Generation("", [], [], "length")
         for _ in self.stream(prompt, images, res, conv_mode, **sampling):
             pass
