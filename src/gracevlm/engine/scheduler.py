@@ -368,6 +368,12 @@ class BatchScheduler:
         """Prepare ``messages`` in the calling thread (``prepare_chat``), then ``submit``."""
         return self.submit_prepared(prepare_chat(self.vlm, messages, conv_mode), params, **kwargs)
 
+    def note_rejected(self) -> None:
+        """Count a request refused in front of the scheduler because the queue was full (as ``submit``
+        counts its own ``QueueFull``)."""
+        with self._cond:
+            self._counts["rejected"] += 1
+
     def stats(self) -> dict[str, Any]:
         """Queue depth, active slots and cumulative counters (for metrics)."""
         with self._cond:
