@@ -115,7 +115,7 @@ def to_api_error(exc: BaseException, param: str = "messages") -> APIError:
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc), "queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, SchedulerClosed):
-        return APIError(503, str(exc), "shutting_down")
+        return APIError(503, f"the server is shutting down ({exc})", "shutting_down")
     if isinstance(exc, PromptTooLong):
         return APIError(400, str(exc), "context_length_exceeded", param)
     if isinstance(exc, (InputError, GraceVLMError)):
@@ -315,9 +315,13 @@ class Serving:
 
     async def _submit(self, prepares: list[Callable[[], PreparedPrompt]], params: SamplingParams, n: int,
                       param: str) -> list[RequestHandle]:
-        """Prepare (in a worker thread) and submit each prompt with ``n`` choices; all or nothing."""
+        """Prepare (in a worker thread) and submit each prompt with ``n`` choices; all or nothing. Each
+        prompt takes a place in the queue (429 when they do not all fit)."""
         scheduler = self.state.require_ready()
         stats = scheduler.stats()
+        if len(prepares) > stats["max_queue"]:
+            raise APIError(400, f"{param}: at most {stats['max_queue']} prompts per request (the server's "
+                           f"--max-queue), got {len(prepares)}", "invalid_value", param)
         if stats["queue_depth"] + len(prepares) > stats["max_queue"]:  # refuse before spending time on images
             scheduler.note_rejected()
             raise to_api_error(QueueFull(f"{stats['queue_depth']} requests are waiting (max_queue="
