@@ -19,6 +19,7 @@ import openai
 import pytest
 import torch
 
+from gracevlm.engine.json_grammar import accepts_prefix
 from gracevlm.engine.sampling import choice_seed
 from gracevlm.engine.vlm import load
 from gracevlm.model.synth import synthesize
@@ -226,7 +227,7 @@ def test_strict_types_and_refusals(env):
              ({**good, "top_logprobs": 2}, "top_logprobs"),
              ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
              ({**good, "functions": [{"name": "f"}]}, "functions"), ({**good, "tool_choice": "auto"}, "tool_choice"),
-             ({**good, "response_format": {"type": "json_object"}}, "response_format"),
+             ({**good, "response_format": {"type": "xml"}}, "response_format"),
              ({**good, "response_format": {"type": "json_schema", "json_schema": {}}}, "response_format")]
     for body, param in cases:
         r = _post(env, body)
@@ -241,6 +242,26 @@ def test_strict_types_and_refusals(env):
     r = _post(env, {**comp, "prompt": ["a", "b", "c"]}, "/v1/completions")  # more prompts than --max-queue
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert _post(env, {**good, "tool_choice": "none"}).status_code == 200  # "no tools" is what we do anyway
+
+
+def test_json_object_response_format_always_parses(env):
+    vlm, client = env["vlm"], env["client"]
+    msgs = [{"role": "user", "content": "Describe the sea as a JSON object."}]
+    stopped = 0
+    for kw in (dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=1.0, seed=2)):
+        resp = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=120,
+                                              response_format={"type": "json_object"}, **kw)
+        choice = resp.choices[0]
+        ref = vlm.chat(msgs, max_new_tokens=120, response_format="json_object", **kw)
+        assert choice.message.content == ref.text  # the same constrained decoding as the Python API
+        if choice.finish_reason == "stop":
+            stopped += 1
+            assert isinstance(json.loads(choice.message.content), dict)
+        else:
+            assert accepts_prefix(choice.message.content)
+    assert stopped >= 1
+    assert "grammar" in _post(env, {"model": NAME, "messages": msgs, "response_format": {"type": "json_schema"}}) \
+        .json()["error"]["message"]
 
 
 def _metric(env, name):

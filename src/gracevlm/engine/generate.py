@@ -13,6 +13,7 @@ import torch
 from ..errors import InputError
 from ..model.llava import LlavaModel
 from ..model.tokenizer import LlamaTokenizer, StreamDecoder
+from .json_grammar import JsonObjectConstraint
 from .sampling import Sampler, SamplingParams, TokenLogprob, choice_seed, logprob_entry
 
 
@@ -97,7 +98,7 @@ class TokenStream:
     """Per-request output logic shared by ``stream_generate`` and the batch scheduler.
 
     Feed it one logits row per step (``push``); it samples the next token with the request's seeded
-    ``Sampler``, detects EOS, stop strings and the length limit, detokenizes incrementally and returns the
+    ``Sampler`` (from the logits masked by the JSON grammar when ``params.response_format`` asks for it), detects EOS, stop strings and the length limit, detokenizes incrementally and returns the
     text delta that is safe to emit. ``close`` returns the last delta and fixes ``text`` and
     ``finish_reason``. Deltas never split a multi-byte character, never contain (a prefix of) a stop
     string, and add up to the final text, which is stripped as LLaVA strips its answers.
@@ -112,6 +113,7 @@ class TokenStream:
         self.vocab = vocab  # rows past the tokenizer (padding) are never sampled
         self.token_ids: list[int] = []
         self.k_logprobs = params.logprobs
+        self.constraint = JsonObjectConstraint(tokenizer, vocab) if params.response_format == "json_object" else None
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []  # per token_ids entry
         self.steps = 0  # tokens sampled (EOS included)
         self.done = max_new_tokens <= 0
@@ -128,7 +130,12 @@ class TokenStream:
         """Sample from ``logits [>= vocab]``; returns the new safe delta (maybe ""). Sets ``done``."""
         if self.done:
             raise RuntimeError("TokenStream.push after the stream finished")
-        token, entry = self.sampler.sample(logits[:self.vocab], self.k_logprobs)
+        row = logits[:self.vocab]
+        if self.constraint is not None:
+            row = self.constraint.mask(row)
+        token, entry = self.sampler.sample(row, self.k_logprobs)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.steps += 1
         if token == self.eos_id:
             self.finish_reason, self.done = "stop", True

@@ -15,6 +15,7 @@ from ..errors import InputError
 
 
 MAX_LOGPROBS = 20
+RESPONSE_FORMATS = ("text", "json_object")
 
 
 @dataclass
@@ -54,7 +55,8 @@ class SamplingParams:
     ``seed`` makes sampling reproducible. ``stop`` strings end generation (not included in the text).
     ``logprobs``: None (off) or 0-20, the number of most likely alternatives to report beside each sampled
     token's log-probability. ``prompt_logprobs``: the same for the prompt's tokens (model's distribution,
-    text-only prompts; the first token has none)."""
+    text-only prompts; the first token has none). ``response_format``: "text", or "json_object" for
+    grammar-constrained decoding of one JSON object (``engine.json_grammar``)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -64,6 +66,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    response_format: str = "text"
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -77,6 +80,8 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise InputError(f"response_format must be one of {RESPONSE_FORMATS}, got {self.response_format!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)

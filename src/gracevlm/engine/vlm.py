@@ -15,7 +15,7 @@ from ..model.prompts import default_conv_mode
 from .generate import Generation, generate_choices, stream_generate
 from .sampling import SamplingParams
 
-_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs"}
+_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "response_format"}
 
 
 def _sampling(kwargs: dict) -> SamplingParams:

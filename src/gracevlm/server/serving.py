@@ -17,7 +17,9 @@ Semantics worth knowing (documented for users in ``gracevlm serve --help`` and t
   each prompt once. ``logprobs`` are those of the distribution each token was drawn from
   (``engine.sampling``); ``echo`` + ``logprobs`` give the prompt tokens' log-probabilities under the
   model (the first token has none). ``usage.prompt_tokens_details.cached_tokens`` is the engine's
-  ``Timings.cached_tokens`` (0 until there is a prefix cache).
+  ``Timings.cached_tokens`` (0 until there is a prefix cache). ``response_format: json_object`` decodes
+  under a JSON grammar (``engine.json_grammar``): an answer that ends with "stop" always parses as an
+  object; ``json_schema`` is refused.
 """
 from __future__ import annotations
 
@@ -271,17 +273,18 @@ def _refuse_tools(req: P.ChatCompletionRequest) -> None:
                            "unsupported_parameter", name)
 
 
-def _refuse_response_format(req: P.ChatCompletionRequest) -> None:
+def _response_format(req: P.ChatCompletionRequest) -> str:
+    """"text" or "json_object" (grammar-constrained decoding); ``json_schema`` is refused."""
     rf = req.response_format or {}
     kind = rf.get("type", "text") if isinstance(rf, dict) else rf
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise APIError(400, f"response_format: {kind!r} is not supported: this server has no grammar-constrained "
-                       "decoding, so it cannot guarantee JSON output; ask for JSON in the prompt and parse the "
-                       "text instead", "unsupported_parameter", "response_format")
-    raise APIError(400, f"response_format: unknown type {kind!r}; expected 'text'", "invalid_value",
-                   "response_format")
+    if kind in ("text", "json_object"):
+        return kind
+    if kind == "json_schema":
+        raise APIError(400, "response_format: 'json_schema' is not supported (the grammar-constrained decoding "
+                       "here knows JSON, not schemas); use {'type': 'json_object'} and describe the fields in the "
+                       "prompt", "unsupported_parameter", "response_format")
+    raise APIError(400, f"response_format: unknown type {kind!r}; expected 'text' or 'json_object'",
+                   "invalid_value", "response_format")
 
 
 def _completion_prompts(prompt, vocab: int) -> list[str | list[int]]:
@@ -381,12 +384,12 @@ class Serving:
         state.check_model(req.model)
         _common_checks(req, scheduler.max_batch_size)
         _refuse_tools(req)
-        _refuse_response_format(req)
+        response_format = _response_format(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs: true", "invalid_value", "top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None
         max_new = req.max_completion_tokens or req.max_tokens or scheduler.max_model_len
-        params = sampling_params(req, max_new, logprobs=k)
+        params = replace(sampling_params(req, max_new, logprobs=k), response_format=response_format)
         vlm, conv_mode, n = state.vlm, state.config.conv_mode, req.n or 1
 
         def prepare():
