@@ -113,9 +113,9 @@ def test_cuda_greedy_tokens_equal_cpu(tiny):
 
 
 def _next_logits(vlm, text):
-    from gracevlm.models.llava.chat import tokenize_with_images
+    from gracevlm.engine.prepare import prepare_prompt
 
-    ids = tokenize_with_images(vlm.build_prompt([{"role": "user", "content": text}]), vlm.tokenizer)
+    ids = prepare_prompt(vlm, text).prompt_ids
     lm = vlm.model.language_model
     with torch.inference_mode():
         embeds = vlm.model.embed_prompt(ids, None)[None]

@@ -14,6 +14,8 @@ import argparse
 import base64
 import importlib.resources
 import io
+import json
+import math
 import os
 import re
 import shutil
@@ -377,6 +379,35 @@ def _drive(page, expect, server, tmp_path) -> None:
     expect(stopped.locator(".msg-meta")).to_contain_text("stopped")
     expect(page.locator("#stop")).to_be_hidden()
     expect(page.locator("#send")).to_be_enabled()
+
+    # -- token probabilities (Settings toggle): the answer's tokens, each with its probability on hover ----------
+    assert "logprobs" not in body1  # off by default
+    page.click("#settings-toggle")
+    page.check("#set-probs")
+    page.fill("#set-max-tokens", "12")
+    page.click("#settings-toggle")
+    page.fill("#question", "Name one colour.")
+    page.click("#send")
+    expect(done).to_have_count(5)
+    body_p = sent[-1]
+    assert body_p["logprobs"] is True and body_p["top_logprobs"] == 5
+    entries = api_answer(body_p)["choices"][0]["logprobs"]["content"]
+    tokens = answers.nth(5).locator(".msg-tokens .tok")
+    expect(tokens).to_have_count(len(entries))
+    shown = tokens.evaluate_all("els => els.map((e) => [e.textContent, Number(e.dataset.p)])")
+    assert [t for t, _ in shown] == [e["token"] for e in entries]
+    assert all(abs(p - math.exp(e["logprob"])) < 1e-9 for (_, p), e in zip(shown, entries))
+    tokens.nth(0).hover()
+    tip = page.locator("#tok-tip")
+    expect(tip).to_be_visible()
+    expect(tip).to_contain_text(json.dumps(entries[0]["token"]))
+    expect(tip).to_contain_text("alternatives:")
+    page.mouse.move(0, 0)
+    expect(tip).to_be_hidden()
+    page.click("#settings-toggle")
+    page.uncheck("#set-probs")
+    page.fill("#set-max-tokens", "900")
+    page.click("#settings-toggle")
 
     # -- the server hangs mid-answer (SIGSTOP): the page gives up after its timeout instead of waiting forever --
     settings(timeout=5)

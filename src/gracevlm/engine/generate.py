@@ -12,17 +12,20 @@ import torch
 
 from ..errors import InputError
 from ..models.tokenizer import LlamaTokenizer, StreamDecoder
-from .sampling import Sampler, SamplingParams
+from .json_grammar import JsonObjectConstraint
+from .sampling import Sampler, SamplingParams, TokenLogprob, choice_seed, logprob_entry
 
 
 @dataclass
 class Timings:
     """Seconds and tokens/second of one generation. ``ttft_s`` counts from the call to the first
-    sampled token (image encoding + prefill)."""
+    sampled token (image encoding + prefill). ``cached_tokens``: prompt positions taken from a prefix cache
+    instead of being prefilled (always 0 until the engine has one)."""
 
     image_encode_s: float = 0.0
     prefill_s: float = 0.0
     prefill_tokens: int = 0
+    cached_tokens: int = 0
     decode_s: float = 0.0
     decode_tokens: int = 0
     ttft_s: float = 0.0
@@ -44,16 +47,24 @@ class Timings:
 
 @dataclass
 class Generation:
+    """One generated sequence. ``logprobs`` (when asked for): one ``TokenLogprob`` per entry of
+    ``token_ids``; ``prompt_logprobs``: one per prompt token, None for the first."""
+
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     timings: Timings = field(default_factory=Timings)
     prompt: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def as_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
-                "finish_reason": self.finish_reason, "timings": self.timings.as_dict()}
+        d = {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
+             "finish_reason": self.finish_reason, "timings": self.timings.as_dict()}
+        if self.logprobs is not None:
+            d["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob, "top": e.top} for e in self.logprobs]
+        return d
 
 
 def logits_rows(lm) -> int:
@@ -86,7 +97,7 @@ class TokenStream:
     """Per-request output logic shared by ``stream_generate`` and the batch scheduler.
 
     Feed it one logits row per step (``push``); it samples the next token with the request's seeded
-    ``Sampler``, detects EOS, stop strings and the length limit, detokenizes incrementally and returns the
+    ``Sampler`` (from the logits masked by the JSON grammar when ``params.response_format`` asks for it), detects EOS, stop strings and the length limit, detokenizes incrementally and returns the
     text delta that is safe to emit. ``close`` returns the last delta and fixes ``text`` and
     ``finish_reason``. Deltas never split a multi-byte character, never contain (a prefix of) a stop
     string, and add up to the final text, which is stripped as LLaVA strips its answers.
@@ -100,6 +111,9 @@ class TokenStream:
         self.max_new_tokens = max_new_tokens
         self.vocab = vocab  # rows past the tokenizer (padding) are never sampled
         self.token_ids: list[int] = []
+        self.k_logprobs = params.logprobs
+        self.constraint = JsonObjectConstraint(tokenizer, vocab) if params.response_format == "json_object" else None
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []  # per token_ids entry
         self.steps = 0  # tokens sampled (EOS included)
         self.done = max_new_tokens <= 0
         self.finish_reason = "length"
@@ -115,11 +129,18 @@ class TokenStream:
         """Sample from ``logits [>= vocab]``; returns the new safe delta (maybe ""). Sets ``done``."""
         if self.done:
             raise RuntimeError("TokenStream.push after the stream finished")
-        token = self.sampler(logits[:self.vocab])
+        row = logits[:self.vocab]
+        if self.constraint is not None:
+            row = self.constraint.mask(row)
+        token, entry = self.sampler.sample(row, self.k_logprobs)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.steps += 1
         if token == self.eos_id:
             self.finish_reason, self.done = "stop", True
             return ""
+        if entry is not None:
+            self.logprobs.append(entry)  # before token_ids: a reader of both never sees a token without it
         self.token_ids.append(token)
         self._raw += self.decoder.push(token)
         text = self._raw.lstrip()  # LLaVA strips the decoded answer; deltas add up to the stripped text
@@ -175,7 +196,7 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         max_new = min(params.max_new_tokens, max_context - length)
         cache = model.new_cache(1, length + max_new)
         out = TokenStream(tokenizer, params, max_new, min(tokenizer.vocab_size, logits_rows(lm)))
-        res.token_ids = out.token_ids
+        res.token_ids, res.logprobs = out.token_ids, out.logprobs
         t0 = time.perf_counter()
         dev = embeds.device
         logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache)
@@ -201,6 +222,64 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         res.timings.decode_tokens = steps
         res.timings.total_s = time.perf_counter() - t_start
         res.text, res.finish_reason = out.text, out.finish_reason
+
+
+def prompt_logprob_entries(logits: torch.Tensor, ids: list[int], start: int, k: int, vocab: int) -> list:
+    """Entries for the prompt tokens ``ids[start + 1 : start + 1 + len(logits)]`` from the logits rows of
+    positions ``start ...`` (row j predicts token ``start + j + 1``): the model's own distribution."""
+    logp = torch.log_softmax(logits[:, :vocab].to(torch.float32), dim=-1)
+    return [logprob_entry(logp[j], ids[start + j + 1], k) for j in range(logp.shape[0]) if start + j + 1 < len(ids)]
+
+
+def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
+                     image_features: torch.Tensor | None, params: SamplingParams, n: int, max_context: int,
+                     started: float | None = None) -> list[Generation]:
+    """``n`` independent samples of one prompt: ONE prefill, its KV copied to ``n`` cache rows, then the
+    rows decode together. Choice i samples with ``choice_seed(params.seed, i)``; every row is computed as
+    a lone sequence would be (``rows_alone``), so choice i equals a lone ``stream_generate`` with that seed
+    on row-invariant kernels (the CPU ones; see ``engine.scheduler``)."""
+    from dataclasses import replace
+
+    t_start = started if started is not None else time.perf_counter()
+    lm = model.language_model
+    vocab = min(tokenizer.vocab_size, logits_rows(lm))
+    with torch.inference_mode():
+        embeds = model.embed_prompt(prompt_ids, image_features)
+        length = embeds.shape[0]
+        check_prompt_length(length, max_context, image_features)
+        max_new = min(params.max_new_tokens, max_context - length)
+        cache = model.new_cache(n, length + max_new)
+        outs = [TokenStream(tokenizer, replace(params, seed=choice_seed(params.seed, i)), max_new, vocab)
+                for i in range(n)]
+        gens = [Generation("", o.token_ids, list(prompt_ids), "length", logprobs=o.logprobs) for o in outs]
+        dev = embeds.device
+        t0 = time.perf_counter()
+        logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache,
+                    torch.tensor([0], device=dev))
+        prefill_s = time.perf_counter() - t0
+        for layer_k, layer_v in zip(cache.k, cache.v):
+            layer_k[1:, :, :length] = layer_k[0:1, :, :length]
+            layer_v[1:, :, :length] = layer_v[0:1, :, :length]
+        for o, g in zip(outs, gens):
+            o.push(logits[0])
+            g.timings.ttft_s = time.perf_counter() - t_start
+        decoded = [0] * n
+        t_decode = time.perf_counter()
+        while rows := [i for i, o in enumerate(outs) if not o.done]:
+            tokens = torch.tensor([[outs[i].last_token] for i in rows], device=dev)
+            pos = torch.tensor([[length + decoded[i]] for i in rows], device=dev)
+            logits = lm(lm.embed(tokens, embeds.dtype), pos, cache, torch.tensor(rows, device=dev), rows_alone=True)
+            for r, i in enumerate(rows):
+                decoded[i] += 1
+                outs[i].push(logits[r])
+        for i, (o, g) in enumerate(zip(outs, gens)):
+            o.close()
+            g.text, g.finish_reason = o.text, o.finish_reason
+            t = g.timings
+            t.prefill_s, t.prefill_tokens, t.decode_tokens = prefill_s, length, decoded[i]
+            t.decode_s = time.perf_counter() - t_decode
+            t.total_s = time.perf_counter() - t_start
+    return gens
 
 
 class PromptTooLong(InputError):

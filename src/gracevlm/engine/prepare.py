@@ -46,11 +46,13 @@ def prepare_chat(vlm, messages: list[dict], conv_mode: str | None = None) -> Pre
     return prepare_templated(vlm, text, images, started)
 
 
-def prepare_prompt(vlm, prompt: str, images=None, conv_mode: str | None = None) -> PreparedPrompt:
-    """A single-turn ``prompt`` (one image placeholder per image is added in front when it has none)."""
+def prepare_prompt(vlm, prompt: str, images=None, conv_mode: str | None = None,
+                   system: str | None = None) -> PreparedPrompt:
+    """A single-turn ``prompt`` (one image placeholder per image is added in front when it has none);
+    ``system`` replaces the template's system text."""
     started = time.perf_counter()
     images = _as_list(images)
-    return prepare_templated(vlm, vlm.runtime.user_prompt(prompt, len(images), conv_mode), images, started)
+    return prepare_templated(vlm, vlm.runtime.user_prompt(prompt, len(images), conv_mode, system), images, started)
 
 
 def prepare_text(vlm, text: str) -> PreparedPrompt:
@@ -59,3 +61,8 @@ def prepare_text(vlm, text: str) -> PreparedPrompt:
         raise InputError(f"prompt must be a str, got {type(text).__name__}")
     started = time.perf_counter()
     return PreparedPrompt(vlm.runtime.text_ids(text), None, text, 0.0, started)
+
+
+def prepare_ids(vlm, ids: list[int]) -> PreparedPrompt:
+    """A token-id prompt (``/v1/completions``), used exactly as given (no BOS added, no image markers)."""
+    return PreparedPrompt([int(t) for t in ids], None, vlm.tokenizer.decode(ids), 0.0, time.perf_counter())

@@ -36,6 +36,17 @@ Usage counts: ``RequestHandle.prompt_tokens`` is the number of prompt POSITIONS 
 text tokens (BOS included) plus ``patches`` positions per image (576 for LLaVA-1.5), minus the image
 markers; it is what counts against ``max_model_len``. ``completion_tokens`` is the number of sampled tokens
 that are part of the output (EOS is not counted).
+
+Several choices of one prompt (``submit_choices``, OpenAI's ``n``): ONE prefill; when it completes, its
+prompt KV is copied into the other choices' slots (all ``n`` slots are taken together when the group is
+scheduled) and each choice samples its first token from the same prefill logits with its own seed
+(``sampling.choice_seed``), then decodes as an independent request. So choice i returns what a lone
+request with that seed returns. Until the prefill completes the group is one unit: it times out
+together, and is dropped only when every choice was cancelled.
+
+Prompt log-probabilities (``SamplingParams.prompt_logprobs``, text-only prompts): the prefill then
+computes the logits of every prompt position; the first token is sampled from the last of those rows (a
+GEMM over all rows, which may differ from the one-row ``lm_head`` in the last bits).
 """
 from __future__ import annotations
 
@@ -45,15 +56,15 @@ import queue
 import threading
 import time
 from collections import deque
-
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import GraceVLMError, InputError
-from .generate import Generation, TokenStream, check_prompt_length, logits_rows
+from .generate import Generation, TokenStream, check_prompt_length, logits_rows, prompt_logprob_entries
 from .prepare import PreparedPrompt, prepare_chat
-from .sampling import SamplingParams
+from .sampling import SamplingParams, choice_seed
 
 log = logging.getLogger("gracevlm.scheduler")
 
@@ -180,11 +191,14 @@ class RequestHandle:
 class _Seq:
     """Model-thread state of one request."""
 
-    __slots__ = ("handle", "embeds", "length", "out", "slot", "prefilled", "decoded", "t_decode")
+    __slots__ = ("handle", "embeds", "length", "out", "slot", "prefilled", "decoded", "t_decode", "siblings",
+                 "shared")
 
     def __init__(self, handle: RequestHandle, embeds: torch.Tensor, out: TokenStream):
         self.handle, self.embeds, self.out = handle, embeds, out
-        self.length = embeds.shape[0]
+        self.length = embeds.shape[0] if embeds is not None else 0  # a sibling's is set by submit
+        self.siblings: list[_Seq] = []  # the other choices of the same prompt, waiting for this prefill
+        self.shared = False  # a sibling: its prompt KV is copied from the leader's prefill
         self.slot = -1
         self.prefilled = 0  # prompt positions already in the cache
         self.decoded = 0  # decode forwards done (the next token goes to position length + decoded)
@@ -248,7 +262,15 @@ class BatchScheduler:
     def submit(self, prompt_ids: list[int], image_features: torch.Tensor | None, params: SamplingParams, *,
                timeout: float | None = None, started: float | None = None,
                waker: Callable[[], None] | None = None) -> RequestHandle:
-        """Queue one request; returns at once. Raises ``InputError`` for a bad prompt (image count or
+        """Queue one request; returns at once (``submit_choices`` with one choice)."""
+        return self.submit_choices(prompt_ids, image_features, params, 1, timeout=timeout, started=started,
+                                   waker=waker)[0]
+
+    def submit_choices(self, prompt_ids: list[int], image_features: torch.Tensor | None, params: SamplingParams,
+                       n: int = 1, *, timeout: float | None = None, started: float | None = None,
+                       waker: Callable[[], None] | None = None) -> list[RequestHandle]:
+        """Queue ``n`` choices of one prompt (one prefill; see the module docstring); returns their handles
+        at once, choice i sampling with ``choice_seed(params.seed, i)``. ``n`` is at most ``max_batch_size``. Raises ``InputError`` for a bad prompt (image count or
         feature shape mismatch, prompt too long for ``max_model_len``), ``QueueFull`` when ``max_queue``
         requests wait already, ``SchedulerClosed`` after ``shutdown``. ``timeout`` (seconds from
         ``started``, default ``request_timeout``) bounds the whole request; ``started`` (a
@@ -257,7 +279,12 @@ class BatchScheduler:
             raise SchedulerClosed("the scheduler is shut down")
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_batch_size:
+            raise InputError(f"n must be an integer in [1, {self.max_batch_size}] (the server's batch size), "
+                             f"got {n!r}")
         ids = [int(t) for t in prompt_ids]
+        if params.prompt_logprobs is not None and (image_features is not None or any(t < 0 for t in ids)):
+            raise InputError("prompt log-probabilities are available for text-only prompts")
         started = time.perf_counter() if started is None else started
         with torch.inference_mode():
             features = self._check_features(image_features)
@@ -267,7 +294,8 @@ class BatchScheduler:
         max_new = min(params.max_new_tokens, self.max_model_len - length)
         timeout = self.request_timeout if timeout is None else timeout
         deadline = None if timeout is None else started + timeout
-        out = TokenStream(self.vlm.tokenizer, params, max_new, self.vocab)
+        outs = [TokenStream(self.vlm.tokenizer, replace(params, seed=choice_seed(params.seed, i)), max_new, self.vocab)
+                for i in range(n)]
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the scheduler is shut down")
@@ -275,25 +303,42 @@ class BatchScheduler:
                 self._counts["rejected"] += 1
                 raise QueueFull(f"{len(self._pending)} requests are waiting for one of {self.max_batch_size} "
                                 f"slots (max_queue={self.max_queue}); retry later")
-            handle = RequestHandle(next(self._ids), ids, length, params, max_new, started, deadline, waker,
-                                   self._wake)
-            handle.generation.token_ids = out.token_ids
-            self._pending.append(_Seq(handle, embeds, out))
-            self._counts["submitted"] += 1
+            seqs = []
+            for out in outs:
+                handle = RequestHandle(next(self._ids), ids, length, out.sampler.params, max_new, started,
+                                       deadline, waker, self._wake)
+                handle.generation.token_ids, handle.generation.logprobs = out.token_ids, out.logprobs
+                seqs.append(_Seq(handle, embeds if not seqs else None, out))
+            for sib in seqs[1:]:
+                sib.shared, sib.length = True, length
+            seqs[0].siblings = seqs[1:]
+            self._pending.append(seqs[0])
+            self._counts["submitted"] += n
             self._cond.notify()
-        return handle
+        return [seq.handle for seq in seqs]
 
     def submit_prepared(self, prepared: PreparedPrompt, params: SamplingParams, **kwargs) -> RequestHandle:
+        return self.submit_prepared_choices(prepared, params, 1, **kwargs)[0]
+
+    def submit_prepared_choices(self, prepared: PreparedPrompt, params: SamplingParams, n: int = 1,
+                                **kwargs) -> list[RequestHandle]:
         kwargs.setdefault("started", prepared.started)
-        handle = self.submit(prepared.prompt_ids, prepared.image_features, params, **kwargs)
-        handle.generation.prompt = prepared.prompt_text
-        handle.generation.timings.image_encode_s = prepared.image_encode_s
-        return handle
+        handles = self.submit_choices(prepared.prompt_ids, prepared.image_features, params, n, **kwargs)
+        for handle in handles:
+            handle.generation.prompt = prepared.prompt_text
+            handle.generation.timings.image_encode_s = prepared.image_encode_s
+        return handles
 
     def submit_chat(self, messages: list[dict], params: SamplingParams, conv_mode: str | None = None,
                     **kwargs) -> RequestHandle:
         """Prepare ``messages`` in the calling thread (``prepare_chat``), then ``submit``."""
         return self.submit_prepared(prepare_chat(self.vlm, messages, conv_mode), params, **kwargs)
+
+    def note_rejected(self) -> None:
+        """Count a request refused in front of the scheduler because the queue was full (as ``submit``
+        counts its own ``QueueFull``)."""
+        with self._cond:
+            self._counts["rejected"] += 1
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, active slots and cumulative counters (for metrics)."""
@@ -357,6 +402,7 @@ class BatchScheduler:
     def _fail_all(self, exc: BaseException) -> None:
         with self._cond:
             seqs = list(self._pending) + self._running + ([self._prefilling] if self._prefilling else [])
+            seqs += [sib for seq in seqs for sib in seq.siblings]
             self._pending.clear()
         self._running, self._prefilling = [], None
         for seq in seqs:
@@ -366,7 +412,7 @@ class BatchScheduler:
 
     def _expired(self, seq: _Seq, now: float) -> str | None:
         h = seq.handle
-        if h._cancel:
+        if h._cancel and all(sib.handle._cancel for sib in seq.siblings):
             return "cancelled"
         if h.deadline is not None and now >= h.deadline:
             return "timeout"
@@ -379,10 +425,10 @@ class BatchScheduler:
             for seq, _ in gone:
                 self._pending.remove(seq)
         for seq, reason in gone:
-            self._finish(seq, reason)
+            self._finish_group(seq, reason)
         if self._prefilling is not None and (reason := self._expired(self._prefilling, now)):
             seq, self._prefilling = self._prefilling, None
-            self._finish(seq, reason)
+            self._finish_group(seq, reason)
         for seq in [s for s in self._running if self._expired(s, now)]:
             self._finish(seq, self._expired(seq, now))
 
@@ -392,8 +438,11 @@ class BatchScheduler:
             with self._cond:
                 if not self._pending or not self._free:
                     return
+                if len(self._free) < 1 + len(self._pending[0].siblings):
+                    return  # a group waits for all its slots (the oldest request goes first)
                 seq = self._pending.popleft()
-                seq.slot = self._free.pop()
+                for member in (seq, *seq.siblings):
+                    member.slot = self._free.pop()
             seq.handle.queue_s = time.perf_counter() - seq.handle.submitted
             self._prefilling = seq
         try:
@@ -402,7 +451,15 @@ class BatchScheduler:
             t0 = time.perf_counter()
             positions = torch.arange(start, end, device=self.device).unsqueeze(0)
             slots = torch.tensor([seq.slot], device=self.device)
-            logits = self.lm(seq.embeds[start:end].unsqueeze(0), positions, self.cache, slots)
+            k_prompt = seq.handle.params.prompt_logprobs
+            logits = self.lm(seq.embeds[start:end].unsqueeze(0), positions, self.cache, slots,
+                             logits_for="last" if k_prompt is None else "all")
+            if k_prompt is not None:
+                g = seq.handle.generation
+                if g.prompt_logprobs is None:
+                    g.prompt_logprobs = [None]
+                g.prompt_logprobs += prompt_logprob_entries(logits[0], g.prompt_token_ids, start, k_prompt, self.vocab)
+                logits = logits[:, -1]
             timings = seq.handle.generation.timings
             timings.prefill_s += time.perf_counter() - t0
             seq.prefilled = end
@@ -412,13 +469,27 @@ class BatchScheduler:
             timings.prefill_tokens = seq.length
             self._prefilling = None
             seq.embeds = None
-            seq.t_decode = time.perf_counter()
-            self._running.append(seq)
-            self._emit(seq, logits[0])
+            for sib in seq.siblings:
+                src, dst = seq.slot, sib.slot
+                for layer_k, layer_v in zip(self.cache.k, self.cache.v):
+                    layer_k[dst, :, :seq.length] = layer_k[src, :, :seq.length]
+                    layer_v[dst, :, :seq.length] = layer_v[src, :, :seq.length]
+                sib.prefilled = seq.length
+                t = sib.handle.generation.timings
+                t.prefill_s, t.prefill_tokens = timings.prefill_s, seq.length
+                sib.handle.queue_s = seq.handle.queue_s
+                sib.handle.generation.prompt_logprobs = seq.handle.generation.prompt_logprobs
+            group, seq.siblings = [seq, *seq.siblings], []
+            for member in group:
+                member.t_decode = time.perf_counter()
+                self._running.append(member)
+            for member in group:
+                self._emit(member, logits[0])
         except Exception as exc:  # this request only (bad features, numerical failure, ...)
             if self._prefilling is seq:
                 self._prefilling = None
-            self._fail(seq, exc)
+            for member in (seq, *seq.siblings):
+                self._fail(member, exc)
 
     def _decode_step(self) -> None:
         rows = [s for s in self._running if not s.out.done]
@@ -466,6 +537,11 @@ class BatchScheduler:
             seq.slot = -1
         seq.embeds = None
 
+    def _finish_group(self, seq: _Seq, reason: str) -> None:
+        """End a request that has not been prefilled yet, and the choices waiting for its prefill."""
+        for member in (seq, *seq.siblings):
+            self._finish(member, reason)
+
     def _finish(self, seq: _Seq, reason: str | None) -> None:
         self._release(seq)
         h = seq.handle
@@ -482,7 +558,7 @@ class BatchScheduler:
         t.total_s = now - h.started
         with self._cond:
             self._counts[f"finished_{g.finish_reason}"] += 1
-            self._counts["prompt_tokens"] += h.prompt_tokens
+            self._counts["prompt_tokens"] += 0 if seq.shared else h.prompt_tokens  # prefilled once per group
             self._counts["completion_tokens"] += len(g.token_ids)
         h._end()
 

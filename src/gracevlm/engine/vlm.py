@@ -10,11 +10,11 @@ import torch
 from ..errors import InputError
 from ..models.images import RGBImage, decode_image
 from ..models.loader import LoadedModel, load_checkpoint
-from .generate import Generation, stream_generate
+from .generate import Generation, generate_choices, stream_generate
 from .prepare import PreparedPrompt, prepare_chat, prepare_prompt, prepare_templated
 from .sampling import SamplingParams
 
-_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "response_format"}
 
 
 def _sampling(kwargs: dict) -> SamplingParams:
@@ -81,23 +81,47 @@ class VLM:
         _sampling(sampling)
         yield from self._stream_prepared(prepare_chat(self, messages, conv_mode), result, sampling)
 
-    def chat(self, messages: list[dict], conv_mode: str | None = None, **sampling) -> Generation:
+    def _choices(self, prepared: PreparedPrompt, sampling: dict, n: int) -> list[Generation]:
+        """``n`` > 1 samples of one prepared prompt: one prefill (``generate.generate_choices``)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"n must be a positive integer, got {n!r}")
+        params = _sampling(sampling)
+        gens = generate_choices(self.model, self.tokenizer, prepared.prompt_ids, prepared.image_features, params, n,
+                                self.max_context, prepared.started)
+        for g in gens:
+            g.prompt, g.timings.image_encode_s = prepared.prompt_text, prepared.image_encode_s
+        return gens
+
+    def chat(self, messages: list[dict], conv_mode: str | None = None, n: int = 1,
+             **sampling) -> Generation | list[Generation]:
+        """Multi-turn generation (a leading system message replaces the template's system text).
+        ``logprobs=k`` (0-20) fills ``Generation.logprobs``; ``n > 1`` returns a list of ``n`` choices."""
+        if n != 1:
+            _sampling(sampling)
+            return self._choices(prepare_chat(self, messages, conv_mode), sampling, n)
         res = Generation("", [], [], "length")
         for _ in self.stream_chat(messages, res, conv_mode, **sampling):
             pass
         return res
 
     def stream(self, prompt: str, images=None, result: Generation | None = None, conv_mode: str | None = None,
-               **sampling) -> Iterator[str]:
+               system: str | None = None, **sampling) -> Iterator[str]:
         """Single-turn generation for ``prompt`` (an image placeholder per image is added in front when the
-        prompt has none); yields text deltas."""
+        prompt has none; ``system`` replaces the template's system text); yields text deltas."""
         _sampling(sampling)
-        yield from self._stream_prepared(prepare_prompt(self, prompt, images, conv_mode), result, sampling)
+        yield from self._stream_prepared(prepare_prompt(self, prompt, images, conv_mode, system), result, sampling)
 
-    def generate(self, prompt: str, images=None, conv_mode: str | None = None, **sampling) -> Generation:
-        """Generate an answer; returns ``Generation(text, token_ids, prompt_token_ids, finish_reason, timings)``."""
+    def generate(self, prompt: str, images=None, conv_mode: str | None = None, system: str | None = None,
+                 n: int = 1, **sampling) -> Generation | list[Generation]:
+        """Generate an answer; returns ``Generation(text, token_ids, prompt_token_ids, finish_reason, timings)``.
+        ``system`` replaces the template's system text; ``logprobs=k`` (0-20) fills ``Generation.logprobs``
+        (see ``engine.sampling`` for which distribution); ``n > 1`` returns a list of ``n`` independent
+        choices from one prefill, choice i seeded with ``sampling.choice_seed(seed, i)``."""
+        if n != 1:
+            _sampling(sampling)
+            return self._choices(prepare_prompt(self, prompt, images, conv_mode, system), sampling, n)
         res = Generation("", [], [], "length")
-        for _ in self.stream(prompt, images, res, conv_mode, **sampling):
+        for _ in self.stream(prompt, images, res, conv_mode, system, **sampling):
             pass
         return res
 

@@ -47,8 +47,8 @@ class Runtime(ABC):
         prompt order). Raises InputError naming the message that cannot be rendered."""
 
     @abstractmethod
-    def user_prompt(self, prompt: str, n_images: int, conv_mode: str | None = None) -> str:
-        """A single-turn prompt with ``n_images`` images, templated."""
+    def user_prompt(self, prompt: str, n_images: int, conv_mode: str | None = None, system: str | None = None) -> str:
+        """A single-turn prompt with ``n_images`` images, templated (``system``: the system text to use)."""
 
     @abstractmethod
     def tokenize(self, prompt_text: str) -> list[int]:

@@ -19,7 +19,12 @@ at GET / (off with --no-ui).
 Defaults are safe: bound to 127.0.0.1, 20 MiB request bodies, 40 Mpixel images, images only as
 data:image/...;base64 URLs (no local files, no downloads) unless enabled. Sampling defaults to greedy
 (temperature 0) as `gracevlm run` does. usage.prompt_tokens counts prompt positions, image patches
-included."""
+included.
+
+On SIGTERM (or Ctrl-C) the server stops accepting connections and lets running requests finish for
+up to --shutdown-grace seconds; shortly before that ends, the requests still running are ended: streams
+get an error event (code "shutting_down") and `data: [DONE]`, others a 503, so no client sees a cut
+connection."""
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +64,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype of the vision tower and projector (default: the model's; see gracevlm run --help)")
     p.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="seconds running requests may take to finish after SIGTERM (default 5)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false")
     p.add_argument("--no-ui", dest="ui", action="store_false",
@@ -74,6 +81,8 @@ def config_from_args(args: argparse.Namespace):
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     if args.prefill_chunk < 0 or args.request_timeout < 0:
         raise InputError("--prefill-chunk and --request-timeout must be >= 0")
+    if not args.shutdown_grace >= 1:
+        raise InputError("--shutdown-grace must be >= 1 second")
     local = args.allowed_local_media_path
     if local is not None and not os.path.isdir(local):
         raise InputError(f"--allowed-local-media-path {local!r} is not a folder")
@@ -98,6 +107,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def graceful_server(uvicorn_config, state, grace_s: float):
+    """A ``uvicorn.Server`` that, on its first exit signal, ends the engine's running requests (clean
+    error events / 503s) ``grace_s - 1.5`` seconds later (at least 0.5 s), before uvicorn's own
+    ``timeout_graceful_shutdown`` (``grace_s``) would cut the connections."""
+    import threading
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        _timer: threading.Timer | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self._timer is None:
+                logging.getLogger("gracevlm.server").info(
+                    "shutting down: running requests have %.1f s to finish", grace_s)
+                self._timer = threading.Timer(max(0.5, grace_s - 1.5), state.shutdown)
+                self._timer.daemon = True
+                self._timer.start()
+            super().handle_exit(sig, frame)
+
+    return GracefulServer(uvicorn_config)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -109,8 +141,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("gracevlm.server").warning(
             "binding %s without an API key: anyone who can reach this address can use the model", config.host)
     app = create_app(config, ui=args.ui)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
-                                           access_log=args.access_log, lifespan="on", timeout_graceful_shutdown=5))
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                               access_log=args.access_log, lifespan="on",
+                               timeout_graceful_shutdown=max(1, round(args.shutdown_grace)))
+    server = graceful_server(uv_config, app.state, args.shutdown_grace)
     failed = []
 
     def stop_on_failure() -> None:

@@ -1,8 +1,9 @@
 """Request and response bodies of the OpenAI API subset we serve (pydantic models in OpenAI's shapes).
 
 Requests ignore fields they do not know (clients send many optional ones); fields we know but cannot
-honour (``n > 1``, ``logprobs``, ``tools``, penalties, ``echo`` ...) are refused with a clear 400 by
-``serving.py``. Responses are built as plain dicts in ``serving.py`` with the helpers below, so that
+honour (``tools``/``functions``, penalties, ``suffix`` ...) are refused with a clear 400 by
+``serving.py``. Types are strict, as OpenAI's: ``max_tokens: "5"``, ``max_tokens: true`` or
+``stream: "yes"`` are refused (an integer is accepted where a number is expected). Responses are built as plain dicts in ``serving.py`` with the helpers below, so that
 their JSON is exactly OpenAI's (``null`` where OpenAI writes ``null``).
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Unknown fields ignored; known fields strictly typed (no "5" -> 5, no true -> 1)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # -- requests ----------------------------------------------------------------------------------------
@@ -59,7 +62,7 @@ class _SamplingFields(_Lenient):
     top_k: Optional[int] = Field(default=None, ge=0)  # extension (not in OpenAI's API)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    n: Optional[int] = None
+    n: Optional[int] = Field(default=None, ge=1)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = None
@@ -73,17 +76,19 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # text(s) or token ids (used as given, no BOS)
     max_tokens: Optional[int] = Field(default=16, ge=1)
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
@@ -98,22 +103,29 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; ``cached_tokens``: prompt positions served from a prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_completion(rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish}],
+def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_completion(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict:
+    """``choices``: ``chat_choice`` dicts."""
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": use, "system_fingerprint": None}
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict | None, finish: str | None,
-               include_usage: bool, use: dict | None = None) -> dict:
+               include_usage: bool, use: dict | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
     """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (empty ``choices``)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}]
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": choices, "system_fingerprint": None}
     if include_usage:
@@ -121,16 +133,20 @@ def chat_chunk(rid: str, created: int, model: str, delta: dict | None, finish: s
     return chunk
 
 
-def text_completion(rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+def text_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def text_completion(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict:
+    """``choices``: ``text_choice`` dicts."""
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": use, "system_fingerprint": None}
 
 
 def text_chunk(rid: str, created: int, model: str, text: str | None, finish: str | None,
-               include_usage: bool, use: dict | None = None) -> dict:
+               include_usage: bool, use: dict | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
     """One streamed ``text_completion``; ``text=None`` gives the usage-only chunk (empty ``choices``)."""
-    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+    choices = [] if text is None else [text_choice(index, text, finish, logprobs)]
     chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
              "system_fingerprint": None}
     if include_usage:

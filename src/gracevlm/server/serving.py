@@ -12,17 +12,24 @@ Semantics worth knowing (documented for users in ``gracevlm serve --help`` and t
   ``completion_tokens`` the generated tokens (EOS not counted).
 * A request that runs past ``--request-timeout`` gets HTTP 408 (non-streaming) or, once streaming,
   an ``{"error": ...}`` event followed by ``data: [DONE]``.
+* ``n`` choices share one prefill (``BatchScheduler.submit_choices``); choice i samples with
+  ``choice_seed(seed, i)``. A list of prompts gives choice ``p * n + i`` for prompt p. ``usage`` counts
+  each prompt once. ``logprobs`` are those of the distribution each token was drawn from
+  (``engine.sampling``); ``echo`` + ``logprobs`` give the prompt tokens' log-probabilities under the
+  model (the first token has none). ``usage.prompt_tokens_details.cached_tokens`` is the engine's
+  ``Timings.cached_tokens`` (0 until there is a prefix cache). ``response_format: json_object`` decodes
+  under a JSON grammar (``engine.json_grammar``): an answer that ends with "stop" always parses as an
+  object; ``json_schema`` is refused.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import pydantic
 from starlette.concurrency import run_in_threadpool
@@ -31,10 +38,11 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..engine.generate import PromptTooLong
 from ..engine.sampling import SamplingParams
-from ..engine.prepare import prepare_chat, prepare_text
+from ..engine.prepare import PreparedPrompt, prepare_chat, prepare_ids, prepare_text
 from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed
 from ..errors import GraceVLMError, InputError
 from . import protocol as P
+from .choices import ClientDisconnected, LogprobCursor, chat_logprobs, completion_logprobs, follow_choices
 from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MediaError, MediaPolicy, load_image_url
 from .metrics import Metrics
 
@@ -98,18 +106,19 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def to_api_error(exc: BaseException) -> APIError:
-    """Map engine / media errors to HTTP errors; anything else is a bug (500)."""
+def to_api_error(exc: BaseException, param: str = "messages") -> APIError:
+    """Map engine / media errors to HTTP errors; anything else is a bug (500). ``param`` names the input
+    field of the endpoint in use ("messages" or "prompt")."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, MediaError):
-        return APIError(exc.status, exc.message, exc.code, "messages")
+        return APIError(exc.status, exc.message, exc.code, param)
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc), "queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, SchedulerClosed):
-        return APIError(503, str(exc), "shutting_down")
+        return APIError(503, f"the server is shutting down ({exc})", "shutting_down")
     if isinstance(exc, PromptTooLong):
-        return APIError(400, str(exc), "context_length_exceeded", "messages")
+        return APIError(400, str(exc), "context_length_exceeded", param)
     if isinstance(exc, (InputError, GraceVLMError)):
         return APIError(400, str(exc), "invalid_value")
     raise exc
@@ -209,16 +218,17 @@ def _refuse(cond: bool, param: str, what: str) -> None:
         raise APIError(400, f"{param}: {what} is not supported by this server", "unsupported_parameter", param)
 
 
-def _common_checks(req: P._SamplingFields) -> None:
-    if req.n not in (None, 1):
-        raise APIError(400, f"n: only n=1 is supported (got {req.n}); send separate requests for more choices",
-                       "unsupported_parameter", "n")
+def _common_checks(req: P._SamplingFields, max_batch_size: int) -> None:
+    if (req.n or 1) > max_batch_size:
+        raise APIError(400, f"n: at most {max_batch_size} choices (the server's --max-batch-size), got {req.n}",
+                       "invalid_value", "n")
     _refuse(bool(req.presence_penalty), "presence_penalty", "a non-zero presence penalty")
     _refuse(bool(req.frequency_penalty), "frequency_penalty", "a non-zero frequency penalty")
     _refuse(bool(req.logit_bias), "logit_bias", "logit_bias")
 
 
-def sampling_params(req: P._SamplingFields, max_new_tokens: int) -> SamplingParams:
+def sampling_params(req: P._SamplingFields, max_new_tokens: int, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
     if len(stop) > 16:
         raise APIError(400, "stop: at most 16 stop strings are supported", "invalid_value", "stop")
@@ -226,7 +236,7 @@ def sampling_params(req: P._SamplingFields, max_new_tokens: int) -> SamplingPara
         return SamplingParams(max_new_tokens=max_new_tokens,
                               temperature=0.0 if req.temperature is None else req.temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                              seed=req.seed, stop=stop)
+                              seed=req.seed, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except InputError as exc:
         raise APIError(400, str(exc), "invalid_value") from None
 
@@ -249,47 +259,49 @@ def _chat_messages(req: P.ChatCompletionRequest, media: MediaPolicy) -> list[dic
     return out
 
 
-# -- following a request from the event loop ----------------------------------------------------------------
-
-class ClientGone(Exception):
-    pass
-
-
-async def follow(handle: RequestHandle, request: Request | None = None) -> AsyncIterator[list[str]]:
-    """Yield lists of deltas as the engine produces them; cancels the request if the consumer stops early
-    or (non-streaming, ``request`` given) the client disconnects."""
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-
-    def wake() -> None:
-        loop.call_soon_threadsafe(ready.set)
-
-    handle.set_waker(wake)
-    checked = loop.time()
-    try:
-        while True:
-            ready.clear()
-            deltas, ended = handle.drain()
-            if deltas:
-                yield deltas
-            if ended:
-                return
-            if request is not None and loop.time() - checked >= 0.5:
-                checked = loop.time()
-                if await request.is_disconnected():
-                    raise ClientGone()
-            try:
-                await asyncio.wait_for(ready.wait(), timeout=0.5)
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        handle.set_waker(None)
-        if not handle.done:
-            handle.cancel()
-
-
 def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _refuse_tools(req: P.ChatCompletionRequest) -> None:
+    """``tools``, ``functions``, ``tool_choice`` and ``function_call`` are refused alike (no tool calling)."""
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        value = getattr(req, name)
+        if value not in (None, [], "none"):
+            raise APIError(400, f"{name}: tool and function calling is not supported by this server",
+                           "unsupported_parameter", name)
+
+
+def _response_format(req: P.ChatCompletionRequest) -> str:
+    """"text" or "json_object" (grammar-constrained decoding); ``json_schema`` is refused."""
+    rf = req.response_format or {}
+    kind = rf.get("type", "text") if isinstance(rf, dict) else rf
+    if kind in ("text", "json_object"):
+        return kind
+    if kind == "json_schema":
+        raise APIError(400, "response_format: 'json_schema' is not supported (the grammar-constrained decoding "
+                       "here knows JSON, not schemas); use {'type': 'json_object'} and describe the fields in the "
+                       "prompt", "unsupported_parameter", "response_format")
+    raise APIError(400, f"response_format: unknown type {kind!r}; expected 'text' or 'json_object'",
+                   "invalid_value", "response_format")
+
+
+def _completion_prompts(prompt, vocab: int) -> list[str | list[int]]:
+    """``prompt`` as a list of texts or token-id lists (each id in ``[0, vocab)``)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: the list of prompts is empty", "invalid_value", "prompt")
+    prompts = [prompt] if isinstance(prompt[0], int) else list(prompt)
+    for p in prompts:
+        if isinstance(p, list):
+            if not p:
+                raise APIError(400, "prompt: a token-id prompt is empty", "invalid_value", "prompt")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab}); got {bad[:5]}", "invalid_value",
+                               "prompt")
+    return prompts
 
 
 # -- the two completion endpoints ------------------------------------------------------------------------
@@ -298,23 +310,42 @@ class Serving:
     def __init__(self, state: ServerState):
         self.state = state
 
-    async def _submit(self, prepare: Callable[[], Any], params: SamplingParams) -> RequestHandle:
+    async def _submit(self, prepares: list[Callable[[], PreparedPrompt]], params: SamplingParams, n: int,
+                      param: str) -> list[RequestHandle]:
+        """Prepare (in a worker thread) and submit each prompt with ``n`` choices; all or nothing. Each
+        prompt takes a place in the queue (429 when they do not all fit)."""
         scheduler = self.state.require_ready()
         stats = scheduler.stats()
-        if stats["queue_depth"] >= stats["max_queue"]:  # refuse before spending time on images
+        if len(prepares) > stats["max_queue"]:
+            raise APIError(400, f"{param}: at most {stats['max_queue']} prompts per request (the server's "
+                           f"--max-queue), got {len(prepares)}", "invalid_value", param)
+        if stats["queue_depth"] + len(prepares) > stats["max_queue"]:  # refuse before spending time on images
+            scheduler.note_rejected()
             raise to_api_error(QueueFull(f"{stats['queue_depth']} requests are waiting (max_queue="
                                          f"{stats['max_queue']}); retry later"))
 
-        def work() -> RequestHandle:
-            return scheduler.submit_prepared(prepare(), params)
+        def work() -> list[RequestHandle]:
+            handles: list[RequestHandle] = []
+            try:
+                for prepare in prepares:
+                    handles += scheduler.submit_prepared_choices(prepare(), params, n)
+            except BaseException:
+                for h in handles:
+                    h.cancel()
+                raise
+            return handles
 
         try:
             return await run_in_threadpool(work)
         except Exception as exc:
-            raise to_api_error(exc) from None
+            raise to_api_error(exc, param) from None
 
-    def _usage(self, handle: RequestHandle) -> dict:
-        return P.usage(handle.prompt_tokens, handle.completion_tokens)
+    @staticmethod
+    def _usage(handles: list[RequestHandle], n: int) -> dict:
+        """Each prompt (the first choice of each group of ``n``) counted once, every choice's tokens."""
+        leaders = handles[::n]
+        return P.usage(sum(h.prompt_tokens for h in leaders), sum(h.completion_tokens for h in handles),
+                       sum(h.generation.timings.cached_tokens for h in leaders))
 
     def _observe(self, handle: RequestHandle) -> None:
         g = handle.generation
@@ -325,118 +356,158 @@ class Serving:
         return APIError(408, f"the request ran past the server's timeout after {handle.completion_tokens} tokens",
                         "request_timeout")
 
-    async def _wait(self, handle: RequestHandle, request: Request) -> None:
+    async def _wait(self, handles: list[RequestHandle], request: Request, param: str) -> None:
         try:
-            async for _ in follow(handle, request):
+            async for _ in follow_choices(handles, request):
                 pass
-        except ClientGone:
+        except ClientDisconnected:
             raise APIError(499, "the client closed the connection; the request was cancelled",
                            "client_closed_request") from None
         except Exception as exc:
-            raise to_api_error(exc) from None
-        if handle.generation.finish_reason == "timeout":
-            raise self._timeout_error(handle)
+            raise to_api_error(exc, param) from None
+        for h in handles:
+            if h.generation.finish_reason == "timeout":
+                raise self._timeout_error(h)
+        for h in handles:
+            self._observe(h)
 
     async def chat(self, request: Request):
         state = self.state
         req = await parse_body(request, P.ChatCompletionRequest)
-        state.require_ready()
+        scheduler = state.require_ready()
         state.check_model(req.model)
-        _common_checks(req)
-        _refuse(bool(req.logprobs), "logprobs", "logprobs")
-        _refuse(bool(req.tools), "tools", "tool calling")
-        rf = (req.response_format or {}).get("type", "text")
-        _refuse(rf != "text", "response_format", f"response_format {rf!r}")
-        max_new = req.max_completion_tokens or req.max_tokens or state.scheduler.max_model_len
-        params = sampling_params(req, max_new)
-        vlm, conv_mode = state.vlm, state.config.conv_mode
+        _common_checks(req, scheduler.max_batch_size)
+        _refuse_tools(req)
+        response_format = _response_format(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "invalid_value", "top_logprobs")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        max_new = req.max_completion_tokens or req.max_tokens or scheduler.max_model_len
+        params = replace(sampling_params(req, max_new, logprobs=k), response_format=response_format)
+        vlm, conv_mode, n = state.vlm, state.config.conv_mode, req.n or 1
 
         def prepare():
             return prepare_chat(vlm, _chat_messages(req, state.media), conv_mode)
 
-        handle = await self._submit(prepare, params)
+        handles = await self._submit([prepare], params, n, "messages")
         rid, created, name = P.new_id("chatcmpl"), P.now(), state.config.model_name
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        if not req.stream:
-            await self._wait(handle, request)
-            self._observe(handle)
-            g = handle.generation
-            return JSONResponse(P.chat_completion(rid, created, name, g.text, g.finish_reason, self._usage(handle)))
+        tok = vlm.tokenizer
 
-        head = sse(P.chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, None, include_usage))
+        def logprobs(entries):
+            return None if k is None else chat_logprobs(tok, entries)
+
+        if not req.stream:
+            await self._wait(handles, request, "messages")
+            choices = [P.chat_choice(i, h.generation.text, h.generation.finish_reason,
+                                     logprobs(h.generation.logprobs or [])) for i, h in enumerate(handles)]
+            return JSONResponse(P.chat_completion(rid, created, name, choices, self._usage(handles, n)))
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return self._streaming(
-            handle, head, lambda text: P.chat_chunk(rid, created, name, {"content": text}, None, include_usage),
-            lambda finish: P.chat_chunk(rid, created, name, {}, finish, include_usage),
-            lambda use: P.chat_chunk(rid, created, name, None, None, True, use), include_usage)
+            handles, n, include_usage, "messages",
+            head=lambda i: P.chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, None,
+                                        include_usage, index=i),
+            delta=lambda i, text, entries: P.chat_chunk(rid, created, name, {"content": text}, None, include_usage,
+                                                        index=i, logprobs=logprobs(entries)),
+            final=lambda i, finish: P.chat_chunk(rid, created, name, {}, finish, include_usage, index=i),
+            usage_chunk=lambda use: P.chat_chunk(rid, created, name, None, None, True, use))
 
     async def completions(self, request: Request):
         state = self.state
         req = await parse_body(request, P.CompletionRequest)
-        state.require_ready()
+        scheduler = state.require_ready()
         state.check_model(req.model)
-        _common_checks(req)
-        _refuse(bool(req.echo), "echo", "echo")
-        _refuse(req.logprobs is not None, "logprobs", "logprobs")
+        _common_checks(req, scheduler.max_batch_size)
         _refuse(req.suffix is not None, "suffix", "suffix")
         _refuse(req.best_of not in (None, 1), "best_of", "best_of > 1")
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: exactly one prompt string is supported (batch prompts are not)",
-                               "unsupported_parameter", "prompt")
-            prompt = prompt[0]
-        params = sampling_params(req, req.max_tokens or 16)
-        vlm = state.vlm
-        handle = await self._submit(lambda: prepare_text(vlm, prompt), params)
+        vlm, n, k = state.vlm, req.n or 1, req.logprobs
+        tok = vlm.tokenizer
+        prompts = _completion_prompts(req.prompt, tok.vocab_size)
+        params = sampling_params(req, req.max_tokens or 16, logprobs=k,
+                                 prompt_logprobs=k if req.echo and k is not None else None)
+        handles = await self._submit([(lambda p=p: prepare_ids(vlm, p) if isinstance(p, list) else prepare_text(vlm, p))
+                                      for p in prompts], params, n, "prompt")
+        echoes = [prompts[i // n] if isinstance(prompts[i // n], str) else handles[i].generation.prompt
+                  for i in range(len(handles))] if req.echo else [""] * len(handles)
         rid, created, name = P.new_id("cmpl"), P.now(), state.config.model_name
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        if not req.stream:
-            await self._wait(handle, request)
-            self._observe(handle)
-            g = handle.generation
-            return JSONResponse(P.text_completion(rid, created, name, g.text, g.finish_reason, self._usage(handle)))
 
+        def prompt_part(i: int) -> dict | None:
+            """The echoed prompt tokens' logprobs (a text prompt's BOS, added by us, is left out)."""
+            g = handles[i].generation
+            skip = 1 if isinstance(prompts[i // n], str) else 0
+            return completion_logprobs(tok, g.prompt_token_ids[skip:], (g.prompt_logprobs or [])[skip:])
+
+        def merged(i: int, entries, with_prompt: bool) -> dict | None:
+            if k is None:
+                return None
+            head = prompt_part(i) if with_prompt else None
+            body = completion_logprobs(tok, [e.token_id for e in entries], entries, len(echoes[i]))
+            if head is None:
+                return body
+            return {key: head[key] + body[key] for key in body}
+
+        if not req.stream:
+            await self._wait(handles, request, "prompt")
+            choices = [P.text_choice(i, echoes[i] + h.generation.text, h.generation.finish_reason,
+                                     merged(i, h.generation.logprobs or [], bool(req.echo)))
+                       for i, h in enumerate(handles)]
+            return JSONResponse(P.text_completion(rid, created, name, choices, self._usage(handles, n)))
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return self._streaming(
-            handle, None, lambda text: P.text_chunk(rid, created, name, text, None, include_usage),
-            lambda finish: P.text_chunk(rid, created, name, "", finish, include_usage),
-            lambda use: P.text_chunk(rid, created, name, None, None, True, use), include_usage)
+            handles, n, include_usage, "prompt",
+            head=(lambda i: P.text_chunk(rid, created, name, echoes[i], None, include_usage, index=i,
+                                         logprobs=None if k is None else prompt_part(i))) if req.echo else None,
+            delta=lambda i, text, entries: P.text_chunk(rid, created, name, text, None, include_usage, index=i,
+                                                        logprobs=merged(i, entries, False)),
+            final=lambda i, finish: P.text_chunk(rid, created, name, "", finish, include_usage, index=i),
+            usage_chunk=lambda use: P.text_chunk(rid, created, name, None, None, True, use))
 
     # -- streaming plumbing ---------------------------------------------------------------------------
-    def _streaming(self, handle: RequestHandle, head: str | None, delta: Callable[[str], dict],
-                   final: Callable[[str], dict], usage_chunk: Callable[[dict], dict],
-                   include_usage: bool) -> StreamingResponse:
-        """SSE: ``head`` (chat: the role chunk), one chunk per batch of deltas, the finish chunk, the usage
-        chunk (when asked), ``[DONE]``. An error after the headers went out becomes an error event. If the
-        client goes away, starlette cancels this generator and the request is cancelled with it."""
+    def _streaming(self, handles: list[RequestHandle], n: int, include_usage: bool, param: str, *,
+                   head: Callable[[int], dict] | None, delta: Callable[[int, str, list], dict],
+                   final: Callable[[int, str], dict], usage_chunk: Callable[[dict], dict]) -> StreamingResponse:
+        """SSE: ``head(i)`` per choice (chat: the role chunk; echo: the prompt), then per choice a chunk per
+        batch of deltas (with the log-probabilities of the tokens sampled since the last one) and its
+        finish chunk, the usage chunk (when asked), ``[DONE]``. An error after the headers went out (a
+        failure, the timeout, the server shutting down) becomes an error event and ``[DONE]``. If the
+        client goes away, starlette cancels this generator and the requests are cancelled with it."""
+        cursors = [LogprobCursor(h) for h in handles]
+
         async def body():
             try:
                 if head is not None:
-                    yield head
+                    for i in range(len(handles)):
+                        yield sse(head(i))
                 try:
-                    async for deltas in follow(handle):
-                        yield sse(delta("".join(deltas)))
+                    async for i, deltas, ended in follow_choices(handles):
+                        entries = cursors[i].take()
+                        if deltas or entries:
+                            yield sse(delta(i, "".join(deltas), entries))
+                        if ended:
+                            h = handles[i]
+                            if h.generation.finish_reason == "timeout":
+                                yield sse(self._timeout_error(h).body())
+                                yield sse("[DONE]")
+                                return
+                            self._observe(h)
+                            yield sse(final(i, h.generation.finish_reason))
                 except Exception as exc:
                     try:
-                        err = to_api_error(exc)
+                        err = to_api_error(exc, param)
                     except Exception:
-                        log.exception("request %d failed while streaming", handle.id)
+                        log.exception("request %d failed while streaming", handles[0].id)
                         err = APIError(500, "internal server error while generating", "internal_error")
                     yield sse(err.body())
                     yield sse("[DONE]")
                     return
-                g = handle.generation
-                if g.finish_reason == "timeout":
-                    yield sse(self._timeout_error(handle).body())
-                    yield sse("[DONE]")
-                    return
-                self._observe(handle)
-                yield sse(final(g.finish_reason))
                 if include_usage:
-                    yield sse(usage_chunk(self._usage(handle)))
+                    yield sse(usage_chunk(self._usage(handles, n)))
                 yield sse("[DONE]")
             finally:
-                if not handle.done:
-                    handle.cancel()
+                for h in handles:
+                    if not h.done:
+                        h.cancel()
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

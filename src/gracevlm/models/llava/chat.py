@@ -11,6 +11,10 @@ Templates are data (``Template``). Two separator styles are implemented:
   nothing, so a single turn renders as ``"<image>\\n{query}\\n"``. LLaVA's template leaves ``sep2``
   unset (None), so a non-empty assistant turn would crash there. Here ``sep2`` is ``"\\n"`` as well.
 
+A leading ``{"role": "system", "content": text}`` message replaces the template's system text (the
+``TWO`` style's system slot: ``text + sep`` comes first); ``PLAIN`` has no system slot and refuses one,
+as do a second system message and one that is not first.
+
 ``tokenize_with_images`` is LLaVA's ``tokenizer_image_token``. Each ``<image>``-separated chunk is
 encoded on its own (each gets the SentencePiece dummy prefix). The ids are joined with one BOS in
 front and ``IMAGE_TOKEN_INDEX`` (-200) between chunks.
@@ -19,7 +23,7 @@ front and ``IMAGE_TOKEN_INDEX`` (-200) between chunks.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from ...errors import InputError
@@ -100,11 +104,36 @@ def _check_messages(messages: Sequence[Mapping[str, object]]) -> list[tuple[str,
     return turns
 
 
+def split_system(messages: Sequence[Mapping[str, object]]) -> tuple[str | None, Sequence[Mapping[str, object]]]:
+    """``(system text or None, the other messages)``; a system message is allowed only once, first."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        return None, messages
+    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
+    positions = [i for i, r in enumerate(roles) if r == "system"]
+    if not positions:
+        return None, messages
+    if len(positions) > 1:
+        raise InputError(f"messages {positions} are system messages; at most one system message is allowed")
+    if positions[0] != 0:
+        raise InputError(f"message {positions[0]} is a system message; the system message must come first")
+    text = messages[0].get("content")
+    text = "" if text is None else text
+    if not isinstance(text, str):
+        raise InputError(f"message 0 (system) content must be a str, got {type(text).__name__}")
+    return text, messages[1:]
+
+
 def render_prompt(messages: Sequence[Mapping[str, object]], template: str | Template = DEFAULT_CONV_MODE) -> str:
-    """Renders ``[{"role": "user"|"assistant", "content": str}, ...]`` with a template. A trailing user
-    message gets an empty assistant slot. User texts are used as given, so pass them through
-    ``prepare_user_text`` first to place ``<image>``."""
+    """Renders ``[{"role": "system"?}, {"role": "user"|"assistant", "content": str}, ...]`` with a template.
+    A leading system message replaces the template's system text. A trailing user message gets an empty
+    assistant slot. User texts are used as given, so pass them through ``prepare_user_text`` first to
+    place ``<image>``."""
     t = get_template(template)
+    system, messages = split_system(messages)
+    if system is not None:
+        if t.sep_style is not SeparatorStyle.TWO:
+            raise InputError(f"the {t.name!r} template has no system slot; send no system message with it")
+        t = replace(t, system=system)
     turns = _check_messages(messages)
     seps = (t.sep, t.sep2)
     if t.sep_style is SeparatorStyle.TWO:

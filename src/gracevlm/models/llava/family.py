@@ -22,13 +22,13 @@ from .weights import config_for_model, grace_key, model_layout, open_llava
 
 def normalize_messages(messages: list[dict]) -> tuple[list[dict], list[Any]]:
     """OpenAI-style messages (content a string or text/image parts) -> LLaVA turns (user texts with their
-    ``<image>`` placeholders placed) and the images in order."""
+    ``<image>`` placeholders placed; a system/developer message kept for the template's system slot) and the
+    images in order."""
     out, images = [], []
     for i, msg in enumerate(messages):
         role, content = msg.get("role"), msg.get("content")
-        if role == "system":
-            raise InputError("system messages are not supported: LLaVA-1.5's template has a fixed system "
-                             "prompt (choose another with conv_mode)")
+        if role == "developer":
+            role = "system"  # OpenAI's newer name; the template's system slot either way
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -71,8 +71,9 @@ class LlavaRuntime(Runtime):
         turns, images = normalize_messages(messages)
         return render_prompt(turns, get_template(conv_mode or self.conv_mode)), images
 
-    def user_prompt(self, prompt: str, n_images: int, conv_mode: str | None = None) -> str:
-        turns = [{"role": "user", "content": prepare_user_text(prompt, n_images)}]
+    def user_prompt(self, prompt: str, n_images: int, conv_mode: str | None = None, system: str | None = None) -> str:
+        turns = ([] if system is None else [{"role": "system", "content": system}]) + \
+            [{"role": "user", "content": prepare_user_text(prompt, n_images)}]
         return render_prompt(turns, get_template(conv_mode or self.conv_mode))
 
     def tokenize(self, prompt_text: str) -> list[int]:

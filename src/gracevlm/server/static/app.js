@@ -11,6 +11,11 @@
 // For tests and tools: each rendered delta dispatches a "gracevlm:delta" event on document (detail: the
 // answer so far and its length), each finished answer a "gracevlm:answer" event; an answer's list item
 // carries data-state (streaming, done, stopped) and data-deltas.
+//
+// Token probabilities (Settings, off by default): the request asks for logprobs with 5 alternatives, and
+// each answer gets a line of its tokens (.msg-tokens .tok, data-p = the probability of the distribution the
+// token was sampled from); hovering or focusing a token shows it, its probability and the alternatives in
+// #tok-tip.
 "use strict";
 
 (() => {
@@ -29,6 +34,7 @@
     dropOverlay: $("drop-overlay"),
     keyDialog: $("key-dialog"), keyForm: $("key-form"), keyReason: $("key-reason"), keyInput: $("key-input"),
     keyError: $("key-error"), keyCancel: $("key-cancel"),
+    probs: $("set-probs"), tokTip: $("tok-tip"),
   };
 
   const KEY_STORE = "gracevlm.apiKey";
@@ -85,6 +91,8 @@
       settings[name] = v === null ? def : v;
       settingInputs[name].value = String(settings[name]);
     }
+    settings.showProbs = saved.showProbs === true;
+    el.probs.checked = settings.showProbs;
   }
 
   function clampSetting(name, raw) {
@@ -457,13 +465,56 @@
     const text = document.createElement("p");
     text.className = "msg-text";
     bubble.append(text);
+    const tokens = document.createElement("p");
+    tokens.className = "msg-tokens";
+    tokens.hidden = true;
+    tokens.setAttribute("aria-label", "The answer's tokens; focus one to see its probability");
+    bubble.append(tokens);
     const meta = document.createElement("p");
     meta.className = "msg-meta";
     li.append(role, bubble, meta);
     el.log.append(li);
     scrollToEnd(true);
-    return { li, text, meta };
+    return { li, text, meta, tokens };
   }
+
+  // -- token probabilities ---------------------------------------------------------------------------
+
+  const pct = (logprob) => {
+    const p = Math.exp(logprob) * 100;
+    return p >= 99.95 ? "100%" : p >= 0.1 ? `${p.toFixed(1)}%` : "<0.1%";
+  };
+  const shown = (token) => JSON.stringify(token);  // quotes make spaces and newlines visible
+
+  function addTokens(view, entries) {
+    for (const e of entries) {
+      const span = document.createElement("span");
+      span.className = "tok";
+      span.tabIndex = 0;
+      const p = Math.exp(e.logprob);
+      span.dataset.p = String(p);
+      span.dataset.level = p >= 0.8 ? "high" : p >= 0.3 ? "mid" : "low";
+      span.textContent = e.token;
+      const alts = (e.top_logprobs || []).map((a) => `${shown(a.token)} ${pct(a.logprob)}`);
+      span.dataset.tip = `${shown(e.token)} ${pct(e.logprob)}` +
+        (alts.length ? `\nalternatives: ${alts.join(", ")}` : "");
+      span.setAttribute("aria-label", span.dataset.tip);
+      view.tokens.append(span);
+    }
+    view.tokens.hidden = view.tokens.childElementCount === 0;
+  }
+
+  function showTip(span) {
+    el.tokTip.textContent = span.dataset.tip;
+    el.tokTip.hidden = false;
+    const r = span.getBoundingClientRect();
+    const tip = el.tokTip.getBoundingClientRect();
+    const left = Math.max(4, Math.min(r.left, window.innerWidth - tip.width - 4));
+    const top = r.top - tip.height - 6 >= 0 ? r.top - tip.height - 6 : r.bottom + 6;
+    el.tokTip.style.left = `${left}px`;
+    el.tokTip.style.top = `${top}px`;
+  }
+  const hideTip = () => { el.tokTip.hidden = true; };
 
   function statsText(r) {
     const parts = [];
@@ -517,6 +568,10 @@
       tLast: null, tEnd: null, sawDone: false };
     const body = { model: state.model, messages, stream: true, stream_options: { include_usage: true },
       temperature: settings.temperature, max_tokens: settings.maxTokens };
+    if (settings.showProbs) {
+      body.logprobs = true;
+      body.top_logprobs = 5;
+    }
 
     const aborted = () => {
       if (state.stopReason === "timeout") {
@@ -622,6 +677,8 @@
     const choice = obj.choices && obj.choices[0];
     if (!choice) return;
     if (choice.finish_reason) r.finish = choice.finish_reason;
+    const entries = choice.logprobs && choice.logprobs.content;
+    if (entries && entries.length) addTokens(view, entries);
     const piece = choice.delta && choice.delta.content;
     if (!piece) return;
     const now = performance.now();
@@ -729,6 +786,7 @@
   }
 
   function resetConversation() {
+    hideTip();
     state.history = [];
     el.log.replaceChildren();
     el.empty.hidden = false;
@@ -816,6 +874,19 @@
     if (open) el.temperature.focus();
   });
   for (const input of Object.values(settingInputs)) input.addEventListener("input", onSettingInput);
+  el.probs.addEventListener("change", () => {
+    settings.showProbs = el.probs.checked;
+    storageSet("localStorage", SETTINGS_STORE, JSON.stringify(settings));
+  });
+  for (const [on, off] of [["mouseover", "mouseout"], ["focusin", "focusout"]]) {
+    el.log.addEventListener(on, (event) => {
+      const span = event.target.closest && event.target.closest(".tok");
+      if (span) showTip(span);
+    });
+    el.log.addEventListener(off, (event) => {
+      if (event.target.closest && event.target.closest(".tok")) hideTip();
+    });
+  }
   el.settingsForm.addEventListener("submit", (event) => event.preventDefault());  // Enter in a field
   el.keySave.addEventListener("click", () => {
     const key = el.keyField.value.trim();
