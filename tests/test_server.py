@@ -84,7 +84,7 @@ def env(tmp_path_factory):
     cmd = [sys.executable, "-m", "gracevlm.server", "--model", str(ckpt), "--port", str(port),
            "--api-key", KEY, "--served-model-name", NAME, "--max-batch-size", "2", "--max-queue", "1",
            "--max-model-len", "1024", "--allowed-local-media-path", str(media), "--allow-remote-images",
-           "--max-body-bytes", "250000", "--max-image-bytes", "200000", "--max-image-pixels", "100000",
+           "--allow-private-media-hosts", "--max-body-bytes", "250000", "--max-image-bytes", "200000", "--max-image-pixels", "100000",
            "--no-access-log", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -206,7 +206,8 @@ def test_local_and_remote_images(env):
 
 def _post(env, body, path="/v1/chat/completions", headers=None, timeout=60):
     content = dict(json=body) if not isinstance(body, (bytes, str)) else dict(content=body)
-    return httpx.post(env["base"] + path, headers={"Authorization": f"Bearer {KEY}", **(headers or {})},
+    raw = {"Content-Type": "application/json"} if isinstance(body, (bytes, str)) else {}
+    return httpx.post(env["base"] + path, headers={"Authorization": f"Bearer {KEY}", **raw, **(headers or {})},
                       timeout=timeout, **content)
 
 

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import GraceVLMError, InputError
-from ..model.prompts import tokenize_with_images
+from ..model.prompts import IMAGE_TOKEN_INDEX, tokenize_with_images
 from .generate import Generation, TokenStream, check_prompt_length, logits_rows
 from .sampling import SamplingParams
 
@@ -225,6 +225,12 @@ class _Seq:
         self.t_decode = 0.0
 
 
+def _positions(ids: list[int], features: torch.Tensor | None) -> int:
+    """Prompt positions of ``ids`` once each image marker is replaced by its feature rows."""
+    n = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+    return len(ids) - n + n * (features.shape[1] if features is not None else 0)
+
+
 # -- the scheduler -----------------------------------------------------------------------------------
 
 class BatchScheduler:
@@ -295,9 +301,9 @@ class BatchScheduler:
         started = time.perf_counter() if started is None else started
         with torch.inference_mode():
             features = self._check_features(image_features)
+            length = _positions(ids, features)  # checked before any embedding is built
+            check_prompt_length(length, self.max_model_len, features)
             embeds = self.model.embed_prompt(ids, features)
-        length = embeds.shape[0]
-        check_prompt_length(length, self.max_model_len, features)
         max_new = min(params.max_new_tokens, self.max_model_len - length)
         timeout = self.request_timeout if timeout is None else timeout
         deadline = None if timeout is None else started + timeout

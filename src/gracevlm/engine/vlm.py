@@ -12,6 +12,7 @@ from ..model.loader import LoadedModel, load_checkpoint
 from ..model.preprocess import ImageSpec, preprocess_images
 from ..model.prompts import get_template, prepare_user_text, render_prompt, tokenize_with_images
 from ..model.prompts import default_conv_mode
+from .devices import parse_device
 from .generate import Generation, stream_generate
 from .sampling import SamplingParams
 
@@ -162,11 +163,7 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
         if vision_dtype not in names:
             raise InputError(f"vision_dtype must be one of {sorted(names)}, got {vision_dtype!r}")
         vision_dtype = names[vision_dtype]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but CUDA is not available in this torch build")
+    dev = parse_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if keep_awq is None:

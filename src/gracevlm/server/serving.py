@@ -29,13 +29,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from ..engine.admission import check_text_size, plan_chat, prepare_planned
 from ..engine.generate import PromptTooLong
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed, prepare_chat, prepare_raw
 from ..errors import GraceVLMError, InputError
 from . import protocol as P
-from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MediaError, MediaPolicy, load_image_url
+from .media import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGE_SIDE, MediaError,
+                    MediaPolicy, load_image_url)
+from .memory import pin_mmap_threshold, release_free_memory
 from .metrics import Metrics
+from .validation import describe_validation_error
 
 log = logging.getLogger("gracevlm.server")
 
@@ -63,6 +67,11 @@ class ServerConfig:
     allowed_local_media_path: str | None = None
     allow_remote_images: bool = False
     image_fetch_timeout: float = 10.0
+    allow_private_media_hosts: bool = False
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
+    limit_images_per_prompt: int = 8
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own ("*": any)
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted ("*": any; the CLI narrows it)
     backend: str | None = None
     device: str = "auto"
     quantize: str | None = None
@@ -71,13 +80,23 @@ class ServerConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        """The id clients see and send: ``served_model_name``, else the folder's name (never its path)."""
+        return self.served_model_name or public_model_name(self.model)
 
     def media_policy(self) -> MediaPolicy:
         local = Path(self.allowed_local_media_path) if self.allowed_local_media_path else None
         return MediaPolicy(allowed_local_path=local, allow_remote=self.allow_remote_images,
                            max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
-                           fetch_timeout=self.image_fetch_timeout)
+                           fetch_timeout=self.image_fetch_timeout, allow_private_hosts=self.allow_private_media_hosts,
+                           max_image_side=self.max_image_side)
+
+
+def public_model_name(model: str) -> str:
+    """A Hub id as is; a local path by its last component (the absolute path is not shown to clients)."""
+    path = Path(str(model))
+    if path.exists() or path.is_absolute() or str(model).startswith((".", "~")):
+        return path.resolve().name or str(model)
+    return str(model)
 
 
 class APIError(Exception):
@@ -149,6 +168,7 @@ class ServerState:
                                        max_model_len=c.max_model_len, request_timeout=c.request_timeout,
                                        prefill_chunk=c.prefill_chunk, batch_invariant=c.batch_invariant)
             self.vlm, self.scheduler = vlm, scheduler
+            pin_mmap_threshold()  # big request buffers are returned to the OS when freed (memory.py)
             log.info("model %s loaded in %.1f s as %r; %d slots x %d positions (KV cache %.1f MiB)", c.model,
                      time.perf_counter() - t0, c.model_name, scheduler.max_batch_size, scheduler.max_model_len,
                      scheduler.cache.nbytes() / 2**20)
@@ -172,7 +192,7 @@ class ServerState:
         return self.scheduler
 
     def check_model(self, name: str) -> None:
-        if name != self.config.model_name:
+        if name not in (self.config.model_name, self.config.model):  # the path itself still works
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
                            "model_not_found", "model")
 
@@ -192,15 +212,17 @@ async def parse_body(request: Request, model: type[pydantic.BaseModel]) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ())) or None
-        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), "invalid_value",
-                       param) from None
+        param, message = describe_validation_error(exc)
+        raise APIError(400, message, "invalid_value", param) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", "invalid_json") from None
 
 
 def _refuse(cond: bool, param: str, what: str) -> None:
@@ -246,6 +268,32 @@ def _chat_messages(req: P.ChatCompletionRequest, media: MediaPolicy) -> list[dic
                 parts.append({"type": "image", "image": load_image_url(part.url, media)})
         out.append({"role": role, "content": parts})
     return out
+
+
+def _chat_message_refs(req: P.ChatCompletionRequest) -> list[dict]:
+    """Pydantic messages -> the engine's message dicts with each image left as its URL (not fetched yet:
+    ``plan_chat`` checks image count and context first)."""
+    out = []
+    for msg in req.messages:
+        role = "system" if msg.role == "developer" else msg.role
+        if msg.content is None or isinstance(msg.content, str):
+            out.append({"role": role, "content": msg.content or ""})
+            continue
+        out.append({"role": role, "content": [{"type": "text", "text": part.text} if isinstance(part, P.TextPart)
+                                              else {"type": "image", "image": part.url} for part in msg.content]})
+    return out
+
+
+def _prepare_chat_checked(state: "ServerState", req: P.ChatCompletionRequest):
+    """Plan (count, size and context checks), then fetch and decode the images, then encode them."""
+    c = state.config
+    plan = plan_chat(state.vlm, _chat_message_refs(req), c.conv_mode, state.scheduler.max_model_len,
+                     c.limit_images_per_prompt)
+    return prepare_planned(state.vlm, plan, lambda url: load_image_url(url, state.media))
+
+
+def _is_big(prepared) -> bool:
+    return prepared.image_features is not None or len(prepared.prompt_ids) > 4096
 
 
 # -- following a request from the event loop ----------------------------------------------------------------
@@ -305,7 +353,14 @@ class Serving:
                                          f"{stats['max_queue']}); retry later"))
 
         def work() -> RequestHandle:
-            return scheduler.submit_prepared(prepare(), params)
+            prepared = None
+            try:
+                prepared = prepare()
+                return scheduler.submit_prepared(prepared, params)
+            finally:
+                if prepared is None or _is_big(prepared):  # a refused or big request: return its scratch
+                    del prepared
+                    release_free_memory()
 
         try:
             return await run_in_threadpool(work)
@@ -351,7 +406,7 @@ class Serving:
         vlm, conv_mode = state.vlm, state.config.conv_mode
 
         def prepare():
-            return prepare_chat(vlm, _chat_messages(req, state.media), conv_mode)
+            return _prepare_chat_checked(state, req)
 
         handle = await self._submit(prepare, params)
         rid, created, name = P.new_id("chatcmpl"), P.now(), state.config.model_name
@@ -386,7 +441,12 @@ class Serving:
             prompt = prompt[0]
         params = sampling_params(req, req.max_tokens or 16)
         vlm = state.vlm
-        handle = await self._submit(lambda: prepare_raw(vlm, prompt), params)
+
+        def prepare():
+            check_text_size(prompt, vlm.tokenizer, state.scheduler.max_model_len)  # before tokenizing
+            return prepare_raw(vlm, prompt)
+
+        handle = await self._submit(prepare, params)
         rid, created, name = P.new_id("cmpl"), P.now(), state.config.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if not req.stream:
