@@ -22,6 +22,8 @@ from ..formats.qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 from ..formats.rtn import rtn_quantize
 from ..nn import HalfLinear, Int4Linear
 from .clip import CLIPVisionSpec, load_clip_folder, tower_from_tensors
+from .config_checks import (check_finite_scales, check_folder_readable, check_quantized_module_names,
+                            check_vision_select_layer)
 from .llama import LlamaForCausalLM, LlamaSpec, Rotary
 from .llava import LlavaModel, Projector
 from .tokenizer import LlamaTokenizer
@@ -91,6 +93,7 @@ def _packed_linears(cfg: LlavaConfig, store: TensorStore, fmt: str, folder: Path
     out: dict[str, nn.Module] = {}
     if fmt == "grace-awq" or (mapped is not None and mapped.modules):
         _, group, modules = read_awq_modules(folder) if mapped is None else (4, mapped.group_size, mapped.modules)
+        check_quantized_module_names(modules, cfg.num_hidden_layers, str(folder))
         for name in modules:
             keys = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales")]
             missing = [k for k in keys if k not in store]
@@ -184,6 +187,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     """
     t0 = time.perf_counter()
     folder = resolve_model_path(model)
+    check_folder_readable(folder)
     fmt = detect_format(folder)
     if fmt == "gguf":
         raise CheckpointError(f"{folder} holds GGUF files, which are for llama.cpp; gracevlm loads the checkpoint "
@@ -202,6 +206,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
     if mapped is not None and mapped.modules and quantize not in (None, "none"):
         raise CheckpointError(f"--quantize {quantize} applies to dense checkpoints; {folder} is already quantized")
     packed = _packed_linears(cfg, store, fmt, folder, quantize, backend, mapped)
+    check_finite_scales(packed, str(folder))
     for name, module in packed.items():
         try:
             target = lm.get_submodule(name)
@@ -246,6 +251,7 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype = torch.float32, backe
             _assign(projector, name, store.get(key).to(vision_dtype or dtype))
             used.add(key)
     vision = _load_vision_tower(cfg, store, folder, vision_dtype or dtype) if projector is not None else None
+    check_vision_select_layer(cfg.mm_vision_select_layer, vision, str(folder / "config.json"))
     unused = [k for k in store.keys() if k not in used and not k.startswith(VISION_PREFIX) and not is_ignored_key(k)]
     if unused:
         log.warning("%d checkpoint tensors are not used by the model (e.g. %s)", len(unused), unused[0])

@@ -17,7 +17,7 @@ no template), GET /health (503 while the model loads), GET /metrics (Prometheus)
 at GET / (off with --no-ui).
 
 Defaults are safe: bound to 127.0.0.1 (Host header checked), no cross-origin browser requests, JSON
-bodies only, 20 MiB request bodies, 8 images per request, 40 Mpixel images with sides up to 8192, images
+bodies only, 20 MiB request bodies, 8 images per request, 40 Mpixel images with sides up to 8000, images
 only as data:image/...;base64 URLs (no local files, no downloads) unless enabled; downloads never reach
 private or loopback addresses unless --allow-private-media-hosts. See the README's Safety section. Sampling defaults to greedy
 (temperature 0) as `gracevlm run` does. usage.prompt_tokens counts prompt positions, image patches

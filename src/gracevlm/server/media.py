@@ -37,7 +37,7 @@ from .fetch import UNREACHABLE, FetchFailed, FetchTooLarge, fetch_url
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-DEFAULT_MAX_IMAGE_SIDE = 8192  # the padded square: 8192^2 RGB = 192 MiB at most
+DEFAULT_MAX_IMAGE_SIDE = 8000  # the padded square: 8000^2 RGB = 183 MiB at most (= the engine's 64 Mpx)
 
 
 class MediaError(Exception):

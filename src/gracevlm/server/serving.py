@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from ..engine.admission import check_text_size, plan_chat, prepare_planned
 from ..engine.generate import PromptTooLong
 from ..engine.sampling import SamplingParams
-from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed, prepare_chat, prepare_raw
+from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed, prepare_raw
 from ..errors import GraceVLMError, InputError
 from . import protocol as P
 from .media import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGE_SIDE, MediaError,
@@ -162,8 +162,9 @@ class ServerState:
         try:
             t0 = time.perf_counter()
             vlm = self._loader(c)
-            if c.max_image_pixels > vlm.image_spec.max_pixels:  # the engine must not refuse what we allow
-                vlm.image_spec = replace(vlm.image_spec, max_pixels=c.max_image_pixels)
+            allowed = max(c.max_image_pixels, c.max_image_side ** 2)  # the padded square counts too
+            if allowed > vlm.image_spec.max_pixels:  # the engine must not refuse what we allow
+                vlm.image_spec = replace(vlm.image_spec, max_pixels=allowed)
             scheduler = BatchScheduler(vlm, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
                                        max_model_len=c.max_model_len, request_timeout=c.request_timeout,
                                        prefill_chunk=c.prefill_chunk, batch_invariant=c.batch_invariant)
@@ -250,24 +251,6 @@ def sampling_params(req: P._SamplingFields, max_new_tokens: int) -> SamplingPara
                               seed=req.seed, stop=stop)
     except InputError as exc:
         raise APIError(400, str(exc), "invalid_value") from None
-
-
-def _chat_messages(req: P.ChatCompletionRequest, media: MediaPolicy) -> list[dict]:
-    """Pydantic messages -> the engine's message dicts, image URLs fetched and decoded (blocking)."""
-    out = []
-    for msg in req.messages:
-        role = "system" if msg.role == "developer" else msg.role
-        if msg.content is None or isinstance(msg.content, str):
-            out.append({"role": role, "content": msg.content or ""})
-            continue
-        parts = []
-        for part in msg.content:
-            if isinstance(part, P.TextPart):
-                parts.append({"type": "text", "text": part.text})
-            else:
-                parts.append({"type": "image", "image": load_image_url(part.url, media)})
-        out.append({"role": role, "content": parts})
-    return out
 
 
 def _chat_message_refs(req: P.ChatCompletionRequest) -> list[dict]:
@@ -403,8 +386,6 @@ class Serving:
         _refuse(rf != "text", "response_format", f"response_format {rf!r}")
         max_new = req.max_completion_tokens or req.max_tokens or state.scheduler.max_model_len
         params = sampling_params(req, max_new)
-        vlm, conv_mode = state.vlm, state.config.conv_mode
-
         def prepare():
             return _prepare_chat_checked(state, req)
 
