@@ -100,7 +100,7 @@ class Gate:
             if origin is not None:
                 cors.extend(guards.cors_headers(origin))
                 if scope.get("method") == "OPTIONS":
-                    await self._answer(send_with_id, APIError(204, "", None), guards.preflight_headers(origin))
+                    await self._answer(send_with_id, APIError(204, "", None), guards.preflight_headers())
                     return
             guards.check_json_body(scope.get("method", ""), scope["path"], headers)
             if self._key is not None and scope["path"].startswith("/v1"):
