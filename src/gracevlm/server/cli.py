@@ -131,6 +131,8 @@ def bind_socket(host: str, port: int):
     """The listening socket, bound before the model loads (a port in use fails at once, cleanly)."""
     import socket
 
+    from ..errors import InputError
+
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:

@@ -110,7 +110,8 @@ def fetch_url(url: str, deadline_s: float, cap: int, allow_private: bool = False
         family, sockaddr = _resolve(host, port, allow_private, remaining)
         per_op = min(read_timeout or remaining, max(end - time.monotonic(), 0.01))
         conn = _connection(scheme, host, port, family, sockaddr, per_op)
-        timer = threading.Timer(max(end - time.monotonic(), 0.0), _shutdown, (conn,))
+        expired = threading.Event()
+        timer = threading.Timer(max(end - time.monotonic(), 0.0), _shutdown, (conn, expired))
         timer.daemon = True
         timer.start()
         try:
@@ -140,8 +141,8 @@ def fetch_url(url: str, deadline_s: float, cap: int, allow_private: bool = False
                     raise FetchTooLarge(total)
                 if time.monotonic() > end:
                     raise FetchFailed()
-            if length is not None and length.strip().isdigit() and total != int(length):
-                raise FetchFailed()  # cut short (by the deadline or the peer)
+            if expired.is_set() or (length is not None and length.strip().isdigit() and total != int(length)):
+                raise FetchFailed()  # cut short by the deadline (headers or body) or by the peer
             return b"".join(chunks)
         except (FetchFailed, FetchTooLarge):
             raise
@@ -153,7 +154,8 @@ def fetch_url(url: str, deadline_s: float, cap: int, allow_private: bool = False
     raise FetchFailed()  # too many redirects
 
 
-def _shutdown(conn) -> None:
+def _shutdown(conn, expired: threading.Event) -> None:
+    expired.set()
     sock = getattr(conn, "sock", None)
     if sock is not None:
         try:
