@@ -73,3 +73,27 @@ def test_racing_symlink_swap_never_escapes(tree, use_openat2):
         stop.set()
         t.join(30)
     assert b"SECRET" not in seen and seen <= {b"inside", "outside", "missing"}, seen
+
+
+def _drop_root_file_powers():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: then root obeys file modes
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+@pytest.mark.parametrize("use_openat2", MODES)
+def test_unreadable_is_not_reported_as_missing(tree, use_openat2):
+    import subprocess
+    import sys
+
+    (tree / "locked").write_bytes(b"x")
+    os.chmod(tree / "locked", 0)
+    code = ("import sys; from gracevlm.server.beneath import BeneathError, read_file_beneath\n"
+            f"try: read_file_beneath({str(tree)!r}, 'locked', 10, {use_openat2})\n"
+            "except BeneathError as e: print(e.reason)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_drop_root_file_powers if os.geteuid() == 0 else None)
+    assert r.stdout.strip() == "unreadable", r
