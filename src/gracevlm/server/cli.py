@@ -137,7 +137,7 @@ def bind_socket(host: str, port: int):
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
         raise InputError(f"--host {host!r} cannot be resolved ({exc})") from None
-    family, _, _, _, address = infos[0]
+    family, _, _, _, address = sorted(infos, key=lambda i: i[0] != socket.AF_INET)[0]  # "localhost": IPv4
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
