@@ -8,7 +8,8 @@ import torch
 
 from gracevlm.engine.generate import Generation, stream_generate
 from gracevlm.engine.sampling import MAX_LOGPROBS, Sampler, SamplingParams, choice_seed
-from gracevlm.engine.scheduler import BatchScheduler, prepare_raw
+from gracevlm.engine.prepare import prepare_text
+from gracevlm.engine.scheduler import BatchScheduler
 from gracevlm.engine.vlm import load
 from gracevlm.errors import InputError
 from gracevlm.models.llava.chat import SYSTEM_VICUNA_V1, render_prompt
@@ -60,7 +61,7 @@ def test_python_api_choices_equal_lone_generations(vlm):
 
 def test_scheduler_groups(vlm):
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=9, logprobs=0, prompt_logprobs=2)
-    prepared = prepare_raw(vlm, "The sea is")
+    prepared = prepare_text(vlm, "The sea is")
     with BatchScheduler(vlm, max_batch_size=3) as sched:
         handles = sched.submit_prepared_choices(prepared, params, 3)
         gens = [h.result(120) for h in handles]
@@ -74,7 +75,7 @@ def test_scheduler_groups(vlm):
         stats = sched.stats()
         assert stats["prefill_chunks"] == 1 and stats["prompt_tokens"] == len(prepared.prompt_ids)  # one prefill
         # a group needs all its slots: it waits behind a running request, and goes once the slots are free
-        endless = prepare_raw(vlm, "keep going")  # greedy, this model never samples EOS after it
+        endless = prepare_text(vlm, "keep going")  # greedy, this model never samples EOS after it
         long = sched.submit_prepared(endless, SamplingParams(max_new_tokens=1000))
         group = sched.submit_prepared_choices(prepared, SamplingParams(max_new_tokens=2), 3)
         assert not any(h.done for h in group)

@@ -267,7 +267,7 @@ def test_llama_cpp_graph_reads_the_mmproj_in_llava_order(src, exported):
     out, _ = exported
     vlm = gracevlm.load(src, device="cpu")
     image = probe_image()
-    pixels = preprocess_images([image], vlm.image_spec)
+    pixels = preprocess_images([image], vlm.runtime.image_spec)
     ours = vlm.model.encode_images(pixels)[0].numpy()
     r, T = reader(out / "mmproj-model-f16.gguf")
     meta = lambda k: r.fields[k].contents()  # noqa: E731

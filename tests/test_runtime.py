@@ -204,7 +204,7 @@ def test_bomb_image_refused(ckpts, tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     ("truncate", "truncated or corrupt"),
     ("no_tokenizer", "tokenizer.model"),
-    ("bad_module_list", "has no 'model.layers.9.mlp.up_proj.qweight'"),
+    ("bad_module_list", "names 'model.layers.9.mlp.up_proj' but the config has 2 layers"),
     ("wrong_shape", "scales has shape"),
     ("no_config", "config.json not found"),
     ("no_weights", "no safetensors weights"),

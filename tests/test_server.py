@@ -83,7 +83,7 @@ def env(tmp_path_factory, tiny_awq):
     cmd = [sys.executable, "-m", "gracevlm.server", "--model", str(ckpt), "--port", str(port),
            "--api-key", KEY, "--served-model-name", NAME, "--max-batch-size", "2", "--max-queue", "1",
            "--max-model-len", "1024", "--allowed-local-media-path", str(media), "--allow-remote-images",
-           "--max-body-bytes", "250000", "--max-image-bytes", "200000", "--max-image-pixels", "100000",
+           "--allow-private-media-hosts", "--image-fetch-timeout", "3", "--max-body-bytes", "250000", "--max-image-bytes", "200000", "--max-image-pixels", "100000",
            "--no-access-log", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -205,7 +205,8 @@ def test_local_and_remote_images(env):
 
 def _post(env, body, path="/v1/chat/completions", headers=None, timeout=60):
     content = dict(json=body) if not isinstance(body, (bytes, str)) else dict(content=body)
-    return httpx.post(env["base"] + path, headers={"Authorization": f"Bearer {KEY}", **(headers or {})},
+    raw = {"Content-Type": "application/json"} if isinstance(body, (bytes, str)) else {}
+    return httpx.post(env["base"] + path, headers={"Authorization": f"Bearer {KEY}", **raw, **(headers or {})},
                       timeout=timeout, **content)
 
 
@@ -322,3 +323,42 @@ def test_metrics_exposition(env):
     for line in text.splitlines():  # every sample line is "name{labels} number"
         if line and not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
+
+
+def _trickle_server(head: bytes):
+    """A loopback host that sends ``head`` and then one byte every 0.3 s (at most 100 bytes): a worker held
+    for minutes without a total deadline."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def serve():
+        for _ in range(4):
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                try:
+                    conn.sendall(head)
+                    for _ in range(100):
+                        conn.sendall(b"\0")
+                        time.sleep(0.3)
+                except OSError:  # the fetcher hung up: what the deadline does
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_remote_fetch_has_a_total_deadline(env):
+    body = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    for head in (body, b"HTTP/1.1 200 OK\r\nX-Slow: "):  # a trickled body, trickled headers
+        srv = _trickle_server(head)
+        try:
+            url = f"http://127.0.0.1:{srv.getsockname()[1]}/slow.png"
+            r = _post(env, {"model": NAME, "messages": _image_msg("x", url), "max_tokens": 2}, timeout=30)
+        finally:
+            srv.close()
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "image_fetch_failed"), r.text

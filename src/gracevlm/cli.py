@@ -261,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     except GraceVLMError as exc:
         print(f"gracevlm: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from .diskfull import no_space_message
+
+        message = no_space_message(exc, *(getattr(args, k, None) for k in ("out", "answers_file", "output")))
+        if message is None:
+            raise
+        print(f"gracevlm: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

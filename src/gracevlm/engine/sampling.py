@@ -74,10 +74,13 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s]
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0):
-            raise InputError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (self.temperature >= 0) or self.temperature == float("inf"):
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0 < self.top_p <= 1):
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed <= 2**64 - 1):
+            raise InputError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.response_format not in RESPONSE_FORMATS:
@@ -119,7 +122,14 @@ class Sampler:
             if logprobs is None:
                 return token, None
             return token, logprob_entry(torch.log_softmax(logits.to(torch.float32), dim=-1), token, logprobs)
-        logits = logits.to(device="cpu", dtype=torch.float32) / p.temperature  # the CPU generator: same draws on any device
+        scaled = logits.to(device="cpu", dtype=torch.float32) / p.temperature  # the CPU generator: same draws on any device
+        if not torch.isfinite(scaled).all():
+            # a temperature so small that logits / T overflows float32: the T -> 0 limit is greedy
+            token = int(torch.argmax(logits))
+            if logprobs is None:
+                return token, None
+            return token, logprob_entry(torch.log_softmax(logits.to(torch.float32), dim=-1), token, logprobs)
+        logits = scaled
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -128,6 +138,7 @@ class Sampler:
             sorted_probs, order = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_probs, dim=-1)
             drop = cumulative - sorted_probs >= p.top_p  # keep the smallest prefix reaching top_p
+            drop[0] = False  # and always the most likely token (a top_p below float32's range rounds to 0)
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         token = int(torch.multinomial(probs, 1, generator=self.generator))

@@ -288,9 +288,9 @@ class BatchScheduler:
         started = time.perf_counter() if started is None else started
         with torch.inference_mode():
             features = self._check_features(image_features)
+            length = self.model.prompt_length(ids, features)  # checked before any embedding is built
+            check_prompt_length(length, self.max_model_len, features)
             embeds = self.model.embed_prompt(ids, features)
-        length = embeds.shape[0]
-        check_prompt_length(length, self.max_model_len, features)
         max_new = min(params.max_new_tokens, self.max_model_len - length)
         timeout = self.request_timeout if timeout is None else timeout
         deadline = None if timeout is None else started + timeout

@@ -10,6 +10,7 @@ import torch
 from ..errors import InputError
 from ..models.images import RGBImage, decode_image
 from ..models.loader import LoadedModel, load_checkpoint
+from .devices import parse_device
 from .generate import Generation, generate_choices, stream_generate
 from .prepare import PreparedPrompt, prepare_chat, prepare_prompt, prepare_templated
 from .sampling import SamplingParams
@@ -160,14 +161,7 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
         if vision_dtype not in names:
             raise InputError(f"vision_dtype must be one of {sorted(names)}, got {vision_dtype!r}")
         vision_dtype = names[vision_dtype]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but CUDA is not available in this torch build")
+    dev = parse_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if dev.type == "cuda" and dev.index is None:

@@ -16,6 +16,7 @@ from ..errors import InputError
 from .answers import (AnswerWriter, answered_keys, get_chunk, manifest_path, occurrence_keys, read_json,
                       repair_tail, sha256_file, write_json_atomic)
 from .common import Item
+from .lock import answers_lock
 
 Generator = Callable[[Item], str]
 
@@ -130,8 +131,14 @@ def run(cfg: RunConfig, questions: list[list[Item]], generator: Generator | None
 
     Answers already in the file are skipped (keys: question id + occurrence); a partial last line left by a kill
     is cut first. Each answer is flushed and fsync'ed before the next starts, in question order, so a killed run
-    loses at most the answers in flight.
+    loses at most the answers in flight. One run at a time per answers file (``lock.answers_lock``): a second
+    run on the same file raises ``InputError`` at once.
     """
+    with answers_lock(cfg.answers_file):
+        return _run_locked(cfg, questions, generator)
+
+
+def _run_locked(cfg: RunConfig, questions: list[list[Item]], generator: Generator | None) -> dict:
     if cfg.limit is not None:
         if cfg.limit < 0:
             raise InputError(f"--limit must be >= 0, got {cfg.limit}")

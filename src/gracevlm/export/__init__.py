@@ -11,13 +11,12 @@ error. See ``ExportReport``. ``export.check`` compares an export in its peer eng
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import GraceVLMError, InputError
 from ..formats.checkpoint import replace_folder, write_json_atomic
+from ..formats.publish import discard_temp_folder, new_temp_folder
 
 FORMATS = ("llava-hf", "compressed-tensors", "gguf")
 REPORT_NAME = "gracevlm_export.json"
@@ -96,7 +95,7 @@ def export_model(model: str | os.PathLike, fmt: str, out: str | os.PathLike, for
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
     src = SourceModel(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_temp_folder(out)  # stale ones from killed runs are removed first
     report = ExportReport(fmt, str(src.folder), src.format, str(out), quantized_layers=len(src.quantized),
                           group_size=src.group_size if src.quantized else None)
     try:
@@ -119,7 +118,7 @@ def export_model(model: str | os.PathLike, fmt: str, out: str | os.PathLike, for
         write_json_atomic(tmp / REPORT_NAME, report.as_dict())
         replace_folder(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temp_folder(tmp)
         raise
     return report
 

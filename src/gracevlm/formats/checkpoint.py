@@ -267,14 +267,11 @@ def make_public(path: str | os.PathLike, folder: bool = False) -> None:
 
 
 def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Publish a completely written temporary folder as ``out`` (replacing what was there)."""
-    import shutil
+    """Publish a completely written temporary folder as ``out`` (replacing what was there): the old folder
+    is set aside, swapped, then deleted, and restored if the swap fails (``publish.replace_folder``)."""
+    from .publish import replace_folder as publish
 
-    tmp, out = Path(tmp), Path(out)
-    make_public(tmp, folder=True)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    publish(tmp, out)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, InputError
 from .awq import dequantize_awq, unpack_awq
 from .checkpoint import AWQ_MODULES_NAME, ShardWriter, replace_folder, TensorStore, write_json_atomic
+from .publish import discard_temp_folder, new_temp_folder
 from .qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
@@ -56,7 +56,7 @@ def pack_qat_checkpoint(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     layers = read_qat_sidecar(sidecar_path)
     store = TensorStore(src)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_temp_folder(out)  # stale ones from killed runs are removed first
     try:
         writer = ShardWriter(tmp)
         quantized_keys = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers}
@@ -102,7 +102,7 @@ def pack_qat_checkpoint(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                             sum(p.stat().st_size for p in tmp.glob("*.safetensors")))
         replace_folder(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temp_folder(tmp)
         raise
     return report
 

@@ -18,6 +18,7 @@ from ..formats.checkpoint import TensorStore, detect_format, read_awq_modules, r
 from ..formats.hub import resolve_model_path
 from ..formats.mapped import MappedStore
 from ..formats.qat import SIDECAR_NAME, AwqTensors, QatLayer, qat_to_awq, read_qat_sidecar
+from .checks import check_folder_readable
 from .registry import Family, family_for_config
 
 
@@ -100,6 +101,7 @@ def grace_quantized(folder: Path, fmt: str, raw: dict) -> QuantizedLinears:
 def open_checkpoint(model: str | os.PathLike) -> OpenedCheckpoint:
     """Open a checkpoint folder or Hub id of any supported family and format (no model is built)."""
     folder = resolve_model_path(model)
+    check_folder_readable(folder)
     fmt = detect_format(folder)
     if fmt == "gguf":
         raise CheckpointError(f"{folder} holds GGUF files, which are for llama.cpp; gracevlm loads the checkpoint "

@@ -49,18 +49,23 @@ class RGBImage:
         return self.image.size
 
 
-def decode_image(source: "ImageSource | RGBImage", max_pixels: int = DEFAULT_MAX_PIXELS) -> RGBImage:
-    """Decode ``source`` once (``load_image``); an ``RGBImage`` is returned as is after the pixel cap check."""
+def decode_image(source: "ImageSource | RGBImage", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_side: int | None = None) -> RGBImage:
+    """Decode ``source`` once (``load_image``); an ``RGBImage`` is returned as is after the size checks.
+    ``max_side`` also bounds the longer side (checked from the header, like the pixel count)."""
     if isinstance(source, RGBImage):
-        check_pixels(source.image, max_pixels, "image")
+        check_pixels(source.image, max_pixels, "image", max_side)
         return source
-    return RGBImage(load_image(source, max_pixels))
+    return RGBImage(load_image(source, max_pixels, max_side))
 
 
-def check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:
+def check_pixels(img: Image.Image, max_pixels: int, name: str, max_side: int | None = None) -> None:
     width, height = img.size
     if width <= 0 or height <= 0:
         raise InputError(f"{name} has size {width}x{height}; an image needs at least one pixel")
+    if max_side is not None and max(width, height) > max_side:
+        raise ImageTooLarge(f"{name} is {width}x{height}; its longer side is over the cap of {max_side} pixels "
+                            "(max_side); downscale the image", width, height, max_pixels)
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"{name} is {width}x{height} = {width * height:,} pixels, over the cap of {max_pixels:,} "
@@ -73,7 +78,7 @@ def check_positive_int(value: Any, what: str) -> None:
         raise InputError(f"{what} must be a positive integer, got {value!r}")
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> Image.Image:
     """Decode ``source`` into a new RGB ``PIL.Image.Image`` (first frame, no EXIF rotation).
 
     ``source``: a path (``str`` / ``os.PathLike``), encoded bytes (``bytes``, ``bytearray``,
@@ -85,7 +90,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     check_positive_int(max_pixels, "max_pixels")
 
     if isinstance(source, Image.Image):
-        return _from_pil(source, max_pixels)
+        return _from_pil(source, max_pixels, max_side=max_side)
 
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -108,21 +113,21 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         except OSError as exc:
             raise InputError(f"image file {name} cannot be opened ({exc}); check its permissions") from exc
         with fp:
-            return _decode(fp, f"image file {name}", max_pixels)
+            return _decode(fp, f"image file {name}", max_pixels, max_side)
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         name = f"<bytes, {len(data)} bytes>"
         if not data:
             raise InputError(f"image {name} is empty, not a decodable image; pass the encoded file contents")
-        return _decode(io.BytesIO(data), f"image {name}", max_pixels)
+        return _decode(io.BytesIO(data), f"image {name}", max_pixels, max_side)
 
     if hasattr(source, "read"):
         label = getattr(source, "name", None)
         name = f"image file object {label!r}" if isinstance(label, (str, bytes)) else "image <file object>"
         if isinstance(source, io.TextIOBase):
             raise InputError(f"{name} is opened in text mode; open it in binary mode ('rb')")
-        return _decode(source, name, max_pixels)
+        return _decode(source, name, max_pixels, max_side)
 
     raise InputError(
         f"image source of type {type(source).__name__} is not supported; pass a path, bytes, a binary "
@@ -130,7 +135,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     )
 
 
-def _decode(fp: Any, name: str, max_pixels: int) -> Image.Image:
+def _decode(fp: Any, name: str, max_pixels: int, max_side: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns above Image.MAX_IMAGE_PIXELS and raises above twice that; both are refusals here.
@@ -147,11 +152,11 @@ def _decode(fp: Any, name: str, max_pixels: int) -> Image.Image:
             "image file in a format PIL reads (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)"
         ) from exc
     with img:
-        return _from_pil(img, max_pixels, name=name)
+        return _from_pil(img, max_pixels, name=name, max_side=max_side)
 
 
-def _from_pil(img: Image.Image, max_pixels: int, name: str = "PIL image") -> Image.Image:
-    check_pixels(img, max_pixels, name)
+def _from_pil(img: Image.Image, max_pixels: int, name: str = "PIL image", max_side: int | None = None) -> Image.Image:
+    check_pixels(img, max_pixels, name, max_side)
     frame = img.tell() if getattr(img, "n_frames", 1) > 1 else 0
     try:
         with warnings.catch_warnings():

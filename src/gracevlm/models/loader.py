@@ -23,6 +23,7 @@ from ..formats.checkpoint import is_ignored_key
 from ..formats.rtn import rtn_quantize
 from ..nn import HalfLinear, Int4Linear
 from .checkpoint import OpenedCheckpoint, open_checkpoint
+from .checks import check_finite_scales, check_quantized_module_names
 from .llama import LlamaForCausalLM, LlamaSpec, Rotary
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,9 @@ def load_llama(opened: OpenedCheckpoint, spec: LlamaSpec, options: LoadOptions,
     with torch.device("meta"):
         lm = LlamaForCausalLM(spec)
     names = [f"model.layers.{i}.{lin}" for i in range(spec.num_layers) for lin in LLAMA_LINEARS]
+    check_quantized_module_names(opened.quantized.names, spec.num_layers, str(opened.folder))
     linears = quantized_linears(opened, options, names)
+    check_finite_scales(linears, str(opened.folder))
     device = options.device
     if device.type != "cpu":
         linears = {name: module.to(device) for name, module in linears.items()}

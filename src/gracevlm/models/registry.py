@@ -63,6 +63,15 @@ class Runtime(ABC):
         """Images (paths, bytes, PIL, decoded images) -> the vision tower's input tensor."""
 
     @abstractmethod
+    def image_positions(self) -> int:
+        """The most prompt positions one image can take (admission checks run before any image is decoded)."""
+
+    @abstractmethod
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token can stand for (a text longer than ``n`` times that cannot
+        fit in ``n`` positions: refused before tokenizing)."""
+
+    @abstractmethod
     def set_max_image_pixels(self, max_pixels: int) -> None:
         """Raise or lower the decompression-bomb cap of ``preprocess``."""
 

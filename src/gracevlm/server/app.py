@@ -1,8 +1,8 @@
 """The ASGI application: routes (thin; the work is in ``serving.py``) and the gate in front of them.
 
 ``create_app(config)`` returns the gate (an ASGI app) wrapping a FastAPI app. The gate, outermost, gives
-every request an id (``X-Request-ID``, echoed), checks the API key on ``/v1/*`` (``hmac.compare_digest``),
-caps the body size (413), counts requests by route and status for ``/metrics``, and turns any unhandled
+every request an id (``X-Request-ID``, echoed), applies ``guards.py`` (Host, Origin / CORS, JSON content
+type: 403 / 415), checks the API key on ``/v1/*`` (``hmac.compare_digest``), caps the body size (413), counts requests by route and status for ``/metrics``, and turns any unhandled
 exception into a 500 with OpenAI's error body (logged with the request id; no stack trace in the body).
 
 Unless ``ui=False`` (``--no-ui``), ``GET /`` serves the web chat page (``static/``: plain HTML/CSS/JS, no
@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from . import guards
 from . import protocol as P
 from .metrics import CONTENT_TYPE
 from .serving import APIError, ServerConfig, ServerState, Serving
@@ -83,13 +84,25 @@ class Gate:
         route = route_label(scope["path"])
         status = [0]
 
+        cors: list = []
+
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode()),
+                                                  *cors]}
             await send(message)
 
         try:
+            config = self.state.config
+            guards.check_host(headers, config.allowed_hosts)
+            origin = guards.cross_origin(headers, config.allowed_origins)
+            if origin is not None:
+                cors.extend(guards.cors_headers(origin))
+                if scope.get("method") == "OPTIONS":
+                    await self._answer(send_with_id, APIError(204, "", None), guards.preflight_headers())
+                    return
+            guards.check_json_body(scope.get("method", ""), scope["path"], headers)
             if self._key is not None and scope["path"].startswith("/v1"):
                 auth = headers.get(b"authorization", b"")
                 token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
@@ -124,8 +137,8 @@ class Gate:
             self.state.metrics.count_http(route, status[0] or 500)
 
     @staticmethod
-    async def _answer(send, err: APIError) -> None:
-        response = err.response()
+    async def _answer(send, err: APIError, headers: dict[str, str] | None = None) -> None:
+        response = Response(status_code=204, headers=headers) if err.status == 204 else err.response()
         await response({"type": "http"}, _no_receive, send)
 
 

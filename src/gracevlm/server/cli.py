@@ -16,8 +16,10 @@ GET /v1/models, POST /v1/chat/completions (text and image_url parts), POST /v1/c
 no template), GET /health (503 while the model loads), GET /metrics (Prometheus), and a web chat page
 at GET / (off with --no-ui).
 
-Defaults are safe: bound to 127.0.0.1, 20 MiB request bodies, 40 Mpixel images, images only as
-data:image/...;base64 URLs (no local files, no downloads) unless enabled. Sampling defaults to greedy
+Defaults are safe: bound to 127.0.0.1 (Host header checked), no cross-origin browser requests, JSON
+bodies only, 20 MiB request bodies, 8 images per request, 40 Mpixel images with sides up to 8000, images
+only as data:image/...;base64 URLs (no local files, no downloads) unless enabled; downloads never reach
+private or loopback addresses unless --allow-private-media-hosts. See the README's Safety section. Sampling defaults to greedy
 (temperature 0) as `gracevlm run` does. usage.prompt_tokens counts prompt positions, image patches
 included.
 
@@ -28,7 +30,8 @@ connection."""
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+    from .http_protocol import DEFAULT_HEADER_TIMEOUT
+    from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGE_SIDE
 
     from ..demo import MODEL_DIR
 
@@ -54,10 +57,27 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=20 * 2**20, help="request body cap (413 above)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES, help="encoded image cap (413)")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="image pixel cap (413)")
+    p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
+                   help="longer image side cap in pixels (413; the image is padded to a square of that side)")
+    p.add_argument("--limit-images-per-prompt", type=int, default=8,
+                   help="images per request (400 above; counted before any image is fetched or decoded)")
     p.add_argument("--allowed-local-media-path", default=None,
-                   help="allow file:// image URLs for files inside this folder (symlinks resolved)")
+                   help="allow file:// image URLs for files inside this folder (opened without leaving it)")
     p.add_argument("--allow-remote-images", action="store_true",
-                   help="allow http(s):// image URLs (fetched by the server: any host it can reach)")
+                   help="allow http(s):// image URLs (fetched by the server; public addresses only unless "
+                        "--allow-private-media-hosts)")
+    p.add_argument("--allow-private-media-hosts", action="store_true",
+                   help="let --allow-remote-images fetch from loopback, private and link-local addresses")
+    p.add_argument("--image-fetch-timeout", type=float, default=10.0,
+                   help="total seconds one image download may take, redirects included")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated browser origins (scheme://host:port, or *) allowed to call the API "
+                        "cross-origin (default: none; the server's own web page always works)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names accepted (default: loopback names when bound to a "
+                        "loopback address, else any; * for any)")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                   help="seconds a client may take to send a request's headers before it is disconnected")
     p.add_argument("--backend", default=None, help="INT4 kernel: auto (default), reference, dense, native, ...")
     p.add_argument("--device", default="auto")
     p.add_argument("--quantize", choices=["rtn"], default=None, help="quantize a plain fp16 checkpoint at load")
@@ -76,13 +96,18 @@ def config_from_args(args: argparse.Namespace):
     from ..errors import InputError
     from .serving import ServerConfig
 
-    for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels"):
+    for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels",
+                 "max_image_side", "limit_images_per_prompt"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.prefill_chunk < 0 or args.request_timeout < 0:
+    if args.prefill_chunk < 0 or not args.request_timeout >= 0:
         raise InputError("--prefill-chunk and --request-timeout must be >= 0")
     if not args.shutdown_grace >= 1:
         raise InputError("--shutdown-grace must be >= 1 second")
+    if not 0 < args.image_fetch_timeout < float("inf") or not 0 < args.header_timeout < float("inf"):
+        raise InputError("--image-fetch-timeout and --header-timeout must be positive numbers of seconds")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is not a TCP port (0-65535)")
     local = args.allowed_local_media_path
     if local is not None and not os.path.isdir(local):
         raise InputError(f"--allowed-local-media-path {local!r} is not a folder")
@@ -95,7 +120,45 @@ def config_from_args(args: argparse.Namespace):
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
         allowed_local_media_path=local, allow_remote_images=args.allow_remote_images,
         backend=args.backend, device=args.device, quantize=args.quantize, conv_mode=args.conv_mode,
-        vision_dtype=args.vision_dtype)
+        vision_dtype=args.vision_dtype, allow_private_media_hosts=args.allow_private_media_hosts,
+        image_fetch_timeout=args.image_fetch_timeout, max_image_side=args.max_image_side,
+        limit_images_per_prompt=args.limit_images_per_prompt, allowed_origins=_names(args.allowed_origins),
+        allowed_hosts=_allowed_hosts(args.allowed_hosts, args.host))
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
+def _allowed_hosts(text: str | None, bind: str) -> tuple[str, ...]:
+    if text is not None:
+        return _names(text) or ("*",)
+    return ("localhost", "127.0.0.1", "::1") if _is_loopback(bind) else ("*",)
+
+
+def bind_socket(host: str, port: int):
+    """The listening socket, bound before the model loads (a port in use fails at once, cleanly)."""
+    import socket
+
+    from ..errors import InputError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"--host {host!r} cannot be resolved ({exc})") from None
+    family, _, _, _, address = sorted(infos, key=lambda i: i[0] != socket.AF_INET)[0]  # "localhost": IPv4
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _is_loopback(host: str) -> bool:
@@ -135,7 +198,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
+    from ..engine.devices import parse_device
+    from .http_protocol import MAX_HEADER_BYTES, header_timeout_protocol
+
     config = config_from_args(args)
+    parse_device(config.device)  # a bad --device fails here, before the port is taken
+    sock = bind_socket(config.host, config.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not _is_loopback(config.host) and not config.api_key:
         logging.getLogger("gracevlm.server").warning(
@@ -143,7 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(config, ui=args.ui)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                access_log=args.access_log, lifespan="on",
-                               timeout_graceful_shutdown=max(1, round(args.shutdown_grace)))
+                               timeout_graceful_shutdown=max(1, round(args.shutdown_grace)),
+                               http=header_timeout_protocol(args.header_timeout),
+                               h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     server = graceful_server(uv_config, app.state, args.shutdown_grace)
     failed = []
 
@@ -152,11 +222,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app.state.on_load_failure = stop_on_failure
-    server.run()
+    server.run(sockets=[sock])
+    code = 0 if server.started else 1
     if failed:
         print(f"gracevlm serve: error: {app.state.load_error}", file=sys.stderr)
-        return 1
-    return 0 if server.started else 1
+        code = 1
+    loading = app.state._thread
+    if loading is not None and loading.is_alive():  # stopped while the model loads: do not wait for it,
+        sys.stdout.flush()                           # and do not let interpreter exit tear down its torch
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def register(subparsers) -> argparse.ArgumentParser:

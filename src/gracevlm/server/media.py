@@ -2,12 +2,15 @@
 
 * ``data:image/<type>;base64,<data>``: always accepted (bounded by the request body cap and
   ``max_image_bytes``).
-* ``file://`` URLs: only when ``allowed_local_path`` is set, and only for files whose real path (symlinks
-  resolved) lies inside that folder.
-* ``http://`` / ``https://``: only with ``allow_remote``; direct connection (environment proxies are not
-  used), ``fetch_timeout`` seconds per connect/read, at most ``max_image_bytes`` bytes, at most
-  ``max_redirects`` redirects and only to http(s). Any host is allowed, private and loopback addresses
-  included: enable it only where the server may reach what the client names.
+* ``file://`` URLs: only when ``allowed_local_path`` is set, and only for regular files inside that
+  folder, opened relative to it without a check-then-open race (``beneath.py``: ``openat2`` with
+  ``RESOLVE_BENEATH``, else component-wise ``O_NOFOLLOW``).
+* ``http://`` / ``https://``: only with ``allow_remote`` (``fetch.py``): one total deadline of
+  ``fetch_timeout`` seconds, at most ``max_image_bytes`` bytes and ``max_redirects`` http(s) redirects, no
+  environment proxies; private, loopback and link-local destinations are refused unless
+  ``allow_private_hosts``; every unreachable URL gets the same message.
+* ``max_image_side``: the longer side cap (read from the header before decoding): LLaVA pads an image to
+  a square of its longer side, so that side, not the pixel count alone, bounds the memory.
 
 Every refusal raises ``MediaError`` with the HTTP status the server answers: 400 (bad or disabled URL,
 fetch failure), 413 (too many bytes or pixels), 422 (bytes that are not a decodable image).
@@ -18,7 +21,6 @@ import base64
 import binascii
 import os
 import re
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -27,9 +29,12 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..engine.images import ImageTooLarge, RGBImage, decode_image as decode_rgb
+from .beneath import BeneathError, read_file_beneath
+from .fetch import UNREACHABLE, FetchFailed, FetchTooLarge, fetch_url
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_MAX_IMAGE_SIDE = 8000  # the padded square: 8000^2 RGB = 183 MiB at most (= the engine's 64 Mpx)
 
 
 class MediaError(Exception):
@@ -46,6 +51,8 @@ class MediaPolicy:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     fetch_timeout: float = 10.0
     max_redirects: int = 3
+    allow_private_hosts: bool = False
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
 
 
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)((?:;[^;,]*)*?);base64,", re.ASCII)
@@ -53,7 +60,7 @@ _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)((?:;[^;,]*)*?);base64,", r
 
 def load_image_url(url: str, policy: MediaPolicy) -> RGBImage:
     """Fetch (under ``policy``) and decode one image."""
-    return decode_image(fetch_bytes(url, policy), policy.max_image_pixels)
+    return decode_image(fetch_bytes(url, policy), policy.max_image_pixels, policy.max_image_side)
 
 
 def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
@@ -99,76 +106,65 @@ def _local_file(url: str, policy: MediaPolicy) -> bytes:
         raise MediaError(400, "invalid_image_url", f"file URL host {parts.netloc!r} is not supported; use "
                          "file:///absolute/path")
     path = urllib.request.url2pathname(urllib.parse.unquote(parts.path))
-    root = os.path.realpath(policy.allowed_local_path)
-    real = os.path.realpath(path)
-    if not os.path.isabs(path) or os.path.commonpath([root, real]) != root:
-        raise MediaError(400, "local_file_not_allowed", "the file is outside the folder this server allows "
-                         "images from (--allowed-local-media-path)")
-    if not os.path.isfile(real):
-        raise MediaError(400, "image_not_found", "no such image file under the allowed media folder")
-    size = os.path.getsize(real)
-    if size > policy.max_image_bytes:
-        raise _too_big("the image file", size, policy.max_image_bytes)
-    with open(real, "rb") as fh:
-        data = fh.read(policy.max_image_bytes + 1)
-    if len(data) > policy.max_image_bytes:
-        raise _too_big("the image file", len(data), policy.max_image_bytes)
-    return data
+    if "\0" in path:
+        raise MediaError(400, "invalid_image_url", "the file URL contains a NUL byte (%00)")
+    relative = _relative_to_root(path, policy.allowed_local_path)
+    try:
+        return read_file_beneath(os.path.realpath(policy.allowed_local_path), relative, policy.max_image_bytes)
+    except BeneathError as exc:
+        if exc.reason == "too_large":
+            raise _too_big("the image file", exc.size, policy.max_image_bytes) from None
+        raise MediaError(400, *_LOCAL_ERRORS[exc.reason]) from None
 
 
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, max_redirects: int):
-        super().__init__()
-        self.max_redirections = max_redirects
-        self.max_repeats = max_redirects
+_OUTSIDE = ("local_file_not_allowed", "the file is outside the folder this server allows images from "
+            "(--allowed-local-media-path), or reached through a symlink that leaves it")
+_LOCAL_ERRORS = {
+    "outside": _OUTSIDE,
+    "missing": ("image_not_found", "no such image file under the allowed media folder"),
+    "unreadable": ("image_not_readable", "the image file exists but the server may not read it "
+                   "(permission denied)"),
+    "not_a_file": ("image_not_found", "the path under the allowed media folder is not a regular file"),
+}
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise MediaError(400, "image_fetch_failed", f"the image URL redirects to a {scheme!r} URL; only "
-                             "http(s) redirects are followed")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+def _relative_to_root(path: str, root: Path) -> str:
+    """``path`` (absolute, as the client wrote it) relative to the allowed folder, named as configured
+    or by its real path; ``..`` is collapsed first and the open is confined anyway (``beneath.py``)."""
+    if not os.path.isabs(path):
+        raise MediaError(400, "local_file_not_allowed", _OUTSIDE[1])
+    norm = os.path.normpath(path)
+    for prefix in dict.fromkeys((os.path.normpath(os.path.abspath(root)), os.path.realpath(root))):
+        if norm.startswith(prefix.rstrip(os.sep) + os.sep):
+            return norm[len(prefix.rstrip(os.sep)) + 1:]
+    raise MediaError(400, "local_file_not_allowed", _OUTSIDE[1])
 
 
 def _remote(url: str, policy: MediaPolicy) -> bytes:
     if not policy.allow_remote:
         raise MediaError(400, "remote_images_disabled", "http(s) image URLs are disabled on this server (start "
                          "it with --allow-remote-images to fetch them), send the image as a data URL instead")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _Redirects(policy.max_redirects))
-    req = urllib.request.Request(url, headers={"User-Agent": "gracevlm-server", "Accept": "image/*"})
-    cap = policy.max_image_bytes
     try:
-        with opener.open(req, timeout=policy.fetch_timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > cap:
-                raise _too_big("the remote image", int(length), cap)
-            chunks, total = [], 0
-            while True:
-                chunk = resp.read(min(1 << 16, cap + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > cap:
-                    raise _too_big("the remote image", total, cap)
-            return b"".join(chunks)
-    except MediaError:
-        raise
-    except urllib.error.HTTPError as exc:
-        raise MediaError(400, "image_fetch_failed", f"fetching the image URL failed: HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise MediaError(400, "image_fetch_failed", f"fetching the image URL failed: {reason}") from None
+        return fetch_url(url, policy.fetch_timeout, policy.max_image_bytes, policy.allow_private_hosts,
+                         policy.max_redirects)
+    except FetchTooLarge as exc:
+        raise _too_big("the remote image", exc.size, policy.max_image_bytes) from None
+    except FetchFailed:
+        raise MediaError(400, "image_fetch_failed", UNREACHABLE) from None
 
 
-def decode_image(data: bytes, max_pixels: int) -> RGBImage:
+def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> RGBImage:
     """Bytes -> an image decoded once (the engine uses it as it is); 413 when the header announces more than
-    ``max_pixels``, 422 when undecodable."""
+    ``max_pixels`` pixels or a longer side over ``max_side``, 422 when undecodable."""
     try:
-        return decode_rgb(data, max_pixels)
+        return decode_rgb(data, max_pixels, max_side)
     except ImageTooLarge as exc:
         if not exc.width:
             raise MediaError(413, "image_too_large", "the image has too many pixels") from None
+        if max_side is not None and max(exc.width, exc.height) > max_side:
+            raise MediaError(413, "image_too_large", f"the image is {exc.width}x{exc.height}; its longer side is over "
+                             f"the server's limit of {max_side} pixels (--max-image-side; it is padded to a "
+                             "square)") from None
         raise MediaError(413, "image_too_large", f"the image has {exc.width}x{exc.height} = "
                          f"{exc.width * exc.height} pixels, more than the server's limit of {max_pixels}") from None
     except InputError:

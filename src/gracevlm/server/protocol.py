@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 class _Lenient(BaseModel):
     """Unknown fields ignored; known fields strictly typed (no "5" -> 5, no true -> 1)."""
 
@@ -57,10 +60,10 @@ class StreamOptions(_Lenient):
 
 class _SamplingFields(_Lenient):
     model: str
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: Optional[int] = Field(default=None, ge=0)  # extension (not in OpenAI's API)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # what torch's generators accept
     stop: Union[str, list[str], None] = None
     n: Optional[int] = Field(default=None, ge=1)
     stream: Optional[bool] = False

@@ -36,15 +36,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from ..engine.admission import check_text_size, plan_chat, prepare_planned
 from ..engine.generate import PromptTooLong
 from ..engine.sampling import SamplingParams
-from ..engine.prepare import PreparedPrompt, prepare_chat, prepare_ids, prepare_text
+from ..engine.prepare import PreparedPrompt, prepare_ids, prepare_text
 from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed
 from ..errors import GraceVLMError, InputError
 from . import protocol as P
 from .choices import ClientDisconnected, LogprobCursor, chat_logprobs, completion_logprobs, follow_choices
-from .media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MediaError, MediaPolicy, load_image_url
+from .media import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGE_SIDE, MediaError,
+                    MediaPolicy, load_image_url)
+from .memory import pin_mmap_threshold, release_free_memory
 from .metrics import Metrics
+from .validation import describe_validation_error
 
 log = logging.getLogger("gracevlm.server")
 
@@ -72,6 +76,11 @@ class ServerConfig:
     allowed_local_media_path: str | None = None
     allow_remote_images: bool = False
     image_fetch_timeout: float = 10.0
+    allow_private_media_hosts: bool = False
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
+    limit_images_per_prompt: int = 8
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own ("*": any)
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted ("*": any; the CLI narrows it)
     backend: str | None = None
     device: str = "auto"
     quantize: str | None = None
@@ -80,13 +89,23 @@ class ServerConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        """The id clients see and send: ``served_model_name``, else the folder's name (never its path)."""
+        return self.served_model_name or public_model_name(self.model)
 
     def media_policy(self) -> MediaPolicy:
         local = Path(self.allowed_local_media_path) if self.allowed_local_media_path else None
         return MediaPolicy(allowed_local_path=local, allow_remote=self.allow_remote_images,
                            max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
-                           fetch_timeout=self.image_fetch_timeout)
+                           fetch_timeout=self.image_fetch_timeout, allow_private_hosts=self.allow_private_media_hosts,
+                           max_image_side=self.max_image_side)
+
+
+def public_model_name(model: str) -> str:
+    """A Hub id as is; a local path by its last component (the absolute path is not shown to clients)."""
+    path = Path(str(model))
+    if path.exists() or path.is_absolute() or str(model).startswith((".", "~")):
+        return path.resolve().name or str(model)
+    return str(model)
 
 
 class APIError(Exception):
@@ -153,12 +172,14 @@ class ServerState:
         try:
             t0 = time.perf_counter()
             vlm = self._loader(c)
-            if c.max_image_pixels > vlm.max_image_pixels:  # the engine must not refuse what we allow
-                vlm.set_max_image_pixels(c.max_image_pixels)
+            allowed = max(c.max_image_pixels, c.max_image_side ** 2)  # the padded square counts too
+            if allowed > vlm.max_image_pixels:  # the engine must not refuse what we allow
+                vlm.set_max_image_pixels(allowed)
             scheduler = BatchScheduler(vlm, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
                                        max_model_len=c.max_model_len, request_timeout=c.request_timeout,
                                        prefill_chunk=c.prefill_chunk, batch_invariant=c.batch_invariant)
             self.vlm, self.scheduler = vlm, scheduler
+            pin_mmap_threshold()  # big request buffers are returned to the OS when freed (memory.py)
             log.info("model %s loaded in %.1f s as %r; %d slots x %d positions (KV cache %.1f MiB)", c.model,
                      time.perf_counter() - t0, c.model_name, scheduler.max_batch_size, scheduler.max_model_len,
                      scheduler.cache.nbytes() / 2**20)
@@ -182,7 +203,7 @@ class ServerState:
         return self.scheduler
 
     def check_model(self, name: str) -> None:
-        if name != self.config.model_name:
+        if name not in (self.config.model_name, self.config.model):  # the path itself still works
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
                            "model_not_found", "model")
 
@@ -202,15 +223,17 @@ async def parse_body(request: Request, model: type[pydantic.BaseModel]) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ())) or None
-        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), "invalid_value",
-                       param) from None
+        param, message = describe_validation_error(exc)
+        raise APIError(400, message, "invalid_value", param) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", "invalid_json") from None
 
 
 def _refuse(cond: bool, param: str, what: str) -> None:
@@ -241,22 +264,35 @@ def sampling_params(req: P._SamplingFields, max_new_tokens: int, logprobs: int |
         raise APIError(400, str(exc), "invalid_value") from None
 
 
-def _chat_messages(req: P.ChatCompletionRequest, media: MediaPolicy) -> list[dict]:
-    """Pydantic messages -> the engine's message dicts, image URLs fetched and decoded (blocking)."""
+def _chat_message_refs(req: P.ChatCompletionRequest) -> list[dict]:
+    """Pydantic messages -> the engine's message dicts with each image left as its URL (not fetched yet:
+    ``plan_chat`` checks image count and context first)."""
     out = []
     for msg in req.messages:
         role = "system" if msg.role == "developer" else msg.role
         if msg.content is None or isinstance(msg.content, str):
             out.append({"role": role, "content": msg.content or ""})
             continue
-        parts = []
-        for part in msg.content:
-            if isinstance(part, P.TextPart):
-                parts.append({"type": "text", "text": part.text})
-            else:
-                parts.append({"type": "image", "image": load_image_url(part.url, media)})
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": [{"type": "text", "text": part.text} if isinstance(part, P.TextPart)
+                                              else {"type": "image", "image": part.url} for part in msg.content]})
     return out
+
+
+def _prepare_chat_checked(state: "ServerState", req: P.ChatCompletionRequest):
+    """Plan (count, size and context checks), then fetch and decode the images, then encode them."""
+    c = state.config
+    plan = plan_chat(state.vlm, _chat_message_refs(req), c.conv_mode, state.scheduler.max_model_len,
+                     c.limit_images_per_prompt)
+    return prepare_planned(state.vlm, plan, lambda url: load_image_url(url, state.media))
+
+
+def _prepare_text_checked(vlm, prompt: str, state: "ServerState"):
+    check_text_size(prompt, vlm, state.scheduler.max_model_len)  # before tokenizing
+    return prepare_text(vlm, prompt)
+
+
+def _is_big(prepared) -> bool:
+    return prepared.image_features is not None or len(prepared.prompt_ids) > 4096
 
 
 def sse(obj: dict | str) -> str:
@@ -326,13 +362,19 @@ class Serving:
 
         def work() -> list[RequestHandle]:
             handles: list[RequestHandle] = []
+            prepared = None
             try:
                 for prepare in prepares:
-                    handles += scheduler.submit_prepared_choices(prepare(), params, n)
+                    prepared = prepare()
+                    handles += scheduler.submit_prepared_choices(prepared, params, n)
             except BaseException:
                 for h in handles:
                     h.cancel()
                 raise
+            finally:
+                if prepared is None or _is_big(prepared):  # a refused or big request: return its scratch
+                    del prepared
+                    release_free_memory()
             return handles
 
         try:
@@ -384,10 +426,10 @@ class Serving:
         k = (req.top_logprobs or 0) if req.logprobs else None
         max_new = req.max_completion_tokens or req.max_tokens or scheduler.max_model_len
         params = replace(sampling_params(req, max_new, logprobs=k), response_format=response_format)
-        vlm, conv_mode, n = state.vlm, state.config.conv_mode, req.n or 1
+        vlm, n = state.vlm, req.n or 1
 
         def prepare():
-            return prepare_chat(vlm, _chat_messages(req, state.media), conv_mode)
+            return _prepare_chat_checked(state, req)
 
         handles = await self._submit([prepare], params, n, "messages")
         rid, created, name = P.new_id("chatcmpl"), P.now(), state.config.model_name
@@ -425,7 +467,7 @@ class Serving:
         prompts = _completion_prompts(req.prompt, tok.vocab_size)
         params = sampling_params(req, req.max_tokens or 16, logprobs=k,
                                  prompt_logprobs=k if req.echo and k is not None else None)
-        handles = await self._submit([(lambda p=p: prepare_ids(vlm, p) if isinstance(p, list) else prepare_text(vlm, p))
+        handles = await self._submit([(lambda p=p: prepare_ids(vlm, p) if isinstance(p, list) else _prepare_text_checked(vlm, p, state))
                                       for p in prompts], params, n, "prompt")
         echoes = [prompts[i // n] if isinstance(prompts[i // n], str) else handles[i].generation.prompt
                   for i in range(len(handles))] if req.echo else [""] * len(handles)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..formats.awq import pack_awq
 from ..formats.checkpoint import AWQ_MODULES_NAME, ShardWriter, replace_folder, write_json_atomic
+from ..formats.publish import discard_temp_folder, new_temp_folder
 from ..formats.qat import SIDECAR_NAME
 from ..models.llava.config import PROJECTOR_PREFIX, VISION_PREFIX
 from ..models.loader import LLAMA_LINEARS as LINEAR_NAMES
@@ -117,7 +116,7 @@ def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", fmt: str = "awq
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_temp_folder(out)  # stale ones from killed runs are removed first
     try:
         gen = torch.Generator().manual_seed(seed)
         train_tokenizer(tmp, default_corpus(), p.tokenizer_vocab)
@@ -177,6 +176,6 @@ def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", fmt: str = "awq
             torch.save(sidecar, tmp / SIDECAR_NAME)
         replace_folder(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temp_folder(tmp)
         raise
     return out

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..formats.checkpoint import ShardWriter, make_public, write_json_atomic
+from ..formats.checkpoint import ShardWriter, make_public, replace_folder, write_json_atomic
+from ..formats.publish import discard_temp_folder, new_temp_folder
 from ..formats.pack import TOKENIZER_FILES, PackReport, pack_qat_checkpoint
 from ..formats.qat import SIDECAR_NAME
 from ..models.registry import family_for_model
@@ -63,7 +64,7 @@ def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype,
     baked_keys = {f"{name}.weight": layer for name, layer in lsq.items()}
     scale_keys = {f"{name}.log_scale" for name in lsq}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_temp_folder(out)  # stale ones from killed runs are removed first
     try:
         writer = ShardWriter(tmp)
         side: dict[str, torch.Tensor] = {}
@@ -101,12 +102,9 @@ def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype,
             make_public(tmp / SIDECAR_NAME)
         write_json_atomic(tmp / "config.json", cfg)
         _copy_side_files(tokenizer_dir, tmp)
-        make_public(tmp, folder=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temp_folder(tmp)
         raise
     return out
 

@@ -13,6 +13,7 @@ from ..checkpoint import OpenedCheckpoint
 from ..llama import LlamaSpec
 from ..loader import LoadedModel, LoadOptions, LoadStats, assign, language_bytes, load_llama, module_nbytes, warn_unused
 from ..tokenizer import LlamaTokenizer
+from .config_checks import check_vision_select_layer
 from .config import IGNORED_KEYS, PROJECTOR_PREFIX, VISION_PREFIX, LlavaConfig, vision_config_dict
 from .model import LlavaModel, Projector
 from .vision import CLIPVisionSpec, load_clip_folder, tower_from_tensors
@@ -67,16 +68,6 @@ def load_projector(cfg: LlavaConfig, store, dtype: torch.dtype,
     return projector, used
 
 
-def check_select_layer(cfg: LlavaConfig, tower: nn.Module | None, folder: Path) -> None:
-    """``mm_vision_select_layer`` must name one of the tower's hidden states (embeddings + each layer)."""
-    if tower is None:
-        return
-    n = tower.config.num_hidden_layers + 1
-    if not -n <= cfg.mm_vision_select_layer < n:
-        raise CheckpointError(f"{folder / 'config.json'}: mm_vision_select_layer {cfg.mm_vision_select_layer} is "
-                              f"out of range for a vision tower with {n - 1} layers (valid: {-n}..{n - 1})")
-
-
 def build_llava(opened: OpenedCheckpoint, options: LoadOptions) -> LoadedModel:
     cfg, store, folder = opened.config, opened.store, opened.folder
     tokenizer = LlamaTokenizer.from_dir(folder)
@@ -86,7 +77,7 @@ def build_llava(opened: OpenedCheckpoint, options: LoadOptions) -> LoadedModel:
     vision = load_vision_tower(cfg, store, folder, vision_dtype) if projector is not None else None
     if vision is not None and options.device.type != "cpu":
         vision.to(options.device)  # CLIP-L is 0.6 GB in fp16: built on the CPU, then moved
-    check_select_layer(cfg, vision, folder)
+    check_vision_select_layer(cfg.mm_vision_select_layer, vision, str(folder / "config.json"))
     warn_unused(opened, used | proj_keys | set(IGNORED_KEYS), also_ignored=(VISION_PREFIX,))
     model = LlavaModel(vision, projector, lm, cfg.mm_vision_select_layer, cfg.mm_vision_select_feature).eval()
     stats = LoadStats(opened.format)

@@ -64,6 +64,9 @@ class LlavaConfig:
         if "text_config" in d and "hidden_size" not in d:
             raise CheckpointError(f"{source} is a llava-hf (LlavaForConditionalGeneration) config; this "
                                   "loader expects the LLaVA-original layout (hidden_size at the top level)")
+        from .config_checks import validate_llava_config
+
+        validate_llava_config(d, source)
         eos = d.get("eos_token_id", 2)
         cfg = cls(
             hidden_size=int(need("hidden_size")), intermediate_size=int(need("intermediate_size")),

@@ -63,6 +63,7 @@ class LlavaRuntime(Runtime):
         self.conv_mode = conv_mode or default_conv_mode(cfg.raw)
         get_template(self.conv_mode)  # validate early
         tower = loaded.model.vision_tower
+        self.tower, self.select_feature, self._max_token_bytes = tower, loaded.model.select_feature, None
         size = tower.config.image_size if tower is not None else CLIP_L336["image_size"]
         self.image_spec = ImageSpec.from_llava_config(cfg.raw, size=size)
         self.max_context = min(cfg.tokenizer_model_max_length, cfg.max_position_embeddings)
@@ -85,6 +86,22 @@ class LlavaRuntime(Runtime):
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         return preprocess_images(images, self.image_spec)
+
+    def image_positions(self) -> int:
+        """(image_size / patch_size)^2 patches (+1 with 'cls_patch'), whatever the image."""
+        if self.tower is None:
+            return 0
+        cfg = self.tower.config
+        n = (cfg.image_size // cfg.patch_size) ** 2
+        return n + (1 if self.select_feature == "cls_patch" else 0)
+
+    def max_token_bytes(self) -> int:
+        if self._max_token_bytes is None:
+            tok, sp = self.tokenizer, self.tokenizer.sp
+            longest = max(len(sp.IdToPiece(i).encode("utf-8")) for i in range(sp.GetPieceSize()))
+            specials = (tok.bos_token, tok.eos_token, tok.unk_token)
+            self._max_token_bytes = max(longest, *(len(t.encode("utf-8")) for t in specials), 1)
+        return self._max_token_bytes
 
     def set_max_image_pixels(self, max_pixels: int) -> None:
         self.image_spec = replace(self.image_spec, max_pixels=max_pixels)

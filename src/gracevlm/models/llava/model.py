@@ -46,6 +46,12 @@ class LlavaModel(nn.Module):
         proj_dtype = self.projector[0].weight.dtype
         return self.projector(feats.to(proj_dtype)).to(self.compute_dtype)
 
+    def prompt_length(self, token_ids: list[int], image_features: torch.Tensor | None) -> int:
+        """Positions ``token_ids`` take once each ``IMAGE_TOKEN_INDEX`` is replaced by its image's feature rows
+        (computed without building any embedding: the length check comes first)."""
+        n = sum(1 for t in token_ids if t == IMAGE_TOKEN_INDEX)
+        return len(token_ids) - n + n * (image_features.shape[1] if image_features is not None else 0)
+
     def embed_prompt(self, token_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
         """Text embeddings with each ``IMAGE_TOKEN_INDEX`` replaced by one image's feature rows.
 

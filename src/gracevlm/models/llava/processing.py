@@ -5,7 +5,8 @@ Pipeline of ``preprocess_image`` (LLaVA-1.5 ``process_images`` with ``image_aspe
 1. ``models.images.load_image``: decode and convert to RGB with ``PIL.Image.convert("RGB")`` semantics, as
    LLaVA's loader (``Image.open(...).convert("RGB")``) does (details there); an ``RGBImage`` (decoded once by
    ``decode_image``) is used as it is.
-2. ``pad_to_square``: LLaVA's ``expand2square`` - a square canvas of side ``max(W, H)`` filled with
+2. ``pad_to_square``: LLaVA's ``expand2square`` - a square canvas of side ``max(W, H)`` (that square,
+   too, must fit ``max_pixels``: a 40000x1000 strip would need a 1.6 Gpx canvas) filled with
    the mean colour ``int(255 * m)`` per channel = (122, 116, 104), the image pasted at
    ``((S - W) // 2, (S - H) // 2)``. Skipped for ``aspect`` "square" / "none".
 3. CLIP: resize so the shorter side is ``size`` with PIL bicubic (longer side
@@ -288,6 +289,12 @@ def preprocess_image(source: ImageSource, spec: ImageSpec | None = None) -> torc
     else:
         img = load_image(source, max_pixels=spec.max_pixels)
     if spec.aspect == "pad":
+        side = max(img.size)
+        if side * side > spec.max_pixels:  # the canvas, not the image, is what takes the memory
+            raise InputError(
+                f"image of {img.width}x{img.height} would be padded to {side}x{side} = {side * side:,} pixels, "
+                f"over the cap of {spec.max_pixels:,} (max_pixels); its longer side may be at most "
+                f"{math.isqrt(spec.max_pixels)} - downscale or crop it")
         img = pad_to_square(img, spec.fill)
     new_w, new_h = resize_output_size(img.width, img.height, spec.size)
     if new_w * new_h > spec.max_pixels:

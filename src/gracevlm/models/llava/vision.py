@@ -193,7 +193,13 @@ def load_clip_folder(path: Path, dtype: torch.dtype) -> CLIPVisionTower:
         store = TensorStore(path)
         names, get = store.keys(), store.get
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... for bad files
+            raise CheckpointError(f"{path / 'pytorch_model.bin'} was refused: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''} (only plain tensors are "
+                                  "loaded, weights_only=True); convert it to safetensors from a trusted "
+                                  "copy") from None
         names, get = list(state), state.__getitem__
     else:
         raise CheckpointError(f"{path} holds no safetensors or pytorch_model.bin weights")
