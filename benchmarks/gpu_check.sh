@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 20 (CUDA path), for a machine with one NVIDIA GPU (H100/H200), in one go,
-# about 5-7 minutes: doctor, the CUDA and Triton tests, then `gracevlm bench --device cuda` on a synthesized
-# llava-1.5-7b (INT4 vs its exact fp16 dense conversion, same run). Run from the repository root:
+# sized to finish in < 8 minutes (not yet run on a GPU): doctor, the CUDA and Triton tests, then
+# `gracevlm bench --device cuda` on a synthesized llava-1.5-7b (INT4 vs its exact fp16 dense conversion,
+# same run). Run from the repository root:
 #     bash benchmarks/gpu_check.sh            # results under $OUT (default ./gpu-check-out)
 # Needs python3 with a CUDA torch, triton, safetensors, sentencepiece, tokenizers, pillow, pytest (PYTHON= to
 # pick another interpreter). Writes at most 7 files: nvidia-smi.txt doctor.json pytest.log synth.log
@@ -33,13 +34,13 @@ else
 fi
 
 stamp "pytest tests/test_cuda.py tests/test_triton_kernels.py"
-timeout 270 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_triton_kernels.py > "$OUT/pytest.log" 2>&1
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py tests/test_triton_kernels.py > "$OUT/pytest.log" 2>&1
 stamp "pytest exit $? : $(tail -n 1 "$OUT/pytest.log")"
 
 if [ -n "$SYNTH" ]; then wait "$SYNTH"; stamp "synth exit $?"; fi
 
 stamp "bench --device cuda"
-timeout 240 "$PY" -m gracevlm.cli bench --device cuda --out "$OUT/bench_cuda.json" > "$OUT/bench.log" 2>&1
+timeout 200 "$PY" -m gracevlm.cli bench --device cuda --out "$OUT/bench_cuda.json" > "$OUT/bench.log" 2>&1
 stamp "bench exit $?"
 cat "$OUT/bench.log" >> "$OUT/summary.txt"
 stamp "done"
