@@ -1,10 +1,10 @@
 """Benchmark of the INT8 (W8G128) backends of ``nn.Int8Linear`` against the memory-bandwidth limit and torch's
 dense fp32 matmul, all measured in the same run (printed, never asserted).
 
-Bandwidth limit: the higher of ``gracevlm.bench.measure_bandwidth`` (best of torch ``sum`` and the native
-``gv_stream_read`` over 1 GiB) and ``gv_stream_read`` over the working set in chunks of one layer's bytes,
-timed exactly as the kernels are (below), and the rate torch-fp32 reaches, all in the same run. Per shape (in->out; Qwen3-VL-2B's 2048->6144 gate/up, 6144->2048 down,
-2048->2048 q/o), rows M and method, the fastest of ``--rounds`` interleaved rounds; each round calls the
+Bandwidth limit: the highest of ``gracevlm.bench.measure_bandwidth`` (best of torch ``sum`` and the native
+``gv_stream_read`` over 1 GiB), ``gv_stream_read`` over the working set in chunks of one layer's bytes,
+timed exactly as the kernels are (below), and the rate torch-fp32 reaches, all in the same run.
+Per shape (in->out; Qwen3-VL-2B's 2048->6144 gate/up, 6144->2048 down, 2048->2048 q/o), rows M and method, the fastest of ``--rounds`` interleaved rounds; each round calls the
 method once on each of N copies of the layer (together >= ``--working-set`` MiB, beyond the last-level
 cache, as in a decode step where each weight is read once per token); a copy's time is its fastest call
 over the rounds (the machine is shared: the minimum estimates the uncontended speed; the bandwidth is a

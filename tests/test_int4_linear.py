@@ -10,7 +10,8 @@ from int4_helpers import random_int4_layer
 
 # relative L2 tolerance of each backend vs reference (stated in the backends' docstrings)
 TOLERANCE = {"reference": 0.0, "dense": 1e-5, "int4pack": 1e-5, "int4pack-bf16": 1e-2,
-             "native": 1e-5, "native-f32": 1e-5, "native-i8x2": 1.5e-4, "native-bf16": 6e-3}
+             "native": 1e-5, "native-f32": 1e-5, "native-i8x2": 1.5e-4, "native-bf16": 6e-3,
+             "native-igemm": 1e-4}
 
 
 make_layer = random_int4_layer

@@ -242,3 +242,29 @@ def test_pack_quantized_int8_layout_and_round_trip():
         w8.unpack_quantized_int8(tensors["weight_packed"][:, :-1], tensors["weight_shape"])
     with pytest.raises(FormatError, match="lacks"):
         w8.from_compressed_tensors_w8({"weight_packed": tensors["weight_packed"]})
+
+
+# ---- build and fallback -------------------------------------------------------------------------------------
+
+def test_fallback_when_library_unavailable(monkeypatch):
+    layer = random_layer(256, 40, 64, True)
+    x = torch.randn(3, 256)
+    monkeypatch.setattr(native_int8, "load_library", lambda: None)
+    assert native_int8.select_int8_backend(torch.device("cpu")).name == "dense"
+    for name in ("native", "native-i16"):
+        assert rel_err(native_int8.INT8_BACKENDS[name].matmul(layer, x), exact(layer, x)) <= 1e-6
+    assert not native_int8.igemm_preferred()
+
+
+@needs_lib
+def test_compile_on_first_use_and_stale_builds(tmp_path, monkeypatch):
+    import shutil
+    import os
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native_int8, "LIB_STEM", "_no_such_build")  # as in a source tree without a build
+    lib = native_int8._load()
+    assert lib.gv8_source_hash().decode() == native_int8.source_hash()
+    built = list((tmp_path / "gracevlm").glob("gv_int8-*.so"))
+    assert built and native_int8._try_load(built[0], "0" * 16) is None

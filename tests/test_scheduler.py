@@ -103,7 +103,7 @@ def test_decode_forward_is_bitwise_a_lone_sequence(vlm, backend, request):
     row-invariant CPU INT4 kernels: native below its GEMM crossover, int4pack)."""
     from gracevlm import kernels
 
-    if backend == "auto" and kernels.select_backend(torch.device("cpu"), 4).name != "native":
+    if backend == "auto" and kernels.select_backend(torch.device("cpu"), 4).name not in ("native", "native-igemm"):
         pytest.skip("the native kernels are not available here")
     kernels.use_backend(vlm.model, backend)
     request.addfinalizer(lambda: kernels.use_backend(vlm.model, None))

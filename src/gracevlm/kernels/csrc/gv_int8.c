@@ -11,7 +11,7 @@
  * with each activation group rounded to 24-bit fixed point, a = round(x / d), d = max|x| / 8388607, written
  * as a = 256 * hi + lo with hi in [-32768, 32767] and lo in [0, 255] (both int16). The integer dot products
  * run on AVX2 vpmaddwd (16 multiply-adds per instruction: int8 codes widened to int16 times hi, and times lo);
- * the one rounding is that of the activations, |x - d*a| <= d/2, at the level of fp32 itself (~1e-7
+ * the one rounding is that of the activations, |x - d*a| <= d/2, at the level of fp32 itself (2e-7..3e-7 measured
  * relative). AVX-512 VNNI is not written: the development machine (AMD EPYC, AVX2 only) cannot test it.
  * On a given code path (AVX2 or scalar) an output row is computed by the same operations whatever M, the
  * row's place among them and the thread count: y[m] is bitwise the result for x[m] alone.
