@@ -12,6 +12,9 @@ Semantics worth knowing (documented for users in ``gracevlm serve --help`` and t
   ``completion_tokens`` the generated tokens (EOS not counted).
 * A request that runs past ``--request-timeout`` gets HTTP 408 (non-streaming) or, once streaming,
   an ``{"error": ...}`` event followed by ``data: [DONE]``.
+* Admission (``engine.admission``): text size, image count (``--limit-images-per-prompt``) and context
+  length are checked before any image is fetched or decoded and before anything is embedded; the
+  model's id shown to clients is ``--served-model-name`` or the folder's name, never its path.
 """
 from __future__ import annotations
 
