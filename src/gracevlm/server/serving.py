@@ -20,6 +20,9 @@ Semantics worth knowing (documented for users in ``gracevlm serve --help`` and t
   ``Timings.cached_tokens`` (0 until there is a prefix cache). ``response_format: json_object`` decodes
   under a JSON grammar (``engine.json_grammar``): an answer that ends with "stop" always parses as an
   object; ``json_schema`` is refused.
+* Admission (``engine.admission``): text size, image count (``--limit-images-per-prompt``) and context
+  length are checked before any image is fetched or decoded and before anything is embedded; the
+  model's id shown to clients is ``--served-model-name`` or the folder's name, never its path.
 """
 from __future__ import annotations
 
