@@ -271,8 +271,15 @@ def test_chat_template_renders_the_gracevlm_prompt(messages):
         with_bos = render_jinja_template([messages], chat_template=chat_template(name, bos="<s>"),
                                          add_generation_prompt=True)
         assert (with_bos[0][0] if isinstance(with_bos, tuple) else with_bos) == "<s>" + rendered, name
-    with pytest.raises(Exception, match="system messages"):
-        render_jinja_template([[{"role": "system", "content": "x"}] + messages], chat_template=chat_template())
+    system = [{"role": "system", "content": "Be brief."}] + messages  # replaces the template's system text
+    for name in ("vicuna_v1", "llava_v1"):
+        rendered = render_jinja_template([system], chat_template=chat_template(name), add_generation_prompt=True)
+        rendered = rendered[0][0] if isinstance(rendered, tuple) else rendered
+        assert rendered == render_prompt(normalized(system), name) and rendered.startswith("Be brief."), name
+    with pytest.raises(Exception, match="no system slot"):
+        render_jinja_template([system], chat_template=chat_template("plain"))
+    with pytest.raises(Exception, match="must come first"):
+        render_jinja_template([messages + [{"role": "system", "content": "x"}]], chat_template=chat_template())
 
 
 @pytest.mark.parametrize("fmt", ["llava-hf", "compressed-tensors"])
