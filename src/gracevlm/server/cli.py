@@ -19,7 +19,10 @@ at GET / (off with --no-ui).
 Defaults are safe: bound to 127.0.0.1, 20 MiB request bodies, 40 Mpixel images, images only as
 data:image/...;base64 URLs (no local files, no downloads) unless enabled. Sampling defaults to greedy
 (temperature 0) as `gracevlm run` does. usage.prompt_tokens counts prompt positions, image patches
-included.
+included. Supported: system/developer messages, logprobs/top_logprobs (of the distribution sampled
+from), n (one prefill; seeded choices reproducible), completions with prompt lists, token ids and echo,
+response_format json_object (grammar-constrained). Refused with 400: tools/functions, json_schema,
+penalties, logit_bias, suffix, best_of.
 
 On SIGTERM (or Ctrl-C) the server stops accepting connections and lets running requests finish for
 up to --shutdown-grace seconds; shortly before that ends, the requests still running are ended: streams
