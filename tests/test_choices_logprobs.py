@@ -16,6 +16,15 @@ from gracevlm.models.llava.chat import SYSTEM_VICUNA_V1, render_prompt
 from gracevlm.synth.checkpoint import synthesize
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models decode much faster on one thread than on contended ones (a shared CI or dev CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     return load(synthesize(tmp_path_factory.mktemp("c18") / "tiny", "tiny", "awq", seed=0, progress=False),

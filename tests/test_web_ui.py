@@ -408,6 +408,8 @@ def _drive(page, expect, server, tmp_path) -> None:
     page.uncheck("#set-probs")
     page.fill("#set-max-tokens", "900")
     page.click("#settings-toggle")
+    page.click("#reset")  # a fresh context: the long answers below must not run out of positions early
+    expect(page.locator(".msg")).to_have_count(0)
 
     # -- the server hangs mid-answer (SIGSTOP): the page gives up after its timeout instead of waiting forever --
     settings(timeout=5)

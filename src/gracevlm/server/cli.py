@@ -21,7 +21,10 @@ bodies only, 20 MiB request bodies, 8 images per request, 40 Mpixel images with 
 only as data:image/...;base64 URLs (no local files, no downloads) unless enabled; downloads never reach
 private or loopback addresses unless --allow-private-media-hosts. See the README's Safety section. Sampling defaults to greedy
 (temperature 0) as `gracevlm run` does. usage.prompt_tokens counts prompt positions, image patches
-included.
+included. Supported: system/developer messages, logprobs/top_logprobs (of the distribution sampled
+from), n (one prefill; seeded choices reproducible), completions with prompt lists, token ids and echo,
+response_format json_object (grammar-constrained). Refused with 400: tools/functions, json_schema,
+penalties, logit_bias, suffix, best_of.
 
 On SIGTERM (or Ctrl-C) the server stops accepting connections and lets running requests finish for
 up to --shutdown-grace seconds; shortly before that ends, the requests still running are ended: streams
