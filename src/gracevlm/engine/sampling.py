@@ -122,9 +122,11 @@ class Sampler:
             if logprobs is None:
                 return token, None
             return token, logprob_entry(torch.log_softmax(logits.to(torch.float32), dim=-1), token, logprobs)
-        scaled = logits.to(device="cpu", dtype=torch.float32) / p.temperature  # the CPU generator: same draws on any device
-        if not torch.isfinite(scaled).all():
-            # a temperature so small that logits / T overflows float32: the T -> 0 limit is greedy
+        logits32 = logits.to(device="cpu", dtype=torch.float32)  # the CPU generator: same draws on any device
+        scaled = logits32 / p.temperature
+        if bool((torch.isinf(scaled) & torch.isfinite(logits32)).any()):
+            # a temperature so small that logits / T overflows float32: the T -> 0 limit is greedy (masked
+            # entries, -inf already, e.g. under a JSON grammar, are not an overflow)
             token = int(torch.argmax(logits))
             if logprobs is None:
                 return token, None
