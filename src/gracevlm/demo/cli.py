@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
         print(f"gracevlm demo: no model in {model}; build it with `python -m gracevlm.demo build`", file=sys.stderr)
         return 2
     try:
-        width, height = _view(args.size) or (256, 192)
+        width, height = _view(args.size) or (256, 256)
     except ValueError as exc:
         print(f"gracevlm demo: error: {exc}", file=sys.stderr)
         return 2
@@ -174,7 +174,7 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
         q.add_argument("--query", default=None, help="your own question (default: the held-out one)")
         q.add_argument("--save-image", default=None,
                        help="where to save the picture (default ./gracevlm-demo.png; '' to not save it)")
-        q.add_argument("--size", default=None, help="picture size N or WxH in pixels (default 256x192)")
+        q.add_argument("--size", default=None, help="picture size N or WxH in pixels (default 256)")
         q.add_argument("--max-new-tokens", type=int, default=16)
         q.add_argument("--json", action="store_true")
 
