@@ -93,13 +93,17 @@ def test_training_pictures_vary_in_size_deterministically(tmp_path):
     from gracevlm.demo.world import TRAIN_ASPECTS, TRAIN_SIDES
     from PIL import Image
 
-    a = generate_split("train", 200, seed=3)
-    assert [r["size"] for r, _ in a] == [r["size"] for r, _ in generate_split("train", 200, seed=3)]
+    a = generate_split("train", 200, seed=3, varied_sizes=True)
+    assert [r["size"] for r, _ in a] == [r["size"] for r, _ in generate_split("train", 200, seed=3, varied_sizes=True)]
+    # the scenes and questions do not depend on the sizes; without varied_sizes records name none
+    plain = generate_split("train", 200, seed=3)
+    assert [dict(r, size=None) for r, _ in a] == [dict(r, size=None) for r, _ in plain]
+    assert all("size" not in r for r, _ in plain)
     sizes = {tuple(r["size"]) for r, _ in a}
     assert (64, 64) in sizes and any(w != h for w, h in sizes) and len(sizes) >= 8
     for w, h in sizes:
         assert max(w, h) in TRAIN_SIDES and any(w * ah == h * aw for aw, ah in TRAIN_ASPECTS)
-    write_split(tmp_path, "train", 12, seed=3)
+    write_split(tmp_path, "train", 12, seed=3, varied_sizes=True)
     records = json.loads((tmp_path / "train.json").read_text())
     for r in records:
         with Image.open(tmp_path / r["image"]) as im:

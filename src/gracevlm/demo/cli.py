@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
         print(f"gracevlm demo: no model in {model}; build it with `python -m gracevlm.demo build`", file=sys.stderr)
         return 2
     try:
-        width, height = _view(args.size) or (256, 192)
+        width, height = _view(args.size) or (256, 256)
     except ValueError as exc:
         print(f"gracevlm demo: error: {exc}", file=sys.stderr)
         return 2
@@ -147,7 +147,14 @@ def cmd_build(args) -> int:
     if args.out:
         cfg.out = args.out
     if args.fast:  # a quick smoke run of the whole pipeline (the model will be weak)
-        cfg.n_train, cfg.n_heldout, cfg.teacher_steps, cfg.student_steps = 400, 50, 40, 20
+        cfg.n_train, cfg.n_heldout, cfg.n_views, cfg.teacher_steps, cfg.student_steps = 400, 50, 50, 40, 20
+    cfg.varied_sizes = args.varied_sizes
+    for name in ("teacher_steps", "student_steps", "n_views"):
+        if getattr(args, name) is not None:
+            if getattr(args, name) < 1:
+                print(f"gracevlm demo: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+                return 2
+            setattr(cfg, name, getattr(args, name))
     res = build(cfg, force=args.force)
     print(json.dumps({k: res[k] for k in ("accuracy", "sizes_bytes", "times") if k in res}, indent=1))
     return 0
@@ -167,7 +174,7 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
         q.add_argument("--query", default=None, help="your own question (default: the held-out one)")
         q.add_argument("--save-image", default=None,
                        help="where to save the picture (default ./gracevlm-demo.png; '' to not save it)")
-        q.add_argument("--size", default=None, help="picture size N or WxH in pixels (default 256x192)")
+        q.add_argument("--size", default=None, help="picture size N or WxH in pixels (default 256)")
         q.add_argument("--max-new-tokens", type=int, default=16)
         q.add_argument("--json", action="store_true")
 
@@ -206,6 +213,11 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
     q.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     q.add_argument("--force", action="store_true", help="redo every stage")
     q.add_argument("--fast", action="store_true", help="tiny smoke run of the pipeline")
+    q.add_argument("--teacher-steps", type=int, default=None, help="override the recipe's teacher steps")
+    q.add_argument("--student-steps", type=int, default=None, help="override the recipe's steps per student")
+    q.add_argument("--n-views", type=int, default=None, help="held-out questions per robustness view (400)")
+    q.add_argument("--varied-sizes", action="store_true",
+                   help="train on pictures of 64-256 px, square, 4:3 and 3:4 (not yet the shipped recipe)")
     q.add_argument("--no-evaluate", action="store_true")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_build)

@@ -25,8 +25,7 @@ COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "
           "purple": (148, 60, 189)}
 SIZES = {"small": (6, 8), "large": (11, 13)}  # half extent range in pixels on a 64 px canvas
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-BACKGROUNDS = ((236, 236, 230), (226, 232, 240), (242, 234, 222), (230, 240, 230), (255, 255, 255),
-               (212, 212, 212))
+BACKGROUNDS = ((236, 236, 230), (226, 232, 240), (242, 234, 222), (230, 240, 230))
 IMAGE_SIZE = 64
 QUESTION_TYPES = ("color", "shape", "count_shape", "count_all", "exists", "where", "size", "color_at")
 WORDS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -120,11 +119,8 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> QA | None:
         shape = rng.choice(SHAPES)
         return QA(kind, f"How many {WORDS[shape]} are there?", str(sum(o.shape == shape for o in objs)))
     elif kind == "count_all":
-        return QA(kind, f"How many {rng.choice(('objects', 'shapes'))} are there?", str(len(objs)))
+        return QA(kind, "How many objects are there?", str(len(objs)))
     elif kind == "exists":
-        if rng.randrange(3) == 0:  # the shape alone ("Is there a triangle?")
-            shape = rng.choice(SHAPES)
-            return QA(kind, f"Is there a {shape}?", "yes" if any(o.shape == shape for o in objs) else "no")
         if rng.randrange(2):
             o = rng.choice(objs)
             color, shape = o.color, o.shape
@@ -136,8 +132,7 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> QA | None:
         cands = [o for o in objs if _unique(objs, color=o.color, shape=o.shape)]
         if cands:
             o = rng.choice(cands)
-            name = o.shape if _unique(objs, shape=o.shape) and rng.randrange(2) else f"{o.color} {o.shape}"
-            return QA(kind, f"Where is the {name}?", QUADRANTS[o.quadrant])
+            return QA(kind, f"Where is the {o.color} {o.shape}?", QUADRANTS[o.quadrant])
     elif kind == "size":
         cands = [o for o in objs if _unique(objs, color=o.color, shape=o.shape)]
         if cands:
@@ -212,13 +207,14 @@ def split_seed(seed: int, split: str) -> int:
     return seed * 1009 + {"train": 1, "heldout": 2}[split]
 
 
-def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image: int | None = None
-                   ) -> list[tuple[dict, Scene]]:
+def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image: int | None = None,
+                   varied_sizes: bool = False) -> list[tuple[dict, Scene]]:
     """``n_images`` (record, scene) pairs. ``train`` records hold 3 questions per image followed by a
     description of all objects (dense supervision that speeds up learning to see); ``heldout`` records hold
     one short-answer question (override the count with ``questions_per_image``). Image paths are
-    ``{split}/{index:06d}.png``. Training records also name the picture's ``size`` [width, height] (drawn
-    from ``train_view`` with a stream of its own, so the scenes and questions do not depend on it)."""
+    ``{split}/{index:06d}.png``. With ``varied_sizes`` training records also name the picture's ``size``
+    [width, height] (drawn from ``train_view`` with a stream of its own, so the scenes and questions do not
+    depend on it)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     per = questions_per_image or (3 if split == "train" else 1)
@@ -231,20 +227,21 @@ def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image
         if split == "train":
             qas.append(describe(scene))
         record = _record(f"{split}-{i:06d}", f"{split}/{i:06d}.png", qas)
-        if split == "train":
+        if split == "train" and varied_sizes:
             record["size"] = list(train_view(views))
         out.append((record, scene))
     return out
 
 
 def write_split(out_dir: str | os.PathLike, split: str, n_images: int, seed: int = 0,
-                image_size: int = IMAGE_SIZE, questions_per_image: int | None = None) -> Path:
+                image_size: int = IMAGE_SIZE, questions_per_image: int | None = None,
+                varied_sizes: bool = False) -> Path:
     """Draw a split into ``out_dir/{split}/*.png`` (at the record's ``size`` if it has one, else
     ``image_size`` square) and write ``out_dir/{split}.json``; returns the JSON path."""
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
     records = []
-    for record, scene in generate_split(split, n_images, seed, questions_per_image):
+    for record, scene in generate_split(split, n_images, seed, questions_per_image, varied_sizes):
         width, height = record.get("size", (image_size, image_size))
         draw_scene(scene, width, height).save(out / record["image"], optimize=False, compress_level=1)
         records.append(record)
