@@ -94,8 +94,11 @@ class TokenStream:
 
     def __init__(self, tokenizer: LlamaTokenizer, params: SamplingParams, max_new_tokens: int, vocab: int):
         self.eos_id = tokenizer.eos_id
+        # a family's tokenizer may name several ids that end a generation, and bring its own detokenizer
+        self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
         self.sampler = Sampler(params)
-        self.decoder = StreamDecoder(tokenizer)
+        make_decoder = getattr(tokenizer, "stream_decoder", None)
+        self.decoder = make_decoder() if make_decoder is not None else StreamDecoder(tokenizer)
         self.stops = _StopMatcher(params.stop)
         self.max_new_tokens = max_new_tokens
         self.vocab = vocab  # rows past the tokenizer (padding) are never sampled
@@ -117,7 +120,7 @@ class TokenStream:
             raise RuntimeError("TokenStream.push after the stream finished")
         token = self.sampler(logits[:self.vocab])
         self.steps += 1
-        if token == self.eos_id:
+        if token in self.stop_ids:
             self.finish_reason, self.done = "stop", True
             return ""
         self.token_ids.append(token)
@@ -160,7 +163,8 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                     image_features: torch.Tensor | None, params: SamplingParams, max_context: int,
                     result: Generation | None = None, started: float | None = None) -> Iterator[str]:
     """Yield text deltas; fill ``result`` (if given) with the final text, ids, finish reason, timings.
-    ``model`` is a family's model (``embed_prompt``, ``new_cache``, ``language_model``).
+    ``model`` is a family's model (the engine contract in ``models.registry``: ``prompt_for``,
+    ``forward_prompt``, ``forward_decode``, ``new_cache``, ``language_model``).
 
     Deltas never split a multi-byte character and never contain (a prefix of) a stop string.
     """
@@ -169,16 +173,16 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
     res.prompt_token_ids = list(prompt_ids)
     lm = model.language_model
     with torch.inference_mode():
-        embeds = model.embed_prompt(prompt_ids, image_features)
-        length = embeds.shape[0]
+        prompt = model.prompt_for(prompt_ids, image_features)
+        length = prompt.length
         check_prompt_length(length, max_context, image_features)
         max_new = min(params.max_new_tokens, max_context - length)
         cache = model.new_cache(1, length + max_new)
         out = TokenStream(tokenizer, params, max_new, min(tokenizer.vocab_size, logits_rows(lm)))
         res.token_ids = out.token_ids
         t0 = time.perf_counter()
-        dev = embeds.device
-        logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache)
+        dev = prompt.embeds.device
+        logits = model.forward_prompt(prompt, cache)
         res.timings.prefill_s = time.perf_counter() - t0
         res.timings.prefill_tokens = length
         steps = 0
@@ -191,8 +195,8 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                 yield delta
             if out.done:
                 break
-            pos = torch.tensor([[length + steps]], device=dev)
-            logits = lm(lm.embed(torch.tensor([[out.last_token]], device=dev), embeds.dtype), pos, cache)
+            logits = model.forward_decode(torch.tensor([out.last_token], device=dev),
+                                          torch.tensor([length + steps], device=dev), prompt.decode_offset, cache)
             steps += 1
         last = out.close()
         if last:
@@ -207,9 +211,19 @@ class PromptTooLong(InputError):
     """The prompt fills the context window (an ``InputError``)."""
 
 
-def check_prompt_length(length: int, max_context: int, image_features: torch.Tensor | None) -> None:
+def image_positions(image_features) -> int:
+    """Prompt positions a request's images take: ``[N, tokens, D]`` features (LLaVA) or a family's
+    features object with ``positions`` (images of different sizes)."""
+    if image_features is None:
+        return 0
+    if isinstance(image_features, torch.Tensor):
+        return image_features.shape[0] * image_features.shape[1]
+    return int(image_features.positions)
+
+
+def check_prompt_length(length: int, max_context: int, image_features) -> None:
     """Raise ``PromptTooLong`` when a prompt of ``length`` positions leaves no room to generate."""
     if length >= max_context:
-        raise PromptTooLong(f"the prompt takes {length} positions (each image counts as "
-                            f"{image_features.shape[1] if image_features is not None else 0}) but the context "
-                            f"window is {max_context}; shorten the prompt or use fewer images")
+        raise PromptTooLong(f"the prompt takes {length} positions ({image_positions(image_features)} of them for "
+                            f"images) but the context window is {max_context}; shorten the prompt or use fewer "
+                            "images")

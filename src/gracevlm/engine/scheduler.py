@@ -11,8 +11,10 @@ positions long. Each loop iteration of the model thread does, in this order:
 3. one decode step for every running request together (one token each).
 
 Requests are prepared OUTSIDE the model thread: the caller tokenizes, decodes and encodes images
-(``engine.prepare``) and ``submit`` splices the image features into the prompt
-embeddings, so the model thread only runs LLaMA forward passes.
+(``engine.prepare``) and ``submit`` has the model place the image features in the prompt (``prompt_for``:
+embeddings, and for Qwen3-VL 3-axis positions and deepstack rows), so the model thread only runs decoder
+forward passes. Each request carries its own decode position offset (``decode_offset``: 0 for LLaVA,
+Qwen3-VL's M-RoPE ``delta``), passed per row to ``forward_decode``.
 
 Per request the output logic is ``generate.TokenStream``, the same object ``stream_generate`` uses:
 seeded sampler, EOS, stop strings, max tokens, incremental detokenizer and LLaVA's strip semantics are
@@ -180,11 +182,12 @@ class RequestHandle:
 class _Seq:
     """Model-thread state of one request."""
 
-    __slots__ = ("handle", "embeds", "length", "out", "slot", "prefilled", "decoded", "t_decode")
+    __slots__ = ("handle", "prompt", "length", "offset", "out", "slot", "prefilled", "decoded", "t_decode")
 
-    def __init__(self, handle: RequestHandle, embeds: torch.Tensor, out: TokenStream):
-        self.handle, self.embeds, self.out = handle, embeds, out
-        self.length = embeds.shape[0]
+    def __init__(self, handle: RequestHandle, prompt, out: TokenStream):
+        self.handle, self.prompt, self.out = handle, prompt, out  # prompt: the model's ``prompt_for`` result
+        self.length = prompt.length
+        self.offset = prompt.decode_offset  # rope position - cache index of its decode tokens
         self.slot = -1
         self.prefilled = 0  # prompt positions already in the cache
         self.decoded = 0  # decode forwards done (the next token goes to position length + decoded)
@@ -261,8 +264,8 @@ class BatchScheduler:
         started = time.perf_counter() if started is None else started
         with torch.inference_mode():
             features = self._check_features(image_features)
-            embeds = self.model.embed_prompt(ids, features)
-        length = embeds.shape[0]
+            prompt = self.model.prompt_for(ids, features)
+        length = prompt.length
         check_prompt_length(length, self.max_model_len, features)
         max_new = min(params.max_new_tokens, self.max_model_len - length)
         timeout = self.request_timeout if timeout is None else timeout
@@ -278,7 +281,7 @@ class BatchScheduler:
             handle = RequestHandle(next(self._ids), ids, length, params, max_new, started, deadline, waker,
                                    self._wake)
             handle.generation.token_ids = out.token_ids
-            self._pending.append(_Seq(handle, embeds, out))
+            self._pending.append(_Seq(handle, prompt, out))
             self._counts["submitted"] += 1
             self._cond.notify()
         return handle
@@ -328,6 +331,8 @@ class BatchScheduler:
     def _check_features(self, features: torch.Tensor | None) -> torch.Tensor | None:
         if features is None:
             return None
+        if not isinstance(features, torch.Tensor) and hasattr(features, "positions"):
+            return features.to(device=self.device, dtype=self.dtype)  # a family's own features object
         hidden = self.lm.spec.hidden_size
         if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[2] != hidden \
                 or features.shape[1] < 1 or not (features.is_floating_point()):
@@ -400,9 +405,7 @@ class BatchScheduler:
             start = seq.prefilled
             end = seq.length if self.prefill_chunk is None else min(seq.length, start + self.prefill_chunk)
             t0 = time.perf_counter()
-            positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-            slots = torch.tensor([seq.slot], device=self.device)
-            logits = self.lm(seq.embeds[start:end].unsqueeze(0), positions, self.cache, slots)
+            logits = self.model.forward_prompt(seq.prompt, self.cache, seq.slot, start, end)
             timings = seq.handle.generation.timings
             timings.prefill_s += time.perf_counter() - t0
             seq.prefilled = end
@@ -411,7 +414,7 @@ class BatchScheduler:
                 return
             timings.prefill_tokens = seq.length
             self._prefilling = None
-            seq.embeds = None
+            seq.prompt = None
             seq.t_decode = time.perf_counter()
             self._running.append(seq)
             self._emit(seq, logits[0])
@@ -425,14 +428,12 @@ class BatchScheduler:
         if not rows:
             return
         tokens = torch.tensor([s.out.last_token for s in rows], device=self.device)
-        positions = [s.length + s.decoded for s in rows]
+        positions = torch.tensor([s.length + s.decoded for s in rows], device=self.device)
+        offsets = torch.tensor([s.offset for s in rows], device=self.device)
         slots = torch.tensor([s.slot for s in rows], device=self.device)
         try:
-            if self.batch_invariant:
-                logits = self._decode_forward(tokens, positions, slots)
-            else:
-                pos = torch.tensor(positions, device=self.device).unsqueeze(1)
-                logits = self.lm(self.lm.embed(tokens.unsqueeze(1), self.dtype), pos, self.cache, slots)
+            logits = self.model.forward_decode(tokens, positions, offsets, self.cache, slots,
+                                               rows_alone=self.batch_invariant)
         except Exception as exc:  # the batched forward itself failed: every row of it fails
             log.exception("decode step failed for %d requests", len(rows))
             for seq in rows:
@@ -464,7 +465,7 @@ class BatchScheduler:
             with self._cond:
                 self._free.append(seq.slot)
             seq.slot = -1
-        seq.embeds = None
+        seq.prompt = None
 
     def _finish(self, seq: _Seq, reason: str | None) -> None:
         self._release(seq)
@@ -493,11 +494,3 @@ class BatchScheduler:
         with self._cond:
             self._counts["failed"] += 1
         seq.handle._end(exc)
-
-    # -- the batch-invariant decode forward -----------------------------------------------------------
-    def _decode_forward(self, tokens: torch.Tensor, positions: list[int], slots: torch.Tensor) -> torch.Tensor:
-        """One token per row -> logits float32 ``[B, V]``; each row computed as ``LlamaForCausalLM`` computes
-        a lone sequence (``rows_alone``: per-row attention span and, unless row-invariant, ``lm_head``)."""
-        b = tokens.shape[0]
-        pos = torch.tensor(positions, device=self.device).view(b, 1)
-        return self.lm(self.lm.embed(tokens.view(b, 1), self.dtype), pos, self.cache, slots, rows_alone=True)
