@@ -17,7 +17,9 @@ from .checkpoint import AWQ_MODULES_NAME, ShardWriter, replace_folder, TensorSto
 from .qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                   "added_tokens.json", "generation_config.json", "preprocessor_config.json", "chat_template.json")
+                   "added_tokens.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
+                   "chat_template.jinja", "processor_config.json", "video_preprocessor_config.json", "vocab.json",
+                   "merges.txt")
 
 
 @dataclass
