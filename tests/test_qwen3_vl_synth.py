@@ -136,3 +136,20 @@ def test_server_answers_an_image_request_as_the_engine(synth, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_cli_chat_two_turns_with_an_image(synth, tmp_path, monkeypatch, capsys):
+    img = tmp_path / "img.png"
+    img.write_bytes(_png(40, 64, seed=5))
+    lines = iter([f"/image {img}", "What is this?", "And the colours?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(synth / "qat"), "--max-new-tokens", "5"]) == 0
+    answers = [ln[len("ASSISTANT: "):] for ln in capsys.readouterr().out.splitlines() if ln.startswith("ASSISTANT: ")]
+    vlm = gracevlm.load(synth / "qat")
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(img)},
+                                             {"type": "text", "text": "What is this?"}]}]
+    first = vlm.chat(messages, max_new_tokens=5)
+    messages += [{"role": "assistant", "content": first.text},
+                 {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]}]
+    assert answers == [first.text, vlm.chat(messages, max_new_tokens=5).text]
