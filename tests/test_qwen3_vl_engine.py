@@ -12,6 +12,7 @@ import gracevlm
 from gracevlm.engine.sampling import SamplingParams
 from gracevlm.engine.scheduler import BatchScheduler
 from gracevlm.errors import CheckpointError, InputError
+from gracevlm.models.loader import load_checkpoint
 
 pytest.importorskip("transformers")
 from qwen3_vl_helpers import CONVERSATIONS, SIZES, random_image, reference_processor, write_folder  # noqa: E402
@@ -159,16 +160,18 @@ def test_scheduler_batched_greedy_equals_alone_and_transformers(folders, loaded)
         assert ch.token_ids == ref, name  # chunked prefill slices the deepstack rows and positions per chunk
 
 
-def test_quantized_layers_and_tied_head(loaded):
+def test_quantized_layers_and_tied_head(folders, loaded):
     from gracevlm.nn import Int4Linear
 
     for kind in ("qat", "awq"):
         lm = loaded[kind].model.language_model
         assert isinstance(lm.layers[2].mlp.down_proj, Int4Linear)
-        assert lm.lm_head.weight is lm.embed_tokens.weight
+        assert lm.lm_head.weight is lm.embed_tokens.weight  # one copy (a HalfLinear over the bf16 table, or tied)
     dense = loaded["dense"].model.language_model
     assert type(dense.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert dense.lm_head.weight is dense.embed_tokens.weight
+    trained = load_checkpoint(folders["dense"][1], half_lm_head=False).model.language_model
+    assert trained.embed_tokens.weight.dtype == torch.float32 and trained.lm_head.weight is trained.embed_tokens.weight
 
 
 def test_inspect_reports_family_bits_and_modules(folders):

@@ -4,7 +4,9 @@ exactly from the baked weights with the sidecar's log-scales, refused unless exa
 The store keeps the transformers key names (``model.visual.*``, ``model.language_model.*``, ``lm_head.weight``);
 ``weights.hf_to_ours`` maps them onto ``Qwen3VLModel``. Quantized linears (the 7 decoder linears of every
 layer, module names as the sidecar / ``awq_quantized_modules.json`` list them) become ``Int4Linear``. A tied
-``lm_head`` computes with ``embed_tokens`` (one copy in memory; a stored duplicate is not read).
+``lm_head`` computes with ``embed_tokens`` (one copy in memory; a stored duplicate is not read). As for LLaVA
+(``kernels.keep_half_head``), an fp32 model on the CPU keeps a bf16/fp16 embedding table and head as stored and
+reads them through ``HalfLinear`` (exact fp32 results, half the bytes per decoded token).
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ... import kernels
 from ...errors import CheckpointError
 from ...formats.checkpoint import TensorStore, is_ignored_key
+from ...nn import HalfLinear
 from ..checkpoint import OpenedCheckpoint, grace_quantized
 from ..llama import prepare_int4_kernels
 from ..loader import (LoadedModel, LoadOptions, LoadStats, assign, install_linears, language_bytes, module_nbytes,
@@ -28,6 +32,7 @@ from .weights import hf_to_ours
 DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LM_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.embed_tokens.weight"
 
 
 def int8_available() -> bool:
@@ -112,10 +117,17 @@ def build_qwen3_vl(opened: OpenedCheckpoint, options: LoadOptions) -> LoadedMode
             hint = " (an untied lm_head needs lm_head.weight)" if name == LM_HEAD else ""
             raise CheckpointError(f"{folder}: tensor for {name!r} is missing from the checkpoint{hint}")
         src = store.get(key)
+        used.add(key)
+        half = options.half_lm_head and kernels.keep_half_head(src, options.dtype)
+        if name == LM_HEAD and half:
+            lm.lm_head = HalfLinear(src)
+            continue
+        if name == EMBED and half:  # kept as stored: embed() converts rows exactly, a tied head reads it half
+            assign(model, name, src)
+            continue
         if name == "visual.patch_embed.weight":
             src = src.reshape(src.shape[0], -1)
         assign(model, name, src.to(vision_dtype if name.startswith("visual.") else options.dtype))
-        used.add(key)
     replaced = tuple(f"{m}." for m in ours_linears)  # their dense (baked) weights are not read
     extra = sorted(k for o, k in keys.items() if k not in used and not o.startswith(replaced))
     if extra:
@@ -125,7 +137,12 @@ def build_qwen3_vl(opened: OpenedCheckpoint, options: LoadOptions) -> LoadedMode
     spec = lm.spec
     lm.rotary = MRotary(spec.head_dim, spec.rope_theta, spec.mrope_section)
     if cfg.tie_word_embeddings:
-        lm.tie_lm_head()
+        embed = lm.embed_tokens.weight
+        if embed.dtype != options.dtype:  # half table: the head is a HalfLinear over the very same parameter
+            lm.lm_head = HalfLinear(embed)
+            lm.lm_head.weight = embed
+        else:
+            lm.tie_lm_head()
     prepare_int4_kernels(lm, release_awq=not options.keep_awq)
     model.eval()
     stats = LoadStats(opened.format)

@@ -121,7 +121,7 @@ class Qwen3VLModel(nn.Module):
         if n_markers != have:
             raise InputError(f"the prompt has {n_markers} image placeholder(s) but {have} image(s) were given")
         if features is None:
-            return self.prepare(ids)
+            return self.prepare(ids, dtype=self.compute_dtype)
         counts = iter(features.tokens_per_image)
         expanded: list[int] = []
         for t in ids:
@@ -164,7 +164,7 @@ class Qwen3VLModel(nn.Module):
               dtype: torch.dtype | None = None) -> PreparedPrompt:
         """Embeddings of ``ids`` (pads expanded) with ``image_embeds`` at the pads, positions, deepstack mask."""
         lm, cfg = self.language_model, self.config
-        dtype = dtype or lm.embed_tokens.weight.dtype
+        dtype = dtype or self.compute_dtype
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=lm.embed_tokens.weight.device).reshape(-1)
         if ids_t.numel() == 0:
             raise InputError("the prompt is empty")
@@ -194,7 +194,7 @@ class Qwen3VLModel(nn.Module):
         cache index + the row's ``delta``) -> logits ``[B, V]``."""
         lm = self.language_model
         pos = cache_positions.view(-1, 1)
-        embeds = lm.embed(tokens.view(-1, 1), lm.embed_tokens.weight.dtype)
+        embeds = lm.embed(tokens.view(-1, 1), self.compute_dtype)
         return lm(embeds, pos, cache, slots=slots, rope_positions=decode_positions(pos, deltas))
 
 
