@@ -99,7 +99,8 @@ def test_server_answers_an_image_request_as_the_engine(synth, tmp_path):
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "gracevlm.server", "--model", str(synth / "awq"), "--port",
                              str(port), "--max-batch-size", "2", "--max-model-len", "1024", "--no-access-log",
-                             "--device", "cpu", "--served-model-name", "qwen-tiny"], stdout=log, stderr=subprocess.STDOUT)
+                             "--device", "cpu", "--served-model-name", "qwen-tiny"],
+                            stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
