@@ -1,11 +1,11 @@
 """Random-weight Qwen3-VL checkpoints in the real folder layout (spec: shared/reference/qwen3-vl.md sections 1-4).
 
 ``synthesize_qwen3_vl(out_dir, preset, fmt)`` writes config.json (transformers ``Qwen3VLConfig``),
-generation_config.json (eos list), model.safetensors (shards for big presets; transformers key names, tied
-``lm_head`` omitted), a trained byte-level BPE tokenizer.json with the Qwen special tokens +
-tokenizer_config.json (with a Qwen3-VL style chat template), chat_template.jinja and preprocessor_config.json.
-``fmt``: ``bf16`` (dense), ``qat`` (GRACE QAT W4G128: the decoder linears baked as ``bf16(q * s)`` plus ``qat_quantized_weights.bin``) or ``awq``
-(GRACE AWQ W4G128: those linears packed exactly as ``gracevlm pack`` packs the QAT form).
+generation_config.json (eos list), model.safetensors (shards for big presets; transformers key names, tied ``lm_head``
+omitted), a trained byte-level BPE tokenizer.json with the Qwen special tokens + tokenizer_config.json (with a
+Qwen3-VL style chat template), chat_template.jinja and preprocessor_config.json. ``fmt``: ``bf16`` (dense), ``qat``
+(GRACE QAT W4G128: the decoder linears baked as ``bf16(q * s)`` plus ``qat_quantized_weights.bin``) or ``awq`` (GRACE
+AWQ W4G128: those linears packed exactly as ``gracevlm pack`` packs the QAT form).
 """
 from __future__ import annotations
 
