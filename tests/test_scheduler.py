@@ -116,7 +116,8 @@ def test_decode_forward_is_bitwise_a_lone_sequence(vlm, backend, request):
                         sched.cache, torch.tensor([slot]))
             nxt.append(int(logits[0].argmax()))
             pos.append(len(ids))
-        batched = sched._decode_forward(torch.tensor(nxt), pos, torch.arange(4))
+        batched = vlm.model.forward_decode(torch.tensor(nxt), torch.tensor(pos), torch.zeros(4, dtype=torch.long),
+                                           sched.cache, torch.arange(4), rows_alone=True)
         for r, ids in enumerate(prompts):
             cache = vlm.model.new_cache(1, 64)
             lm(lm.embed(torch.tensor([ids]), torch.float32), torch.arange(len(ids)).unsqueeze(0), cache)

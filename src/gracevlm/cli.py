@@ -165,8 +165,13 @@ def cmd_inspect(args) -> int:
 
 def cmd_synth(args) -> int:
     from .synth.checkpoint import synthesize
+    from .synth.qwen3_vl import QWEN_PRESETS, synthesize_qwen3_vl
 
-    out = synthesize(args.out, args.preset, args.format, seed=args.seed, force=args.force, layers=args.layers)
+    if args.preset in QWEN_PRESETS:
+        out = synthesize_qwen3_vl(args.out, args.preset, args.format, seed=args.seed, force=args.force,
+                                  layers=args.layers)
+    else:
+        out = synthesize(args.out, args.preset, args.format, seed=args.seed, force=args.force, layers=args.layers)
     print(out)
     return 0
 
@@ -210,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("synth", help="write a random-weight checkpoint in the exact GRACE layout")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "llava-1.5-7b"])
-    p.add_argument("--format", default="awq", choices=["awq", "qat", "fp16"])
+    p.add_argument("--preset", default="tiny",
+                   choices=["tiny", "small", "llava-1.5-7b", "qwen3-vl-tiny", "qwen3-vl-2b"])
+    p.add_argument("--format", default="awq", choices=["awq", "qat", "fp16", "bf16"],
+                   help="LLaVA presets: awq, qat, fp16; Qwen3-VL presets: awq, qat, bf16")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of LLM layers")

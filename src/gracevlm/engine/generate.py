@@ -105,8 +105,11 @@ class TokenStream:
 
     def __init__(self, tokenizer: LlamaTokenizer, params: SamplingParams, max_new_tokens: int, vocab: int):
         self.eos_id = tokenizer.eos_id
+        # a family's tokenizer may name several ids that end a generation, and bring its own detokenizer
+        self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
         self.sampler = Sampler(params)
-        self.decoder = StreamDecoder(tokenizer)
+        make_decoder = getattr(tokenizer, "stream_decoder", None)
+        self.decoder = make_decoder() if make_decoder is not None else StreamDecoder(tokenizer)
         self.stops = _StopMatcher(params.stop)
         self.max_new_tokens = max_new_tokens
         self.vocab = vocab  # rows past the tokenizer (padding) are never sampled
@@ -136,7 +139,7 @@ class TokenStream:
         if self.constraint is not None:
             self.constraint.advance(token)
         self.steps += 1
-        if token == self.eos_id:
+        if token in self.stop_ids:
             self.finish_reason, self.done = "stop", True
             return ""
         if entry is not None:
@@ -181,7 +184,8 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                     image_features: torch.Tensor | None, params: SamplingParams, max_context: int,
                     result: Generation | None = None, started: float | None = None) -> Iterator[str]:
     """Yield text deltas; fill ``result`` (if given) with the final text, ids, finish reason, timings.
-    ``model`` is a family's model (``embed_prompt``, ``new_cache``, ``language_model``).
+    ``model`` is a family's model (the engine contract in ``models.registry``: ``prompt_for``,
+    ``forward_prompt``, ``forward_decode``, ``new_cache``, ``language_model``).
 
     Deltas never split a multi-byte character and never contain (a prefix of) a stop string.
     """
@@ -190,16 +194,16 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
     res.prompt_token_ids = list(prompt_ids)
     lm = model.language_model
     with torch.inference_mode():
-        embeds = model.embed_prompt(prompt_ids, image_features)
-        length = embeds.shape[0]
+        prompt = model.prompt_for(prompt_ids, image_features)
+        length = prompt.length
         check_prompt_length(length, max_context, image_features)
         max_new = min(params.max_new_tokens, max_context - length)
         cache = model.new_cache(1, length + max_new)
         out = TokenStream(tokenizer, params, max_new, min(tokenizer.vocab_size, logits_rows(lm)))
         res.token_ids, res.logprobs = out.token_ids, out.logprobs
         t0 = time.perf_counter()
-        dev = embeds.device
-        logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache)
+        dev = prompt.embeds.device
+        logits = model.forward_prompt(prompt, cache)
         res.timings.prefill_s = time.perf_counter() - t0
         res.timings.prefill_tokens = length
         steps = 0
@@ -212,8 +216,8 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                 yield delta
             if out.done:
                 break
-            pos = torch.tensor([[length + steps]], device=dev)
-            logits = lm(lm.embed(torch.tensor([[out.last_token]], device=dev), embeds.dtype), pos, cache)
+            logits = model.forward_decode(torch.tensor([out.last_token], device=dev),
+                                          torch.tensor([length + steps], device=dev), prompt.decode_offset, cache)
             steps += 1
         last = out.close()
         if last:
@@ -244,18 +248,17 @@ def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
     lm = model.language_model
     vocab = min(tokenizer.vocab_size, logits_rows(lm))
     with torch.inference_mode():
-        embeds = model.embed_prompt(prompt_ids, image_features)
-        length = embeds.shape[0]
+        prompt = model.prompt_for(prompt_ids, image_features)
+        length = prompt.length
         check_prompt_length(length, max_context, image_features)
         max_new = min(params.max_new_tokens, max_context - length)
         cache = model.new_cache(n, length + max_new)
         outs = [TokenStream(tokenizer, replace(params, seed=choice_seed(params.seed, i)), max_new, vocab)
                 for i in range(n)]
         gens = [Generation("", o.token_ids, list(prompt_ids), "length", logprobs=o.logprobs) for o in outs]
-        dev = embeds.device
+        dev = prompt.embeds.device
         t0 = time.perf_counter()
-        logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache,
-                    torch.tensor([0], device=dev))
+        logits = model.forward_prompt(prompt, cache, 0)
         prefill_s = time.perf_counter() - t0
         for layer_k, layer_v in zip(cache.k, cache.v):
             layer_k[1:, :, :length] = layer_k[0:1, :, :length]
@@ -266,9 +269,11 @@ def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         decoded = [0] * n
         t_decode = time.perf_counter()
         while rows := [i for i, o in enumerate(outs) if not o.done]:
-            tokens = torch.tensor([[outs[i].last_token] for i in rows], device=dev)
-            pos = torch.tensor([[length + decoded[i]] for i in rows], device=dev)
-            logits = lm(lm.embed(tokens, embeds.dtype), pos, cache, torch.tensor(rows, device=dev), rows_alone=True)
+            tokens = torch.tensor([outs[i].last_token for i in rows], device=dev)
+            pos = torch.tensor([length + decoded[i] for i in rows], device=dev)
+            offsets = torch.tensor([prompt.decode_offset] * len(rows), device=dev)
+            logits = model.forward_decode(tokens, pos, offsets, cache, torch.tensor(rows, device=dev),
+                                          rows_alone=True)
             for r, i in enumerate(rows):
                 decoded[i] += 1
                 outs[i].push(logits[r])
@@ -286,9 +291,19 @@ class PromptTooLong(InputError):
     """The prompt fills the context window (an ``InputError``)."""
 
 
-def check_prompt_length(length: int, max_context: int, image_features: torch.Tensor | None) -> None:
+def image_positions(image_features) -> int:
+    """Prompt positions a request's images take: ``[N, tokens, D]`` features (LLaVA) or a family's
+    features object with ``positions`` (images of different sizes)."""
+    if image_features is None:
+        return 0
+    if isinstance(image_features, torch.Tensor):
+        return image_features.shape[0] * image_features.shape[1]
+    return int(image_features.positions)
+
+
+def check_prompt_length(length: int, max_context: int, image_features) -> None:
     """Raise ``PromptTooLong`` when a prompt of ``length`` positions leaves no room to generate."""
     if length >= max_context:
-        raise PromptTooLong(f"the prompt takes {length} positions (each image counts as "
-                            f"{image_features.shape[1] if image_features is not None else 0}) but the context "
-                            f"window is {max_context}; shorten the prompt or use fewer images")
+        raise PromptTooLong(f"the prompt takes {length} positions ({image_positions(image_features)} of them for "
+                            f"images) but the context window is {max_context}; shorten the prompt or use fewer "
+                            "images")

@@ -11,8 +11,10 @@ positions long. Each loop iteration of the model thread does, in this order:
 3. one decode step for every running request together (one token each).
 
 Requests are prepared OUTSIDE the model thread: the caller tokenizes, decodes and encodes images
-(``engine.prepare``) and ``submit`` splices the image features into the prompt
-embeddings, so the model thread only runs LLaMA forward passes.
+(``engine.prepare``) and ``submit`` has the model place the image features in the prompt (``prompt_for``:
+embeddings, and for Qwen3-VL 3-axis positions and deepstack rows), so the model thread only runs decoder
+forward passes. Each request carries its own decode position offset (``decode_offset``: 0 for LLaVA,
+Qwen3-VL's M-RoPE ``delta``), passed per row to ``forward_decode``.
 
 Per request the output logic is ``generate.TokenStream``, the same object ``stream_generate`` uses:
 seeded sampler, EOS, stop strings, max tokens, incremental detokenizer and LLaVA's strip semantics are
@@ -191,12 +193,13 @@ class RequestHandle:
 class _Seq:
     """Model-thread state of one request."""
 
-    __slots__ = ("handle", "embeds", "length", "out", "slot", "prefilled", "decoded", "t_decode", "siblings",
-                 "shared")
+    __slots__ = ("handle", "prompt", "length", "offset", "out", "slot", "prefilled", "decoded", "t_decode",
+                 "siblings", "shared")
 
-    def __init__(self, handle: RequestHandle, embeds: torch.Tensor, out: TokenStream):
-        self.handle, self.embeds, self.out = handle, embeds, out
-        self.length = embeds.shape[0] if embeds is not None else 0  # a sibling's is set by submit
+    def __init__(self, handle: RequestHandle, prompt, out: TokenStream):
+        self.handle, self.prompt, self.out = handle, prompt, out  # prompt: the model's ``prompt_for`` result
+        self.length = prompt.length if prompt is not None else 0  # a sibling's is set by submit
+        self.offset = prompt.decode_offset if prompt is not None else 0  # rope position - cache index of decode
         self.siblings: list[_Seq] = []  # the other choices of the same prompt, waiting for this prefill
         self.shared = False  # a sibling: its prompt KV is copied from the leader's prefill
         self.slot = -1
@@ -290,7 +293,7 @@ class BatchScheduler:
             features = self._check_features(image_features)
             length = self.model.prompt_length(ids, features)  # checked before any embedding is built
             check_prompt_length(length, self.max_model_len, features)
-            embeds = self.model.embed_prompt(ids, features)
+            prompt = self.model.prompt_for(ids, features)
         max_new = min(params.max_new_tokens, self.max_model_len - length)
         timeout = self.request_timeout if timeout is None else timeout
         deadline = None if timeout is None else started + timeout
@@ -308,9 +311,9 @@ class BatchScheduler:
                 handle = RequestHandle(next(self._ids), ids, length, out.sampler.params, max_new, started,
                                        deadline, waker, self._wake)
                 handle.generation.token_ids, handle.generation.logprobs = out.token_ids, out.logprobs
-                seqs.append(_Seq(handle, embeds if not seqs else None, out))
+                seqs.append(_Seq(handle, prompt if not seqs else None, out))
             for sib in seqs[1:]:
-                sib.shared, sib.length = True, length
+                sib.shared, sib.length, sib.offset = True, length, prompt.decode_offset
             seqs[0].siblings = seqs[1:]
             self._pending.append(seqs[0])
             self._counts["submitted"] += n
@@ -373,6 +376,8 @@ class BatchScheduler:
     def _check_features(self, features: torch.Tensor | None) -> torch.Tensor | None:
         if features is None:
             return None
+        if not isinstance(features, torch.Tensor) and hasattr(features, "positions"):
+            return features.to(device=self.device, dtype=self.dtype)  # a family's own features object
         hidden = self.lm.spec.hidden_size
         if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[2] != hidden \
                 or features.shape[1] < 1 or not (features.is_floating_point()):
@@ -449,11 +454,9 @@ class BatchScheduler:
             start = seq.prefilled
             end = seq.length if self.prefill_chunk is None else min(seq.length, start + self.prefill_chunk)
             t0 = time.perf_counter()
-            positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-            slots = torch.tensor([seq.slot], device=self.device)
             k_prompt = seq.handle.params.prompt_logprobs
-            logits = self.lm(seq.embeds[start:end].unsqueeze(0), positions, self.cache, slots,
-                             logits_for="last" if k_prompt is None else "all")
+            logits = self.model.forward_prompt(seq.prompt, self.cache, seq.slot, start, end,
+                                               logits_for="last" if k_prompt is None else "all")
             if k_prompt is not None:
                 g = seq.handle.generation
                 if g.prompt_logprobs is None:
@@ -468,7 +471,7 @@ class BatchScheduler:
                 return
             timings.prefill_tokens = seq.length
             self._prefilling = None
-            seq.embeds = None
+            seq.prompt = None
             for sib in seq.siblings:
                 src, dst = seq.slot, sib.slot
                 for layer_k, layer_v in zip(self.cache.k, self.cache.v):
@@ -496,14 +499,12 @@ class BatchScheduler:
         if not rows:
             return
         tokens = torch.tensor([s.out.last_token for s in rows], device=self.device)
-        positions = [s.length + s.decoded for s in rows]
+        positions = torch.tensor([s.length + s.decoded for s in rows], device=self.device)
+        offsets = torch.tensor([s.offset for s in rows], device=self.device)
         slots = torch.tensor([s.slot for s in rows], device=self.device)
         try:
-            if self.batch_invariant:
-                logits = self._decode_forward(tokens, positions, slots)
-            else:
-                pos = torch.tensor(positions, device=self.device).unsqueeze(1)
-                logits = self.lm(self.lm.embed(tokens.unsqueeze(1), self.dtype), pos, self.cache, slots)
+            logits = self.model.forward_decode(tokens, positions, offsets, self.cache, slots,
+                                               rows_alone=self.batch_invariant)
         except Exception as exc:  # the batched forward itself failed: every row of it fails
             log.exception("decode step failed for %d requests", len(rows))
             for seq in rows:
@@ -535,7 +536,7 @@ class BatchScheduler:
             with self._cond:
                 self._free.append(seq.slot)
             seq.slot = -1
-        seq.embeds = None
+        seq.prompt = None
 
     def _finish_group(self, seq: _Seq, reason: str) -> None:
         """End a request that has not been prefilled yet, and the choices waiting for its prefill."""
@@ -569,11 +570,3 @@ class BatchScheduler:
         with self._cond:
             self._counts["failed"] += 1
         seq.handle._end(exc)
-
-    # -- the batch-invariant decode forward -----------------------------------------------------------
-    def _decode_forward(self, tokens: torch.Tensor, positions: list[int], slots: torch.Tensor) -> torch.Tensor:
-        """One token per row -> logits float32 ``[B, V]``; each row computed as ``LlamaForCausalLM`` computes
-        a lone sequence (``rows_alone``: per-row attention span and, unless row-invariant, ``lm_head``)."""
-        b = tokens.shape[0]
-        pos = torch.tensor(positions, device=self.device).view(b, 1)
-        return self.lm(self.lm.embed(tokens.view(b, 1), self.dtype), pos, self.cache, slots, rows_alone=True)

@@ -17,7 +17,9 @@ from .publish import discard_temp_folder, new_temp_folder
 from .qat import SIDECAR_NAME, qat_to_awq, read_qat_sidecar
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                   "added_tokens.json", "generation_config.json", "preprocessor_config.json", "chat_template.json")
+                   "added_tokens.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
+                   "chat_template.jinja", "processor_config.json", "video_preprocessor_config.json", "vocab.json",
+                   "merges.txt")
 
 
 @dataclass

@@ -231,20 +231,7 @@ class LlamaForCausalLM(nn.Module):
         """Let each packed linear's decode backend build its layout now instead of on the first token;
         with ``release_awq``, also free the AWQ buffers where the backend's layout holds the same bits
         (``Int4Linear.release_awq``). Returns how many layers were prepared."""
-        from .. import kernels
-
-        n = 0
-        for module in self.modules():
-            if isinstance(module, Int4Linear):
-                backend = kernels.select_backend(module.device, 1, module.backend)
-                prepare = getattr(backend, "prepare", None)
-                if prepare is not None:
-                    prepare(module)
-                    n += 1
-                release = getattr(backend, "release_awq", None)
-                if release_awq and release is not None:
-                    release(module)
-        return n
+        return prepare_int4_kernels(self, release_awq)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.model.embed_tokens(ids).to(dtype)
@@ -324,3 +311,22 @@ class LlamaForCausalLM(nn.Module):
         if states is not None:
             states[-1] = x
         return x, (tuple(states) if states is not None else None)
+
+
+def prepare_int4_kernels(root: nn.Module, release_awq: bool = False) -> int:
+    """``LlamaForCausalLM.prepare_kernels`` for any module tree holding ``Int4Linear`` layers (every family's
+    decoder): build each layer's decode layout now, optionally free the AWQ buffers the layout duplicates."""
+    from .. import kernels
+
+    n = 0
+    for module in root.modules():
+        if isinstance(module, Int4Linear):
+            backend = kernels.select_backend(module.device, 1, module.backend)
+            prepare = getattr(backend, "prepare", None)
+            if prepare is not None:
+                prepare(module)
+                n += 1
+            release = getattr(backend, "release_awq", None)
+            if release_awq and release is not None:
+                release(module)
+    return n

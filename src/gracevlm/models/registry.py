@@ -12,6 +12,14 @@ The engine and the front ends talk to a family only through this contract, never
 - ``describe(opened)`` and ``part_of(key)``: the architecture facts and weight parts ``inspect`` reports.
 - ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``config_for_model``.
 
+The family's model object is what the engine drives (``engine.generate``, ``engine.scheduler``), with no
+family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``, ``new_cache(slots, max_len)``,
+``language_model`` (``lm_head``, ``spec.hidden_size``), ``encode_images(preprocessed)`` -> image features,
+``prompt_for(ids, features)`` -> a prompt with ``length``, ``embeds`` and ``decode_offset`` (rope position of
+a decode token minus its cache index: 0 for LLaVA, Qwen3-VL's M-RoPE delta), ``forward_prompt(prompt, cache,
+slot, start, end)`` -> logits of one prefill chunk, and ``forward_decode(tokens, cache_positions, offsets, cache,
+slots, rows_alone)`` -> one token per row with each row's own offset.
+
 Packages are imported only when a checkpoint asks for them.
 """
 from __future__ import annotations
@@ -29,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .loader import LoadedModel, LoadOptions
 
 # family name -> package; a new family is one line here plus its folder
-FAMILY_PACKAGES = {"llava": "gracevlm.models.llava"}
+FAMILY_PACKAGES = {"llava": "gracevlm.models.llava", "qwen3_vl": "gracevlm.models.qwen3_vl"}
 
 
 class Runtime(ABC):

@@ -1,6 +1,8 @@
 """LLaVA-1.5 assembly: CLIP vision tower -> feature selection -> projector -> LLaMA input embeddings."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -14,6 +16,18 @@ class Projector(nn.Sequential):
 
     def __init__(self, mm_hidden: int, hidden: int):
         super().__init__(nn.Linear(mm_hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
+@dataclass
+class EmbeddedPrompt:
+    """A LLaVA prompt ready for prefill: ``embeds [T, D]``; positions are the cache indexes (offset 0)."""
+
+    embeds: torch.Tensor
+    decode_offset: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
 
 
 class LlavaModel(nn.Module):
@@ -80,3 +94,26 @@ class LlavaModel(nn.Module):
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         return KVCache(self.language_model.spec, slots, max_len, dtype or self.compute_dtype,
                        self.language_model.lm_head.weight.device)
+
+    # -- the engine's model contract (models.registry) -------------------------------------------------
+    def prompt_for(self, token_ids: list[int], image_features: torch.Tensor | None) -> EmbeddedPrompt:
+        return EmbeddedPrompt(self.embed_prompt(token_ids, image_features))
+
+    def forward_prompt(self, prompt: EmbeddedPrompt, cache: KVCache, slot: int = 0, start: int = 0,
+                       end: int | None = None, logits_for: str = "last") -> torch.Tensor:
+        """Prompt positions ``start:end`` (a prefill chunk) into cache slot ``slot`` -> logits ``[1, V]`` of the
+        chunk's last position (``logits_for="all"``: ``[1, end - start, V]``)."""
+        end = prompt.length if end is None else end
+        dev = prompt.embeds.device
+        positions = torch.arange(start, end, device=dev).unsqueeze(0)
+        return self.language_model(prompt.embeds[start:end].unsqueeze(0), positions, cache,
+                                   torch.tensor([slot], device=dev), logits_for=logits_for)
+
+    def forward_decode(self, tokens: torch.Tensor, cache_positions: torch.Tensor, offsets, cache: KVCache,
+                       slots: torch.Tensor | None = None, rows_alone: bool = False) -> torch.Tensor:
+        """One token per row at cache indexes ``cache_positions [B]`` -> logits ``[B, V]`` (LLaVA's rope
+        positions are the cache indexes: ``offsets`` are all 0)."""
+        lm = self.language_model
+        b = tokens.shape[0]
+        return lm(lm.embed(tokens.view(b, 1), self.compute_dtype), cache_positions.view(b, 1), cache, slots,
+                  rows_alone=rows_alone)

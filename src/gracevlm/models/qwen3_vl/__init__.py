@@ -1,2 +1,6 @@
-"""Qwen3-VL family: config, image processing, chat prompts, M-RoPE positions, vision tower, language
-model and the transformers weight map (spec: shared/reference/qwen3-vl.md). Not yet wired into loading."""
+"""Qwen3-VL: ViT + merger + deepstack vision tower, Qwen3 decoder with interleaved M-RoPE, smart_resize
+processing, the checkpoint's chat template (spec: shared/reference/qwen3-vl.md). ``FAMILY`` is what
+``models.registry`` hands to the engine and the front ends."""
+from .family import Qwen3VLFamily
+
+FAMILY = Qwen3VLFamily()

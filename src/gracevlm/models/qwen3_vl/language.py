@@ -67,7 +67,10 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps)
         self.k_norm = RMSNorm(d, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, slots, positions, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, slots, positions, mask,
+                alone: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """``alone``: one ``(slot, span)`` per row (decode, one token each): attend row by row over that row's
+        own cache span, as a lone sequence does (see ``LlamaForCausalLM.forward``'s ``rows_alone``)."""
         b, t, _ = x.shape
         s = self.spec
         q = self.q_norm(self.q_proj(x).view(b, t, s.num_heads, s.head_dim)).transpose(1, 2)
@@ -90,7 +93,15 @@ class Qwen3Attention(nn.Module):
             rows = slice(None) if isinstance(slots, slice) else slots
             span = mask.shape[-1]
             keys, values = kc[rows, :, :span].to(q.dtype), vc[rows, :, :span].to(q.dtype)
-        out = _attend(q, keys, values, mask.unsqueeze(1), s.num_heads // s.num_kv_heads)
+        groups = s.num_heads // s.num_kv_heads
+        if alone is not None:
+            kc, vc = cache.k[layer], cache.v[layer]
+            out = torch.cat([_attend(q[r:r + 1], kc[slot:slot + 1, :, :span].to(q.dtype),
+                                     vc[slot:slot + 1, :, :span].to(q.dtype),
+                                     torch.ones(1, 1, 1, span, dtype=torch.bool, device=q.device), groups)
+                             for r, (slot, span) in enumerate(alone)])
+        else:
+            out = _attend(q, keys, values, mask.unsqueeze(1), groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
 
@@ -102,8 +113,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, slots, positions, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
+    def forward(self, x, cos, sin, cache, layer, slots, positions, mask, alone=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask, alone)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,10 +149,18 @@ class Qwen3LanguageModel(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                 slots: torch.Tensor | None = None, logits_for: str = "last",
                 rope_positions: torch.Tensor | None = None,
-                visual: VisualInjection | None = None) -> torch.Tensor:
+                visual: VisualInjection | None = None, rows_alone: bool = False) -> torch.Tensor:
         """Logits float32 ``[B, V]`` of each row's last token (``"last"``) or ``[B, T, V]`` (``"all"``).
-        With ``cache=None`` the tokens attend causally among themselves (``positions`` then only order them)."""
+        With ``cache=None`` the tokens attend causally among themselves (``positions`` then only order them).
+        ``rows_alone`` (decode, T = 1): each row's logits are bitwise those it gets as a lone sequence
+        (per-row attention span; ``lm_head`` per row unless it is row-invariant)."""
         b, t, _ = embeds.shape
+        alone = None
+        if rows_alone:
+            if t != 1 or cache is None:
+                raise ValueError("rows_alone is for cached decode steps (one token per row)")
+            ids = list(range(b)) if slots is None else slots.tolist()
+            alone = [(slot, p + 1) for slot, p in zip(ids, positions[:, -1].tolist())]
         if cache is None:
             mask = (positions.unsqueeze(-1) >= positions.unsqueeze(1))  # [B, T, T]
             sel = None
@@ -153,13 +172,16 @@ class Qwen3LanguageModel(nn.Module):
         x = embeds
         n_inject = len(visual.features) if visual is not None else 0
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, sel, positions, mask)
+            x = layer(x, cos, sin, cache, i, sel, positions, mask, alone)
             if i < n_inject:
                 x = x.clone()
                 x[visual.mask] = x[visual.mask] + visual.features[i].to(x.dtype)
         if logits_for == "last":
             x = x[:, -1:]
-        logits = self.logits(self.norm(x))
+        x = self.norm(x)
+        head_alone = alone is not None and b > 1 and not (getattr(self.lm_head, "rows_independent", None)
+                                                         and self.lm_head.rows_independent(b))
+        logits = torch.cat([self.logits(x[r:r + 1]) for r in range(b)]) if head_alone else self.logits(x)
         return logits[:, -1] if logits_for == "last" else logits
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Qwen3-VL composition: vision tower + Qwen3 decoder, prompt preparation (image embeddings scattered
-into the pad positions, deepstack mask, 3-axis positions) and a greedy prefill + decode loop that drives
-the decoder the way ``engine.generate.stream_generate`` drives ``LlamaForCausalLM``.
+into the pad positions, deepstack mask, 3-axis positions), the engine's model contract
+(``models.registry``: ``encode_images`` / ``prompt_for`` / ``forward_prompt`` / ``forward_decode``) and a
+greedy prefill + decode loop used as a self-contained reference in tests.
 """
 from __future__ import annotations
 
@@ -30,6 +31,57 @@ class PreparedPrompt:
     def length(self) -> int:
         return self.embeds.shape[0]
 
+    @property
+    def decode_offset(self) -> int:
+        """Rope position of a decode token minus its cache index (the engine's per-request offset)."""
+        return self.delta
+
+    def chunk(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, VisualInjection | None]:
+        """Embeddings, rope positions ``[3, 1, n]`` and deepstack injection of prompt positions ``start:end``."""
+        visual = None
+        if self.visual is not None:
+            mask = self.visual.mask[:, start:end]
+            before = int(self.visual.mask[:, :start].sum())
+            n = int(mask.sum())
+            visual = VisualInjection(mask, [f[before:before + n] for f in self.visual.features])
+        return self.embeds[start:end], self.rope_positions[:, start:end].unsqueeze(1), visual
+
+
+@dataclass
+class ImagePixels:
+    """The vision tower's input for a request's images: ``pixel_values [patches, C*T*P*P]`` and
+    ``grid_thw [images, 3]`` (what ``Runtime.preprocess`` returns)."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+
+    def to(self, device=None, dtype=None) -> "ImagePixels":
+        return ImagePixels(self.pixel_values.to(device=device, dtype=dtype), self.grid_thw.to(device=device))
+
+
+@dataclass
+class ImageFeatures:
+    """Encoded images: merged tokens ``embeds [n, D]`` (images one after another), the deepstack features
+    (one ``[n, D]`` per injection layer) and each image's patch grid."""
+
+    embeds: torch.Tensor
+    deepstack: list[torch.Tensor]
+    grids: list[tuple[int, int, int]]
+    merge_size: int
+
+    @property
+    def tokens_per_image(self) -> list[int]:
+        return [t * h * w // self.merge_size ** 2 for t, h, w in self.grids]
+
+    @property
+    def positions(self) -> int:
+        """Prompt positions all the images take."""
+        return self.embeds.shape[0]
+
+    def to(self, device=None, dtype=None) -> "ImageFeatures":
+        return ImageFeatures(self.embeds.to(device=device, dtype=dtype),
+                             [f.to(device=device, dtype=dtype) for f in self.deepstack], self.grids, self.merge_size)
+
 
 class Qwen3VLModel(nn.Module):
     """``visual`` (transformers ``model.visual.*``) + ``language_model`` (``model.language_model.*``, ``lm_head``)."""
@@ -40,24 +92,94 @@ class Qwen3VLModel(nn.Module):
         self.visual = VisionTower(config.vision)
         self.language_model = Qwen3LanguageModel(Qwen3Spec.from_config(config.text, config.tie_word_embeddings))
 
+    # -- the engine's model contract (models.registry) ----------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.visual
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.language_model.norm.weight.dtype
+
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None):
+        return self.language_model.new_cache(slots, max_len, dtype or self.compute_dtype)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: ImagePixels) -> ImageFeatures:
+        grids = [tuple(int(v) for v in g) for g in pixels.grid_thw.reshape(-1, 3).tolist()]
+        embeds, deepstack = self.visual(pixels.pixel_values, grids)
+        dtype = self.compute_dtype
+        return ImageFeatures(embeds.to(dtype), [f.to(dtype) for f in deepstack], grids,
+                             self.config.vision.spatial_merge_size)
+
+    def prompt_for(self, ids: list[int], features: ImageFeatures | None) -> PreparedPrompt:
+        """Prompt ids with ONE ``image_token_id`` per image (the runtime's marker) -> the prompt ready for
+        prefill: each marker expanded to its image's tokens, 3-axis positions, image and deepstack rows."""
+        marker = self.config.image_token_id
+        n_markers = sum(1 for t in ids if t == marker)
+        have = 0 if features is None else len(features.grids)
+        if n_markers != have:
+            raise InputError(f"the prompt has {n_markers} image placeholder(s) but {have} image(s) were given")
+        if features is None:
+            return self.prepare(ids, dtype=self.compute_dtype)
+        counts = iter(features.tokens_per_image)
+        expanded: list[int] = []
+        for t in ids:
+            expanded.extend([marker] * next(counts) if t == marker else [t])
+        return self.place(expanded, features.grids, features.embeds, features.deepstack, self.compute_dtype)
+
+    def prompt_length(self, ids: list[int], features: ImageFeatures | None) -> int:
+        """Positions ``ids`` take once each image marker is expanded to its image's tokens (no embedding built)."""
+        n = sum(1 for t in ids if t == self.config.image_token_id)
+        return len(ids) - n + (sum(features.tokens_per_image) if features is not None else 0)
+
+    def forward_prompt(self, prompt: PreparedPrompt, cache, slot: int = 0, start: int = 0,
+                       end: int | None = None, logits_for: str = "last") -> torch.Tensor:
+        """Prompt positions ``start:end`` (a prefill chunk) into cache slot ``slot`` -> logits ``[1, V]`` of the
+        chunk's last position (``logits_for="all"``: ``[1, end - start, V]``)."""
+        end = prompt.length if end is None else end
+        embeds, rope, visual = prompt.chunk(start, end)
+        dev = embeds.device
+        positions = torch.arange(start, end, device=dev).unsqueeze(0)
+        return self.language_model(embeds.unsqueeze(0), positions, cache, slots=torch.tensor([slot], device=dev),
+                                   rope_positions=rope, visual=visual, logits_for=logits_for)
+
+    def forward_decode(self, tokens: torch.Tensor, cache_positions: torch.Tensor, offsets, cache,
+                       slots: torch.Tensor | None = None, rows_alone: bool = False) -> torch.Tensor:
+        """One token per row at cache indexes ``cache_positions [B]``; rope position = index + the row's
+        ``offsets`` entry (its prompt's ``decode_offset``) -> logits ``[B, V]``."""
+        lm = self.language_model
+        pos = cache_positions.view(-1, 1)
+        embeds = lm.embed(tokens.view(-1, 1), self.compute_dtype)
+        return lm(embeds, pos, cache, slots=slots, rope_positions=decode_positions(pos, offsets),
+                  rows_alone=rows_alone)
+
+    # -- prompts -------------------------------------------------------------------------------------------
     def prepare(self, ids: list[int], pixel_values: torch.Tensor | None = None, grid_thw=None,
                 dtype: torch.dtype | None = None) -> PreparedPrompt:
-        """Embed ``ids``, run the vision tower on the images (if any) and place their tokens."""
+        """Embed ``ids`` (image pads expanded), run the vision tower on the images (if any), place their tokens."""
+        grids = [] if grid_thw is None else torch.as_tensor(grid_thw).reshape(-1, 3).tolist()
+        image_embeds, deepstack = None, []
+        if grids:
+            if pixel_values is None:
+                raise InputError("image grids were given without pixel_values")
+            image_embeds, deepstack = self.visual(pixel_values, grids)
+        return self.place(ids, grids, image_embeds, deepstack, dtype)
+
+    def place(self, ids: list[int], grids: list, image_embeds: torch.Tensor | None, deepstack: list[torch.Tensor],
+              dtype: torch.dtype | None = None) -> PreparedPrompt:
+        """Embeddings of ``ids`` (pads expanded) with ``image_embeds`` at the pads, positions, deepstack mask."""
         lm, cfg = self.language_model, self.config
-        dtype = dtype or lm.embed_tokens.weight.dtype
+        dtype = dtype or self.compute_dtype
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=lm.embed_tokens.weight.device).reshape(-1)
         if ids_t.numel() == 0:
             raise InputError("the prompt is empty")
         if int(ids_t.max()) >= cfg.text.vocab_size or int(ids_t.min()) < 0:
             raise InputError(f"token ids must lie in [0, {cfg.text.vocab_size})")
-        grids = [] if grid_thw is None else torch.as_tensor(grid_thw).reshape(-1, 3).tolist()
         positions, delta = mrope_positions(ids_t.cpu(), grids, cfg.image_token_id, cfg.vision.spatial_merge_size)
         embeds = lm.embed(ids_t, dtype)
         visual = None
         if grids:
-            if pixel_values is None:
-                raise InputError("image grids were given without pixel_values")
-            image_embeds, deepstack = self.visual(pixel_values, grids)
             mask = ids_t == cfg.image_token_id
             embeds = embeds.clone()
             embeds[mask] = image_embeds.to(dtype)
@@ -78,7 +200,7 @@ class Qwen3VLModel(nn.Module):
         cache index + the row's ``delta``) -> logits ``[B, V]``."""
         lm = self.language_model
         pos = cache_positions.view(-1, 1)
-        embeds = lm.embed(tokens.view(-1, 1), lm.embed_tokens.weight.dtype)
+        embeds = lm.embed(tokens.view(-1, 1), self.compute_dtype)
         return lm(embeds, pos, cache, slots=slots, rope_positions=decode_positions(pos, deltas))
 
 

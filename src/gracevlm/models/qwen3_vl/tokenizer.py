@@ -32,6 +32,7 @@ class QwenTokenizer:
         self.pad_token = _token_text(self.config.get("pad_token"))
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_id = self.token_id(self.eos_token) if self.eos_token else None
+        self.stop_ids: list[int] = [self.eos_id] if self.eos_id is not None else []  # the engine stops on any
         self.pad_id = self.token_id(self.pad_token) if self.pad_token else None
 
     @classmethod
@@ -70,10 +71,38 @@ class QwenTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def stream_decoder(self) -> ByteLevelStreamDecoder:
+        """The incremental detokenizer the engine's ``TokenStream`` uses."""
+        return ByteLevelStreamDecoder(self)
+
     def special_tokens(self) -> dict[str, str]:
         """The ``bos/eos/pad`` token strings that chat templates may read (those the config names)."""
         return {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                   ("pad_token", self.pad_token)) if v is not None}
+
+
+class ByteLevelStreamDecoder:
+    """Incremental detokenizer for byte-level BPE: ``push(id)`` returns the text the new id completes,
+    ``flush()`` the rest; ``"".join(push(i) for i in ids) + flush() == decode(ids)``. Each token stands for
+    whole bytes, so the ids since the last emission are decoded alone and emitted once they no longer end
+    in an incomplete UTF-8 sequence (decoded as U+FFFD)."""
+
+    def __init__(self, tokenizer: "QwenTokenizer", skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self._pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        self._pending.append(int(token))
+        text = self.tokenizer.decode(self._pending, self.skip)
+        if text.endswith("\ufffd") and len(self._pending) < 8:
+            return ""
+        self._pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self._pending, self.skip) if self._pending else ""
+        self._pending = []
+        return text
 
 
 def stop_token_ids(folder: str | os.PathLike, tokenizer: QwenTokenizer) -> list[int]:

@@ -32,6 +32,12 @@ def _block_order(x: torch.Tensor, h: int, w: int, m: int) -> torch.Tensor:
     return x.reshape(h // m, m, w // m, m, *rest).transpose(1, 2).reshape(h * w, *rest)
 
 
+def rope_inv_freq(cfg: Qwen3VLVisionConfig) -> torch.Tensor:
+    """The ``head_dim/4`` frequencies of the 2-D RoPE (a computed buffer, never a checkpoint tensor)."""
+    quarter = cfg.head_dim // 2
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter))
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: Qwen3VLVisionConfig):
         super().__init__()
@@ -104,9 +110,7 @@ class VisionTower(nn.Module):
         self.merger = PatchMerger(cfg, postshuffle_norm=False)
         self.deepstack_merger_list = nn.ModuleList(PatchMerger(cfg, postshuffle_norm=True)
                                                    for _ in cfg.deepstack_visual_indexes)
-        quarter = cfg.head_dim // 2
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def check_grids(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> None:
         m = self.cfg.spatial_merge_size
