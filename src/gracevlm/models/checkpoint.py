@@ -56,6 +56,8 @@ class OpenedCheckpoint:
     def awq_tensors(self, name: str) -> AwqTensors:
         """The exact AWQ GEMM tensors of quantized linear ``name`` (QAT codes recovered, refused unless exact)."""
         q = self.quantized
+        if q.bits != 4:
+            raise CheckpointError(f"{self.folder}: {name} is a W{q.bits} layer; only 4-bit layers have an AWQ GEMM form")
         if q.sidecar is not None:
             layer = q.sidecar[name]
             try:

@@ -21,7 +21,7 @@ from .. import kernels
 from ..errors import CheckpointError, FormatError
 from ..formats.checkpoint import is_ignored_key
 from ..formats.rtn import rtn_quantize
-from ..nn import HalfLinear, Int4Linear
+from ..nn import HalfLinear, Int4Linear, Int8Linear
 from .checkpoint import OpenedCheckpoint, open_checkpoint
 from .checks import check_finite_scales, check_quantized_module_names
 from .llama import LlamaForCausalLM, LlamaSpec, Rotary
@@ -117,9 +117,12 @@ def quantized_linears(opened: OpenedCheckpoint, options: LoadOptions, dense_name
                               "already quantized")
     out: dict[str, nn.Module] = {}
     for name in q.names:
-        packed = opened.awq_tensors(name)
         try:
-            out[name] = Int4Linear.from_packed(packed, backend=backend)
+            if q.bits == 8:  # GRACE W8 QAT: exact int8 codes from the baked weights and log-scales
+                layer = q.sidecar[name]
+                out[name] = Int8Linear.from_qat(layer.weight, layer.log_scale, layer.bias, q.group_size, name=name)
+            else:
+                out[name] = Int4Linear.from_packed(opened.awq_tensors(name), backend=backend)
         except FormatError as exc:
             raise CheckpointError(f"{opened.folder}: {name}: {exc}") from exc
     if options.quantize == "rtn":

@@ -57,8 +57,8 @@ def open_qwen3_vl(family, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint
         if cfg.qat.bits == 8 and not int8_available():
             raise CheckpointError(f"{folder}: a W8 QAT checkpoint (qat.bits = 8) needs gracevlm.nn.Int8Linear, "
                                   "which this version does not have yet; W4 QAT, GRACE AWQ and dense Qwen3-VL load")
-        if cfg.qat.bits != 4:
-            raise CheckpointError(f"{source}: qat.bits = {cfg.qat.bits}; Qwen3-VL QAT loads W4 here")
+        if cfg.qat.bits not in (4, 8):
+            raise CheckpointError(f"{source}: qat.bits = {cfg.qat.bits}; GRACE Qwen3-VL QAT checkpoints are W4 or W8")
     if fmt == "grace-awq" and cfg.awq_packing is not None and cfg.awq_packing.group_size != quantized.group_size:
         raise CheckpointError(f"{folder}: awq_quantized_modules.json says group_size {quantized.group_size} but "
                               f"config.json awq_packing says {cfg.awq_packing.group_size}")
