@@ -13,6 +13,7 @@ import torch
 from ..errors import InputError
 from ..models.tokenizer import LlamaTokenizer, StreamDecoder
 from .json_grammar import JsonObjectConstraint
+from .prefix_cache import plan_for, prefill_chunks
 from .sampling import Sampler, SamplingParams, TokenLogprob, choice_seed, logprob_entry
 
 
@@ -20,7 +21,7 @@ from .sampling import Sampler, SamplingParams, TokenLogprob, choice_seed, logpro
 class Timings:
     """Seconds and tokens/second of one generation. ``ttft_s`` counts from the call to the first
     sampled token (image encoding + prefill). ``cached_tokens``: prompt positions taken from a prefix cache
-    instead of being prefilled (always 0 until the engine has one)."""
+    instead of being prefilled (``engine.prefix_cache``); ``prefill_tokens`` counts only the positions computed."""
 
     image_encode_s: float = 0.0
     prefill_s: float = 0.0
@@ -179,9 +180,12 @@ class TokenStream:
 
 def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                     image_features: torch.Tensor | None, params: SamplingParams, max_context: int,
-                    result: Generation | None = None, started: float | None = None) -> Iterator[str]:
+                    result: Generation | None = None, started: float | None = None,
+                    prefix_cache=None, image_keys: list[bytes] | None = None) -> Iterator[str]:
     """Yield text deltas; fill ``result`` (if given) with the final text, ids, finish reason, timings.
-    ``model`` is a family's model (``embed_prompt``, ``new_cache``, ``language_model``).
+    ``model`` is a family's model (``embed_prompt``, ``new_cache``, ``language_model``). With a
+    ``prefix_cache`` (and one content key per image in ``image_keys``) the prompt's cached prefix is reused
+    and the rest prefilled in block-aligned chunks (``engine.prefix_cache``: exact against a cold run).
 
     Deltas never split a multi-byte character and never contain (a prefix of) a stop string.
     """
@@ -199,9 +203,14 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         res.token_ids, res.logprobs = out.token_ids, out.logprobs
         t0 = time.perf_counter()
         dev = embeds.device
-        logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache)
+        plan = plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length)
+        if plan is None:
+            logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache)
+        else:
+            logits = prefill_chunks(lm, embeds, cache, 0, plan)
+            res.timings.cached_tokens = plan.cached
         res.timings.prefill_s = time.perf_counter() - t0
-        res.timings.prefill_tokens = length
+        res.timings.prefill_tokens = length - res.timings.cached_tokens
         steps = 0
         t_decode = time.perf_counter()
         while True:
@@ -233,7 +242,8 @@ def prompt_logprob_entries(logits: torch.Tensor, ids: list[int], start: int, k: 
 
 def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                      image_features: torch.Tensor | None, params: SamplingParams, n: int, max_context: int,
-                     started: float | None = None) -> list[Generation]:
+                     started: float | None = None, prefix_cache=None,
+                     image_keys: list[bytes] | None = None) -> list[Generation]:
     """``n`` independent samples of one prompt: ONE prefill, its KV copied to ``n`` cache rows, then the
     rows decode together. Choice i samples with ``choice_seed(params.seed, i)``; every row is computed as
     a lone sequence would be (``rows_alone``), so choice i equals a lone ``stream_generate`` with that seed
@@ -254,8 +264,13 @@ def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         gens = [Generation("", o.token_ids, list(prompt_ids), "length", logprobs=o.logprobs) for o in outs]
         dev = embeds.device
         t0 = time.perf_counter()
-        logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache,
-                    torch.tensor([0], device=dev))
+        plan = plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length)
+        if plan is None:
+            logits = lm(embeds.unsqueeze(0), torch.arange(length, device=dev).unsqueeze(0), cache,
+                        torch.tensor([0], device=dev))
+        else:
+            logits = prefill_chunks(lm, embeds, cache, 0, plan)
+        cached = 0 if plan is None else plan.cached
         prefill_s = time.perf_counter() - t0
         for layer_k, layer_v in zip(cache.k, cache.v):
             layer_k[1:, :, :length] = layer_k[0:1, :, :length]
@@ -276,7 +291,8 @@ def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
             o.close()
             g.text, g.finish_reason = o.text, o.finish_reason
             t = g.timings
-            t.prefill_s, t.prefill_tokens, t.decode_tokens = prefill_s, length, decoded[i]
+            t.prefill_s, t.prefill_tokens, t.decode_tokens = prefill_s, length - cached, decoded[i]
+            t.cached_tokens = cached
             t.decode_s = time.perf_counter() - t_decode
             t.total_s = time.perf_counter() - t_start
     return gens

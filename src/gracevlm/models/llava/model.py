@@ -18,7 +18,10 @@ class Projector(nn.Sequential):
 
 class LlavaModel(nn.Module):
     """``vision_tower`` is a ``CLIPVisionTower`` (or transformers' ``CLIPVisionModel``, which has the same
-    interface; None for text-only models)."""
+    interface; None for text-only models). ``supports_prefix_cache``: positions are plain 1-D (the KV of a
+    prefix depends only on the prefix), so ``engine.prefix_cache`` may reuse it."""
+
+    supports_prefix_cache = True
 
     def __init__(self, vision_tower: nn.Module | None, projector: nn.Module | None,
                  language_model: LlamaForCausalLM, select_layer: int = -2, select_feature: str = "patch"):
