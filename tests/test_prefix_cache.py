@@ -168,3 +168,28 @@ def test_scheduler_shares_the_cache_and_is_exact(vlm):
         assert g.token_ids == ref.token_ids
         assert [e.logprob for e in g.logprobs] == [e.logprob for e in ref.logprobs]
     assert stats["prefix_cache_block_hits"] > 0 and stats["prefix_cache_bytes"] <= stats["prefix_cache_budget_bytes"]
+
+
+def test_kv_dtype_half_stores_half_and_stays_close(vlm):
+    """``kv_dtype``: caches in half dtypes take half the bytes, the logits stay close to fp32 K/V, and
+    prefix hits stay exact in that dtype."""
+    img = _img((120, 60, 200))
+    kw = dict(max_new_tokens=4, logprobs=1)
+    vlm.set_kv_dtype(None)
+    ref = vlm.generate("Which colour?", images=[img], **kw)
+    assert vlm.model.new_cache(1, 8).nbytes() == 2 * (vlm.set_kv_dtype("bfloat16") or vlm.model.new_cache(1, 8).nbytes())
+    try:
+        for name in ("float16", "bfloat16"):
+            vlm.set_kv_dtype(name)
+            assert vlm.model.new_cache(1, 8).k[0].dtype == getattr(torch, name)
+            _fresh(vlm)
+            cold = vlm.generate("Which colour?", images=[img], **kw)
+            warm = vlm.generate("Which colour?", images=[img], **kw)
+            assert warm.timings.cached_tokens > 0
+            assert warm.token_ids == cold.token_ids and [e.logprob for e in warm.logprobs] == [e.logprob for e in cold.logprobs]
+            assert abs(cold.logprobs[0].logprob - ref.logprobs[0].logprob) < 0.05
+        with pytest.raises(InputError):
+            vlm.set_kv_dtype("int8")
+    finally:
+        vlm.set_kv_dtype(None)
+        _fresh(vlm)

@@ -9,8 +9,8 @@ the same picture at the same place hits whatever its file encoding, and two diff
 same size never share a key.
 
 Exactness. The CPU kernels are NOT M-invariant for prefill (a row's bits depend on how many rows the GEMM
-and the attention see; measured: the native INT4 GEMMs, torch's fp32 GEMM and SDPA all differ in the last
-bits between a one-shot and a split prefill). So with the cache on, every prefill runs in block-aligned
+and the attention see; measured: a split prefill of the tiny model differs from a one-shot one in the last
+bits of logits and KV, and torch's fp32 GEMM alone gives a row other bits for other M). So with the cache on, every prefill runs in block-aligned
 chunks of exactly ``block_tokens`` positions (``prefill_chunks``): chunk ``i`` sees the same inputs, the
 same cache contents and the same shapes whether blocks ``< i`` were computed now or copied from the
 cache, so a hit gives bitwise the logits and tokens of a cold run WITH the cache. Chunked prefill differs

@@ -16,6 +16,7 @@ from .prefix_cache import DEFAULT_BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_GIB, Prefix
 from .prepare import PreparedPrompt, prepare_chat, prepare_prompt, prepare_templated
 from .sampling import SamplingParams
 
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "response_format"}
 
 
@@ -95,6 +96,19 @@ class VLM:
         if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < 1 << 20:
             raise InputError(f"prefix cache size must be a number of GiB >= 0, got {gib!r}")
         self.prefix_cache = PrefixCache(int(gib * (1 << 30)), block_tokens)
+
+    def set_kv_dtype(self, dtype: "torch.dtype | str | None") -> None:
+        """Store K/V in ``dtype`` ("float32", "float16", "bfloat16"; None: the compute dtype) in every cache
+        made from now on (``generate``, schedulers created afterwards); empties the prefix cache. Half K/V
+        halves KV memory and moves logits slightly (README, Prefix cache); attention still computes in fp32."""
+        if isinstance(dtype, str):
+            if dtype not in KV_DTYPES:
+                raise InputError(f"kv dtype must be one of {sorted(KV_DTYPES)}, got {dtype!r}")
+            dtype = KV_DTYPES[dtype]
+        if dtype is not None and dtype not in KV_DTYPES.values():
+            raise InputError(f"kv dtype must be one of {sorted(KV_DTYPES)}, got {dtype!r}")
+        self.model.kv_dtype = dtype
+        self.prefix_cache.clear()
 
     def _prefix_on(self) -> bool:
         return self.prefix_cache.enabled and getattr(self.model, "supports_prefix_cache", False)
@@ -178,7 +192,7 @@ class VLM:
 def load(model: str | Path, device: str = "auto", backend: str | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, conv_mode: str | None = None,
          vision_dtype: torch.dtype | str | None = None, keep_awq: bool | None = None,
-         prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB) -> VLM:
+         prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB, kv_dtype: torch.dtype | str | None = None) -> VLM:
     """Load a checkpoint of any supported family and format (folder or Hub id) as a ``VLM``.
 
     ``device``: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]". ``dtype`` defaults to float32
@@ -190,6 +204,7 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
     On CUDA every tensor is copied from the file straight to the GPU (no CPU copy of the model) and the INT4
     layers use the ``triton`` backend when triton is installed (``gracevlm doctor`` says which path runs).
     ``prefix_cache_gib``: budget of the prefix cache kept across calls (0: off; ``engine.prefix_cache``).
+    ``kv_dtype``: dtype K/V are stored in (``VLM.set_kv_dtype``; default the compute dtype, exact).
     """
     if isinstance(vision_dtype, str):
         names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -203,4 +218,7 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
         dev = torch.device("cuda", torch.cuda.current_device())
     loaded = load_checkpoint(model, dtype=dtype, backend=backend, quantize=quantize, vision_dtype=vision_dtype,
                              keep_awq=bool(keep_awq), device=dev)
-    return VLM(loaded, conv_mode, prefix_cache_gib)
+    vlm = VLM(loaded, conv_mode, prefix_cache_gib)
+    if kv_dtype is not None:
+        vlm.set_kv_dtype(kv_dtype)
+    return vlm

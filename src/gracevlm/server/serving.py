@@ -69,6 +69,7 @@ class ServerConfig:
     max_model_len: int | None = None
     prefill_chunk: int | None = None
     prefix_cache_gib: float = 2.0
+    kv_dtype: str | None = None
     batch_invariant: bool = True
     request_timeout: float | None = 600.0
     max_body_bytes: int = 20 * 2**20
@@ -214,7 +215,7 @@ def _default_loader(config: ServerConfig):
 
     return load(config.model, device=config.device, backend=config.backend, quantize=config.quantize,
                 conv_mode=config.conv_mode, vision_dtype=config.vision_dtype,
-                prefix_cache_gib=config.prefix_cache_gib)
+                prefix_cache_gib=config.prefix_cache_gib, kv_dtype=config.kv_dtype)
 
 
 # -- request parsing -----------------------------------------------------------------------------------

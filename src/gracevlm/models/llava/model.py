@@ -22,6 +22,7 @@ class LlavaModel(nn.Module):
     prefix depends only on the prefix), so ``engine.prefix_cache`` may reuse it."""
 
     supports_prefix_cache = True
+    kv_dtype: torch.dtype | None = None
 
     def __init__(self, vision_tower: nn.Module | None, projector: nn.Module | None,
                  language_model: LlamaForCausalLM, select_layer: int = -2, select_feature: str = "patch"):
@@ -81,5 +82,6 @@ class LlavaModel(nn.Module):
         return torch.cat(pieces, dim=0)
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self.language_model.spec, slots, max_len, dtype or self.compute_dtype,
+        """A KV cache in ``dtype``, else ``kv_dtype`` when set (``VLM.set_kv_dtype``), else the compute dtype."""
+        return KVCache(self.language_model.spec, slots, max_len, dtype or self.kv_dtype or self.compute_dtype,
                        self.language_model.lm_head.weight.device)
