@@ -70,10 +70,15 @@ def test_concurrent_greedy_equals_sequential_and_generate(vlm, images, refs):
 
 
 def test_chunked_prefill_batched(vlm, images, refs):
-    """Chunks of 7 positions interleaved with decode steps; three slots for eight requests."""
-    with BatchScheduler(vlm, max_batch_size=3, prefill_chunk=7) as sched:
-        batched = [_collect(h) for h in _submit_all(sched, images)]
-        assert sched.stats()["prefill_chunks"] > len(PROMPTS)
+    """Chunks of 7 positions interleaved with decode steps; three slots for eight requests (``prefill_chunk``
+    applies with the prefix cache off; with it on, chunks are its blocks)."""
+    vlm.set_prefix_cache(0)
+    try:
+        with BatchScheduler(vlm, max_batch_size=3, prefill_chunk=7) as sched:
+            batched = [_collect(h) for h in _submit_all(sched, images)]
+            assert sched.stats()["prefill_chunks"] > len(PROMPTS)
+    finally:
+        vlm.set_prefix_cache()
     for ref, (deltas, gen) in zip(refs, batched):
         assert gen.token_ids == ref.token_ids and gen.text == "".join(deltas) == ref.text
 

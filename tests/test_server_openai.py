@@ -127,7 +127,52 @@ def test_greedy_chat_logprobs_are_the_models_softmax(env):
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     plain = client.chat.completions.create(model=NAME, messages=MSG, max_tokens=2)
     assert plain.choices[0].logprobs is None
-    assert plain.usage.prompt_tokens_details.cached_tokens == 0  # no prefix cache yet
+    usage = plain.usage  # the same prompt again: its full 64-position blocks but the last position are reused
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 64 * 64
+
+
+def _data_url(img) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_prefix_cache_hits_through_the_server_equal_cold_runs(env):
+    """Same picture, new question: the server reuses the cached prefix (usage says how much) and answers
+    with bitwise the tokens and log-probabilities of a cold in-process run (one thread, as the server)."""
+    from PIL import Image
+
+    vlm, client = env["vlm"], env["client"]
+    img = Image.new("RGB", (37, 52), (90, 160, 20))
+    PREAMBLE = ("Look at the picture carefully, take your time, think about the shapes, the colours, the light and "
+                "what might be outside the frame before you answer the question that follows")  # > 64 positions shared
+
+    def msgs(q):
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}},
+                                             {"type": "text", "text": PREAMBLE}, {"type": "text", "text": q}]}]
+
+    first = client.chat.completions.create(model=NAME, messages=msgs("What is it?"), max_tokens=5, temperature=0)
+    warm = client.chat.completions.create(model=NAME, messages=msgs("Which colour?"), max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        vlm.set_prefix_cache(1.0)  # empty: a cold run
+        cold = vlm.chat([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": PREAMBLE},
+                                                      {"type": "text", "text": "Which colour?"}]}],
+                        max_new_tokens=5, logprobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert cold.timings.cached_tokens == 0
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # a new picture in the first block
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 64 and cached % 64 == 0 and cached < warm.usage.prompt_tokens
+    assert warm.usage.prompt_tokens == len(cold.prompt_token_ids) - 1 + vlm.runtime.image_positions()
+    assert warm.choices[0].message.content == cold.text
+    assert [e.logprob for e in warm.choices[0].logprobs.content] == [e.logprob for e in cold.logprobs]
 
 
 def test_sampled_logprobs_are_of_the_filtered_distribution(env):

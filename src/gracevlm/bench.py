@@ -8,6 +8,8 @@ Sections (each measured in this run, never assumed):
               tok/s, prefill tok/s (512-token prompt), batched decode step time for M = 1, 2, 4, 8, 16,
               and the GRACE-style baseline estimated from its per-matrix time
   vision      CLIP-L/336 time per image in fp32, fp16 and bf16, and the feature and logits error of each
+  ttft        time to first token of an image question: cold, warm (same image, new question: prefix
+              cache), and with the cache off; KV bytes per position by dtype (``bench_ttft``)
   llama.cpp   the same shapes in llama.cpp (random Q4_0 GGUF written from our checkpoint) when
               ``llama_cpp`` is importable
 """
@@ -364,14 +366,15 @@ def ensure_checkpoint(model: str | None, layers: int) -> Path:
 
 
 def run(model: str | None = None, layers: int = 32, decode_steps: int = 8, prefill_tokens: int = 512,
-        batch_sizes=(1, 2, 4, 8, 16), sections=("bandwidth", "kernels", "model", "vision", "llama.cpp")) -> dict:
+        batch_sizes=(1, 2, 4, 8, 16), sections=("bandwidth", "kernels", "model", "vision", "ttft", "llama.cpp"),
+        prefix_block_tokens: int = 64) -> dict:
     report: dict = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                                 "torch": torch.__version__, "python": platform.python_version()}}
     bw = measure_bandwidth()
     report["bandwidth_gbps"] = bw
     if "kernels" in sections:
         report["kernels"] = bench_kernels(bw)
-    folder = ensure_checkpoint(model, layers) if {"model", "vision", "llama.cpp"} & set(sections) else None
+    folder = ensure_checkpoint(model, layers) if {"model", "vision", "ttft", "llama.cpp"} & set(sections) else None
     if "model" in sections:
         report["read_files_s"] = read_files_seconds(folder)
         m = _run_worker("model", folder, decode_steps, prefill_tokens, ",".join(map(str, batch_sizes)))
@@ -384,6 +387,8 @@ def run(model: str | None = None, layers: int = 32, decode_steps: int = 8, prefi
             report["grace_baseline_decode_tok_s"] = 1.0 / (per_layer * layers)
     if "vision" in sections:
         report["vision"] = _run_worker("vision", folder)
+    if "ttft" in sections:
+        report["ttft"] = _run_worker("ttft", folder, prefix_block_tokens)
     if "llama.cpp" in sections:
         report["llama.cpp"] = _llamacpp_section(folder, decode_steps, prefill_tokens)
     return report
@@ -442,6 +447,10 @@ def format_report(r: dict) -> str:
         for name in ("float16", "bfloat16"):
             lines.append(f"  {name} vs float32: image features rel. L2 {v[name]['feature_rel_l2']:.1e}, next-token "
                          f"logits rel. L2 {v[name]['logits_rel_l2']:.1e}, same top token: {v[name]['top1_same']}")
+    if "ttft" in r:
+        from .bench_ttft import format_ttft
+
+        lines += format_ttft(r["ttft"])
     if "llama.cpp" in r:
         c = r["llama.cpp"]
         if "skipped" in c:
@@ -466,6 +475,11 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--vision-worker":
         print(json.dumps(vision_worker(argv[1])))
         return 0
+    if argv and argv[0] == "--ttft-worker":
+        from .bench_ttft import ttft_worker
+
+        print(json.dumps(ttft_worker(argv[1], int(argv[2]))))
+        return 0
     if argv and argv[0] == "--llamacpp-worker":
         print(json.dumps(llamacpp_worker(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))))
         return 0
@@ -474,7 +488,7 @@ def main(argv=None) -> int:
     return run_cli(ap.parse_args(argv))
 
 
-DEFAULT_SECTIONS = ("bandwidth", "kernels", "model", "vision", "llama.cpp")
+DEFAULT_SECTIONS = ("bandwidth", "kernels", "model", "vision", "ttft", "llama.cpp")
 
 
 def add_arguments(ap) -> None:
@@ -483,6 +497,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS))
+    ap.add_argument("--prefix-block-tokens", type=int, default=64,
+                    help="ttft section: positions per prefix-cache block (the engine's default: 64)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--device", default="cpu",
                     help="cpu (default) or cuda[:N]: the GPU bench (bench_cuda.py; sections bandwidth,kernels,model)")
@@ -510,8 +526,8 @@ def check_device_args(args) -> "torch.device":
         unknown = set(args.sections.split(",")) - set(DEVICE_SECTIONS)
         if unknown and args.sections != ",".join(DEFAULT_SECTIONS):
             raise InputError(f"--device cuda measures sections {','.join(DEVICE_SECTIONS)}; not {sorted(unknown)}")
-    if args.decode_steps < 1 or args.prefill_tokens < 1 or args.layers < 1:
-        raise InputError("--decode-steps, --prefill-tokens and --layers must be >= 1")
+    if args.decode_steps < 1 or args.prefill_tokens < 1 or args.layers < 1 or args.prefix_block_tokens < 1:
+        raise InputError("--decode-steps, --prefill-tokens, --layers and --prefix-block-tokens must be >= 1")
     return dev
 
 
@@ -526,7 +542,7 @@ def run_cli(args) -> int:
         text = bench_cuda.format_report(report)
     else:
         report = run(args.model, args.layers, args.decode_steps, args.prefill_tokens,
-                     sections=tuple(args.sections.split(",")))
+                     sections=tuple(args.sections.split(",")), prefix_block_tokens=args.prefix_block_tokens)
         text = format_report(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

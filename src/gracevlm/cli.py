@@ -74,7 +74,8 @@ def _load(args):
     from .engine.vlm import load
 
     return load(args.model, device=args.device, backend=args.backend, quantize=args.quantize,
-                conv_mode=args.conv_mode, vision_dtype=getattr(args, "vision_dtype", None))
+                conv_mode=args.conv_mode, vision_dtype=getattr(args, "vision_dtype", None),
+                prefix_cache_gib=getattr(args, "prefix_cache_gib", 0.0), kv_dtype=getattr(args, "kv_dtype", None))
 
 
 def _load_summary(vlm) -> dict:
@@ -193,6 +194,8 @@ def cmd_pack(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.prefix_cache import DEFAULT_PREFIX_CACHE_GIB
+
     parser = argparse.ArgumentParser(prog="gracevlm", description="Run, serve and convert 4-bit GRACE VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -207,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /quit)")
     _add_model_args(p)
     _add_sampling_args(p)
+    p.add_argument("--prefix-cache-gib", type=float, default=DEFAULT_PREFIX_CACHE_GIB,
+                   help="KV blocks of prompt prefixes and image features kept across requests, in GiB (default 2; 0: off). Exact: with it on, prefill runs in 64-position block-aligned chunks, so a hit gives the same bits as a miss")
+    p.add_argument("--kv-dtype", choices=["float32", "float16", "bfloat16"], default=None, help="dtype K/V are stored in (default: the compute dtype, float32 on CPU, exact; half types halve KV memory, logits move ~1e-3 relative, README)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="describe a checkpoint folder")

@@ -79,6 +79,6 @@ class _Shape:
 def prepare_planned(vlm, plan: ChatPlan, fetch: Callable[[Any], Any]):
     """Fetch/decode each image reference of ``plan`` with ``fetch``, encode them: a ``PreparedPrompt``."""
     images = [fetch(ref) for ref in plan.images]
-    features, enc_s = vlm.encode_images(images)
+    features, enc_s, keys = vlm.encode_images_keyed(images)  # keys: for the prefix cache
     del images
-    return PreparedPrompt(plan.prompt_ids, features, plan.prompt_text, enc_s, plan.started)
+    return PreparedPrompt(plan.prompt_ids, features, plan.prompt_text, enc_s, plan.started, keys)

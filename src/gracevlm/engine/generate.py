@@ -13,6 +13,7 @@ import torch
 from ..errors import InputError
 from ..models.tokenizer import LlamaTokenizer, StreamDecoder
 from .json_grammar import JsonObjectConstraint
+from .prefix_cache import plan_for, prefill_chunks
 from .sampling import Sampler, SamplingParams, TokenLogprob, choice_seed, logprob_entry
 
 
@@ -20,7 +21,7 @@ from .sampling import Sampler, SamplingParams, TokenLogprob, choice_seed, logpro
 class Timings:
     """Seconds and tokens/second of one generation. ``ttft_s`` counts from the call to the first
     sampled token (image encoding + prefill). ``cached_tokens``: prompt positions taken from a prefix cache
-    instead of being prefilled (always 0 until the engine has one)."""
+    instead of being prefilled (``engine.prefix_cache``); ``prefill_tokens`` counts only the positions computed."""
 
     image_encode_s: float = 0.0
     prefill_s: float = 0.0
@@ -182,10 +183,13 @@ class TokenStream:
 
 def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                     image_features: torch.Tensor | None, params: SamplingParams, max_context: int,
-                    result: Generation | None = None, started: float | None = None) -> Iterator[str]:
+                    result: Generation | None = None, started: float | None = None,
+                    prefix_cache=None, image_keys: list[bytes] | None = None) -> Iterator[str]:
     """Yield text deltas; fill ``result`` (if given) with the final text, ids, finish reason, timings.
     ``model`` is a family's model (the engine contract in ``models.registry``: ``prompt_for``,
-    ``forward_prompt``, ``forward_decode``, ``new_cache``, ``language_model``).
+    ``forward_prompt``, ``forward_decode``, ``new_cache``, ``language_model``). With a ``prefix_cache`` (and one
+    content key per image in ``image_keys``) the prompt's cached prefix is reused and the rest prefilled in
+    block-aligned chunks (``engine.prefix_cache``: exact against a cold run).
 
     Deltas never split a multi-byte character and never contain (a prefix of) a stop string.
     """
@@ -203,9 +207,14 @@ def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         res.token_ids, res.logprobs = out.token_ids, out.logprobs
         t0 = time.perf_counter()
         dev = prompt.embeds.device
-        logits = model.forward_prompt(prompt, cache)
+        plan = plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length)
+        if plan is None:
+            logits = model.forward_prompt(prompt, cache)
+        else:
+            logits = prefill_chunks(model, prompt, cache, 0, plan)
+            res.timings.cached_tokens = plan.cached
         res.timings.prefill_s = time.perf_counter() - t0
-        res.timings.prefill_tokens = length
+        res.timings.prefill_tokens = length - res.timings.cached_tokens
         steps = 0
         t_decode = time.perf_counter()
         while True:
@@ -237,7 +246,8 @@ def prompt_logprob_entries(logits: torch.Tensor, ids: list[int], start: int, k: 
 
 def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                      image_features: torch.Tensor | None, params: SamplingParams, n: int, max_context: int,
-                     started: float | None = None) -> list[Generation]:
+                     started: float | None = None, prefix_cache=None,
+                     image_keys: list[bytes] | None = None) -> list[Generation]:
     """``n`` independent samples of one prompt: ONE prefill, its KV copied to ``n`` cache rows, then the
     rows decode together. Choice i samples with ``choice_seed(params.seed, i)``; every row is computed as
     a lone sequence would be (``rows_alone``), so choice i equals a lone ``stream_generate`` with that seed
@@ -258,7 +268,12 @@ def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         gens = [Generation("", o.token_ids, list(prompt_ids), "length", logprobs=o.logprobs) for o in outs]
         dev = prompt.embeds.device
         t0 = time.perf_counter()
-        logits = model.forward_prompt(prompt, cache, 0)
+        plan = plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length)
+        if plan is None:
+            logits = model.forward_prompt(prompt, cache, 0)
+        else:
+            logits = prefill_chunks(model, prompt, cache, 0, plan)
+        cached = 0 if plan is None else plan.cached
         prefill_s = time.perf_counter() - t0
         for layer_k, layer_v in zip(cache.k, cache.v):
             layer_k[1:, :, :length] = layer_k[0:1, :, :length]
@@ -281,7 +296,8 @@ def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
             o.close()
             g.text, g.finish_reason = o.text, o.finish_reason
             t = g.timings
-            t.prefill_s, t.prefill_tokens, t.decode_tokens = prefill_s, length, decoded[i]
+            t.prefill_s, t.prefill_tokens, t.decode_tokens = prefill_s, length - cached, decoded[i]
+            t.cached_tokens = cached
             t.decode_s = time.perf_counter() - t_decode
             t.total_s = time.perf_counter() - t_start
     return gens

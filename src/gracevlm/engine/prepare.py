@@ -16,13 +16,15 @@ from ..errors import InputError
 class PreparedPrompt:
     """A request ready for generation: token ids with one ``image_marker`` per image, the image features
     ``[N, tokens, hidden]`` (or None), the prompt text, seconds spent encoding images, and when preparation
-    started (a ``time.perf_counter()`` value: time to first token counts from it)."""
+    started (a ``time.perf_counter()`` value: time to first token counts from it); ``image_keys``: one content
+    hash per image (``prefix_cache.image_key``) when the prefix cache is on, else None."""
 
     prompt_ids: list[int]
     image_features: torch.Tensor | None
     prompt_text: str
     image_encode_s: float
     started: float
+    image_keys: list[bytes] | None = None
 
 
 def _as_list(images) -> list[Any]:
@@ -35,8 +37,8 @@ def prepare_templated(vlm, prompt_text: str, images=None, started: float | None 
     """An already templated prompt (image markers included, e.g. ``<image>`` for LLaVA) and its images."""
     started = time.perf_counter() if started is None else started
     ids = vlm.runtime.tokenize(prompt_text)
-    features, enc_s = vlm.encode_images(_as_list(images))
-    return PreparedPrompt(ids, features, prompt_text, enc_s, started)
+    features, enc_s, keys = vlm.encode_images_keyed(_as_list(images))
+    return PreparedPrompt(ids, features, prompt_text, enc_s, started, keys)
 
 
 def prepare_chat(vlm, messages: list[dict], conv_mode: str | None = None) -> PreparedPrompt:

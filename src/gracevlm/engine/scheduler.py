@@ -46,6 +46,14 @@ scheduled) and each choice samples its first token from the same prefill logits 
 request with that seed returns. Until the prefill completes the group is one unit: it times out
 together, and is dropped only when every choice was cancelled.
 
+Prefix cache (``vlm.prefix_cache``, shared with ``VLM.generate``; see ``engine.prefix_cache``): when a
+request's prefill starts, its longest cached prefix (KV blocks keyed by token ids and image content hashes)
+is copied into its slot and only the rest is computed, one block-aligned chunk of ``block_tokens`` positions
+per loop iteration (``prefill_chunk`` is not used then); its full blocks are stored when the prefill
+completes. A request prefilled so returns bitwise what ``VLM.generate`` with the same cache returns, hit or
+miss. ``Timings.cached_tokens`` counts the positions reused (the server's
+``usage.prompt_tokens_details.cached_tokens``).
+
 Prompt log-probabilities (``SamplingParams.prompt_logprobs``, text-only prompts): the prefill then
 computes the logits of every prompt position; the first token is sampled from the last of those rows (a
 GEMM over all rows, which may differ from the one-row ``lm_head`` in the last bits).
@@ -65,6 +73,7 @@ import torch
 
 from ..errors import GraceVLMError, InputError
 from .generate import Generation, TokenStream, check_prompt_length, logits_rows, prompt_logprob_entries
+from .prefix_cache import block_keys
 from .prepare import PreparedPrompt, prepare_chat
 from .sampling import SamplingParams, choice_seed
 
@@ -194,7 +203,7 @@ class _Seq:
     """Model-thread state of one request."""
 
     __slots__ = ("handle", "prompt", "length", "offset", "out", "slot", "prefilled", "decoded", "t_decode",
-                 "siblings", "shared")
+                 "siblings", "shared", "prefix_keys")
 
     def __init__(self, handle: RequestHandle, prompt, out: TokenStream):
         self.handle, self.prompt, self.out = handle, prompt, out  # prompt: the model's ``prompt_for`` result
@@ -206,6 +215,7 @@ class _Seq:
         self.prefilled = 0  # prompt positions already in the cache
         self.decoded = 0  # decode forwards done (the next token goes to position length + decoded)
         self.t_decode = 0.0
+        self.prefix_keys: list[bytes] | None = None  # block keys when the prefix cache serves this prompt
 
 
 # -- the scheduler -----------------------------------------------------------------------------------
@@ -271,13 +281,16 @@ class BatchScheduler:
 
     def submit_choices(self, prompt_ids: list[int], image_features: torch.Tensor | None, params: SamplingParams,
                        n: int = 1, *, timeout: float | None = None, started: float | None = None,
-                       waker: Callable[[], None] | None = None) -> list[RequestHandle]:
+                       waker: Callable[[], None] | None = None,
+                       image_keys: list[bytes] | None = None) -> list[RequestHandle]:
         """Queue ``n`` choices of one prompt (one prefill; see the module docstring); returns their handles
         at once, choice i sampling with ``choice_seed(params.seed, i)``. ``n`` is at most ``max_batch_size``. Raises ``InputError`` for a bad prompt (image count or
         feature shape mismatch, prompt too long for ``max_model_len``), ``QueueFull`` when ``max_queue``
         requests wait already, ``SchedulerClosed`` after ``shutdown``. ``timeout`` (seconds from
         ``started``, default ``request_timeout``) bounds the whole request; ``started`` (a
-        ``time.perf_counter()`` value, default now) is where time to first token counts from."""
+        ``time.perf_counter()`` value, default now) is where time to first token counts from. ``image_keys``
+        (one content hash per image, ``PreparedPrompt.image_keys``) lets a prompt with images use the prefix
+        cache; text-only prompts use it without."""
         if self._closed:
             raise SchedulerClosed("the scheduler is shut down")
         if not isinstance(params, SamplingParams):
@@ -294,6 +307,7 @@ class BatchScheduler:
             length = self.model.prompt_length(ids, features)  # checked before any embedding is built
             check_prompt_length(length, self.max_model_len, features)
             prompt = self.model.prompt_for(ids, features)
+            prefix_keys = self._prefix_keys(ids, image_keys, features, params)
         max_new = min(params.max_new_tokens, self.max_model_len - length)
         timeout = self.request_timeout if timeout is None else timeout
         deadline = None if timeout is None else started + timeout
@@ -315,6 +329,7 @@ class BatchScheduler:
             for sib in seqs[1:]:
                 sib.shared, sib.length, sib.offset = True, length, prompt.decode_offset
             seqs[0].siblings = seqs[1:]
+            seqs[0].prefix_keys = prefix_keys
             self._pending.append(seqs[0])
             self._counts["submitted"] += n
             self._cond.notify()
@@ -326,6 +341,7 @@ class BatchScheduler:
     def submit_prepared_choices(self, prepared: PreparedPrompt, params: SamplingParams, n: int = 1,
                                 **kwargs) -> list[RequestHandle]:
         kwargs.setdefault("started", prepared.started)
+        kwargs.setdefault("image_keys", prepared.image_keys)
         handles = self.submit_choices(prepared.prompt_ids, prepared.image_features, params, n, **kwargs)
         for handle in handles:
             handle.generation.prompt = prepared.prompt_text
@@ -348,7 +364,8 @@ class BatchScheduler:
         with self._cond:
             return {"queue_depth": len(self._pending), "active_slots": self.max_batch_size - len(self._free),
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
-                    "max_model_len": self.max_model_len, "kv_cache_bytes": self.cache.nbytes(), **self._counts}
+                    "max_model_len": self.max_model_len, "kv_cache_bytes": self.cache.nbytes(), **self._counts,
+                    **self.vlm.prefix_cache.stats()}
 
     @property
     def alive(self) -> bool:
@@ -384,6 +401,16 @@ class BatchScheduler:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise InputError(f"image features must be a float tensor [images, patches, {hidden}], got {shape}")
         return features.to(device=self.device, dtype=self.dtype)
+
+    def _prefix_keys(self, ids, image_keys, features, params: SamplingParams) -> list[bytes] | None:
+        cache = self.vlm.prefix_cache
+        if not cache.enabled or not getattr(self.model, "supports_prefix_cache", False) \
+                or params.prompt_logprobs is not None:
+            return None
+        n_images = sum(1 for t in ids if t < 0)
+        if n_images and (image_keys is None or len(image_keys) != n_images):
+            return None
+        return block_keys(ids, image_keys, features.shape[1] if features is not None else 0, cache.block_tokens)
 
     def _run(self) -> None:
         try:
@@ -451,8 +478,14 @@ class BatchScheduler:
             seq.handle.queue_s = time.perf_counter() - seq.handle.submitted
             self._prefilling = seq
         try:
+            cache = self.vlm.prefix_cache
+            if seq.prefix_keys is not None and seq.prefilled == 0:
+                blocks = cache.usable_blocks(seq.prefix_keys, seq.length)
+                seq.prefilled = cache.load(blocks, self.cache, seq.slot)
+                seq.handle.generation.timings.cached_tokens = seq.prefilled
             start = seq.prefilled
-            end = seq.length if self.prefill_chunk is None else min(seq.length, start + self.prefill_chunk)
+            chunk = cache.block_tokens if seq.prefix_keys is not None else self.prefill_chunk
+            end = seq.length if chunk is None else min(seq.length, start + chunk)
             t0 = time.perf_counter()
             k_prompt = seq.handle.params.prompt_logprobs
             logits = self.model.forward_prompt(seq.prompt, self.cache, seq.slot, start, end,
@@ -469,7 +502,9 @@ class BatchScheduler:
             self._counts["prefill_chunks"] += 1
             if end < seq.length:
                 return
-            timings.prefill_tokens = seq.length
+            timings.prefill_tokens = seq.length - timings.cached_tokens
+            if seq.prefix_keys is not None:
+                cache.store(seq.prefix_keys, self.cache, seq.slot, seq.length)
             self._prefilling = None
             seq.prompt = None
             for sib in seq.siblings:
@@ -479,7 +514,8 @@ class BatchScheduler:
                     layer_v[dst, :, :seq.length] = layer_v[src, :, :seq.length]
                 sib.prefilled = seq.length
                 t = sib.handle.generation.timings
-                t.prefill_s, t.prefill_tokens = timings.prefill_s, seq.length
+                t.prefill_s, t.prefill_tokens = timings.prefill_s, timings.prefill_tokens
+                t.cached_tokens = timings.cached_tokens
                 sib.handle.queue_s = seq.handle.queue_s
                 sib.handle.generation.prompt_logprobs = seq.handle.generation.prompt_logprobs
             group, seq.siblings = [seq, *seq.siblings], []

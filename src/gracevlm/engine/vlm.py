@@ -12,9 +12,11 @@ from ..models.images import RGBImage, decode_image
 from ..models.loader import LoadedModel, load_checkpoint
 from .devices import parse_device
 from .generate import Generation, generate_choices, stream_generate
+from .prefix_cache import DEFAULT_BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, image_key
 from .prepare import PreparedPrompt, prepare_chat, prepare_prompt, prepare_templated
 from .sampling import SamplingParams
 
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "response_format"}
 
 
@@ -28,13 +30,15 @@ def _sampling(kwargs: dict) -> SamplingParams:
 class VLM:
     """A loaded model with its tokenizer and its family's runtime (templates, tokenization, image processing)."""
 
-    def __init__(self, loaded: LoadedModel, conv_mode: str | None = None):
+    def __init__(self, loaded: LoadedModel, conv_mode: str | None = None,
+                 prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.runtime = loaded.family.runtime(loaded, conv_mode)
         self.max_context = self.runtime.max_context
+        self.set_prefix_cache(prefix_cache_gib)
 
     @property
     def conv_mode(self) -> str | None:
@@ -56,15 +60,58 @@ class VLM:
 
     def encode_images(self, images: Iterable[Any]) -> tuple[torch.Tensor | None, float]:
         """Images (paths, bytes, PIL, decoded) -> projected features ``[N, tokens, hidden]`` and seconds spent."""
+        features, seconds, _ = self.encode_images_keyed(images)
+        return features, seconds
+
+    def encode_images_keyed(self, images: Iterable[Any]) -> tuple[torch.Tensor | None, float, list[bytes] | None]:
+        """``encode_images`` plus one content key per image when the prefix cache is on (else None). With
+        the cache on, each image is encoded alone (so a cached feature is bitwise a fresh one) and images
+        whose features are cached skip the vision tower."""
         images = list(images)
         if not images:
-            return None, 0.0
+            return None, 0.0, ([] if self._prefix_on() else None)
         if self.model.vision_tower is None:
             raise InputError("this model has no vision tower; it cannot take images")
         t0 = time.perf_counter()
         pixels = self.runtime.preprocess(images)
         device = self.model.language_model.lm_head.weight.device
-        return self.model.encode_images(pixels.to(device)), time.perf_counter() - t0
+        if not self._prefix_on():
+            return self.model.encode_images(pixels.to(device)), time.perf_counter() - t0, None
+        keys, feats = [image_key(p) for p in pixels], []
+        for key, p in zip(keys, pixels):
+            f = self.prefix_cache.get_features(key)
+            if f is None:
+                f = self.model.encode_images(p.unsqueeze(0).to(device))[0]
+                self.prefix_cache.put_features(key, f)
+            feats.append(f)
+        return torch.stack(feats), time.perf_counter() - t0, keys
+
+    # -- prefix cache ------------------------------------------------------------------------------
+    def set_prefix_cache(self, gib: float | None = DEFAULT_PREFIX_CACHE_GIB,
+                         block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+        """Keep prompt-prefix KV blocks and image features across calls, up to ``gib`` GiB (0 or None: off;
+        see ``engine.prefix_cache`` for exactness). Replaces (empties) the current cache."""
+        if gib is None:
+            gib = 0.0
+        if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < 1 << 20:
+            raise InputError(f"prefix cache size must be a number of GiB >= 0, got {gib!r}")
+        self.prefix_cache = PrefixCache(int(gib * (1 << 30)), block_tokens)
+
+    def set_kv_dtype(self, dtype: "torch.dtype | str | None") -> None:
+        """Store K/V in ``dtype`` ("float32", "float16", "bfloat16"; None: the compute dtype) in every cache
+        made from now on (``generate``, schedulers created afterwards); empties the prefix cache. Half K/V
+        halves KV memory and moves logits slightly (README, Prefix cache); attention still computes in fp32."""
+        if isinstance(dtype, str):
+            if dtype not in KV_DTYPES:
+                raise InputError(f"kv dtype must be one of {sorted(KV_DTYPES)}, got {dtype!r}")
+            dtype = KV_DTYPES[dtype]
+        if dtype is not None and dtype not in KV_DTYPES.values():
+            raise InputError(f"kv dtype must be one of {sorted(KV_DTYPES)}, got {dtype!r}")
+        self.model.kv_dtype = dtype
+        self.prefix_cache.clear()
+
+    def _prefix_on(self) -> bool:
+        return self.prefix_cache.enabled and getattr(self.model, "supports_prefix_cache", False)
 
     # -- generation --------------------------------------------------------------------------------
     def _stream_prepared(self, prepared: PreparedPrompt, result: Generation | None, sampling: dict) -> Iterator[str]:
@@ -74,7 +121,7 @@ class VLM:
         res.prompt = prepared.prompt_text
         res.timings.image_encode_s = prepared.image_encode_s
         yield from stream_generate(self.model, self.tokenizer, prepared.prompt_ids, prepared.image_features, params,
-                                   self.max_context, res, prepared.started)
+                                   self.max_context, res, prepared.started, self.prefix_cache, prepared.image_keys)
 
     def stream_chat(self, messages: list[dict], result: Generation | None = None, conv_mode: str | None = None,
                     **sampling) -> Iterator[str]:
@@ -88,7 +135,7 @@ class VLM:
             raise InputError(f"n must be a positive integer, got {n!r}")
         params = _sampling(sampling)
         gens = generate_choices(self.model, self.tokenizer, prepared.prompt_ids, prepared.image_features, params, n,
-                                self.max_context, prepared.started)
+                                self.max_context, prepared.started, self.prefix_cache, prepared.image_keys)
         for g in gens:
             g.prompt, g.timings.image_encode_s = prepared.prompt_text, prepared.image_encode_s
         return gens
@@ -144,7 +191,8 @@ class VLM:
 
 def load(model: str | Path, device: str = "auto", backend: str | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, conv_mode: str | None = None,
-         vision_dtype: torch.dtype | str | None = None, keep_awq: bool | None = None) -> VLM:
+         vision_dtype: torch.dtype | str | None = None, keep_awq: bool | None = None,
+         prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB, kv_dtype: torch.dtype | str | None = None) -> VLM:
     """Load a checkpoint of any supported family and format (folder or Hub id) as a ``VLM``.
 
     ``device``: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]". ``dtype`` defaults to float32
@@ -155,6 +203,8 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
     ``keep_awq``: keep the AWQ buffers beside the kernels' own layout (default: no; see ``load_checkpoint``).
     On CUDA every tensor is copied from the file straight to the GPU (no CPU copy of the model) and the INT4
     layers use the ``triton`` backend when triton is installed (``gracevlm doctor`` says which path runs).
+    ``prefix_cache_gib``: budget of the prefix cache kept across calls (0: off; ``engine.prefix_cache``).
+    ``kv_dtype``: dtype K/V are stored in (``VLM.set_kv_dtype``; default the compute dtype, exact).
     """
     if isinstance(vision_dtype, str):
         names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,4 +218,7 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
         dev = torch.device("cuda", torch.cuda.current_device())
     loaded = load_checkpoint(model, dtype=dtype, backend=backend, quantize=quantize, vision_dtype=vision_dtype,
                              keep_awq=bool(keep_awq), device=dev)
-    return VLM(loaded, conv_mode)
+    vlm = VLM(loaded, conv_mode, prefix_cache_gib)
+    if kv_dtype is not None:
+        vlm.set_kv_dtype(kv_dtype)
+    return vlm

@@ -40,6 +40,9 @@ def _add_run_parser(sub) -> None:
         b.add_argument("--timeout", type=float, default=600.0, help="seconds per endpoint request")
         b.add_argument("--device", default="auto")
         b.add_argument("--backend", default=None, help="INT4 kernel backend (in-process)")
+        b.add_argument("--prefix-cache-gib", type=float, default=2.0,
+                       help="in-process: GiB of prompt-prefix KV and image features kept between questions "
+                            "(0: off); questions about one image are generated together, answers written in order")
         b.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
         b.add_argument("--temperature", type=float, default=0.0)
         b.add_argument("--max-new-tokens", type=int, default=mod.MAX_NEW_TOKENS,
@@ -87,7 +90,8 @@ def cmd_run(args) -> int:
                     device=args.device, backend=args.backend, conv_mode=args.conv_mode,
                     temperature=args.temperature, max_new_tokens=args.max_new_tokens, num_chunks=args.num_chunks,
                     chunk_idx=args.chunk_idx, limit=args.limit, concurrency=args.concurrency, timeout=args.timeout,
-                    progress=not args.no_progress, options=options)
+                    progress=not args.no_progress, options=options,
+                    prefix_cache_gib=args.prefix_cache_gib)
     summary = run(cfg, _items_for(args))
     print(json.dumps(summary) if args.json else describe(summary))
     return 0 if summary["complete"] else 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import uuid
@@ -41,6 +42,7 @@ class RunConfig:
     concurrency: int = 1
     timeout: float = 600.0
     progress: bool = True
+    prefix_cache_gib: float = 2.0  # in-process models: the engine's prefix cache (engine.prefix_cache)
     options: dict = field(default_factory=dict)   # benchmark-specific (image folder, rounds, lang, split, ...)
 
 
@@ -58,7 +60,7 @@ class ModelGenerator:
     def __init__(self, cfg: RunConfig):
         from .. import load
 
-        self.vlm = load(cfg.model, device=cfg.device, backend=cfg.backend)
+        self.vlm = load(cfg.model, device=cfg.device, backend=cfg.backend, prefix_cache_gib=cfg.prefix_cache_gib)
         self.conv_mode = cfg.conv_mode or self.vlm.conv_mode
         self.max_new_tokens = cfg.max_new_tokens
         self.temperature = cfg.temperature
@@ -212,27 +214,61 @@ def _run_locked(cfg: RunConfig, questions: list[list[Item]], generator: Generato
             "answers_in_question_order": final == keys[:len(final)]}
 
 
-def _generate_in_order(items: list[Item], gen: Generator, concurrency: int):
-    """Yield (item, text) in item order; with concurrency > 1 up to 2x that many requests are in flight."""
+GROUP_WINDOW = 64  # items reordered together at most (bounds the answers held back before writing)
+
+
+def _image_group(item: Item):
+    if isinstance(item.image, bytes):
+        return hashlib.blake2b(item.image, digest_size=16).digest()
+    return item.image
+
+
+def generation_order(items: list[Item], window: int = GROUP_WINDOW) -> list[int]:
+    """Indices of ``items`` in the order to generate them: within each run of ``window`` items, the questions
+    about one image come together (first-seen image first, question order kept inside a group), so the prefix
+    cache prefills that image once and the next questions hit it."""
+    order = []
+    for start in range(0, len(items), window):
+        groups: dict = {}
+        for i in range(start, min(len(items), start + window)):
+            groups.setdefault(_image_group(items[i]), []).append(i)
+        for members in groups.values():
+            order += members
+    return order
+
+
+def _generate_in_order(items: list[Item], gen: Generator, concurrency: int, window: int = GROUP_WINDOW):
+    """Yield (item, text) in item order, generating in ``generation_order`` (answers that come early wait,
+    at most ``window`` of them); with concurrency > 1 up to 2x that many requests are in flight."""
+    ready: dict[int, str] = {}
+    nxt = 0
+    for i, text in _generate_indexed(items, generation_order(items, window), gen, concurrency):
+        ready[i] = text
+        while nxt in ready:
+            yield items[nxt], ready.pop(nxt)
+            nxt += 1
+
+
+def _generate_indexed(items: list[Item], order: list[int], gen: Generator, concurrency: int):
     if concurrency <= 1:
-        for it in items:
-            yield it, gen(it)
+        for i in order:
+            yield i, gen(items[i])
         return
     from concurrent.futures import ThreadPoolExecutor
 
     pending: deque = deque()
-    source = iter(items)
+    source = iter(order)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         try:
-            for it in islice(source, 2 * concurrency):
-                pending.append((it, pool.submit(gen, it)))
+            for i in islice(source, 2 * concurrency):
+                pending.append((i, pool.submit(gen, items[i])))
             while pending:
-                it, fut = pending.popleft()
+                i, fut = pending.popleft()
                 text = fut.result()
-                nxt = next(source, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(gen, nxt)))
-                yield it, text
+                j = next(source, None)
+                if j is not None:
+                    pending.append((j, pool.submit(gen, items[j])))
+                yield i, text
         finally:
             for _, fut in pending:
                 fut.cancel()

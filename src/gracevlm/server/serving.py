@@ -17,7 +17,7 @@ Semantics worth knowing (documented for users in ``gracevlm serve --help`` and t
   each prompt once. ``logprobs`` are those of the distribution each token was drawn from
   (``engine.sampling``); ``echo`` + ``logprobs`` give the prompt tokens' log-probabilities under the
   model (the first token has none). ``usage.prompt_tokens_details.cached_tokens`` is the engine's
-  ``Timings.cached_tokens`` (0 until there is a prefix cache). ``response_format: json_object`` decodes
+  ``Timings.cached_tokens`` (prompt positions reused from the prefix cache, ``--prefix-cache-gib``). ``response_format: json_object`` decodes
   under a JSON grammar (``engine.json_grammar``): an answer that ends with "stop" always parses as an
   object; ``json_schema`` is refused.
 * Admission (``engine.admission``): text size, image count (``--limit-images-per-prompt``) and context
@@ -71,6 +71,8 @@ class ServerConfig:
     max_queue: int = 64
     max_model_len: int | None = None
     prefill_chunk: int | None = None
+    prefix_cache_gib: float = 2.0
+    kv_dtype: str | None = None
     batch_invariant: bool = True
     request_timeout: float | None = 600.0
     max_body_bytes: int = 20 * 2**20
@@ -215,7 +217,8 @@ def _default_loader(config: ServerConfig):
     from ..engine.vlm import load
 
     return load(config.model, device=config.device, backend=config.backend, quantize=config.quantize,
-                conv_mode=config.conv_mode, vision_dtype=config.vision_dtype)
+                conv_mode=config.conv_mode, vision_dtype=config.vision_dtype,
+                prefix_cache_gib=config.prefix_cache_gib, kv_dtype=config.kv_dtype)
 
 
 # -- request parsing -----------------------------------------------------------------------------------

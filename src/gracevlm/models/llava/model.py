@@ -32,7 +32,11 @@ class EmbeddedPrompt:
 
 class LlavaModel(nn.Module):
     """``vision_tower`` is a ``CLIPVisionTower`` (or transformers' ``CLIPVisionModel``, which has the same
-    interface; None for text-only models)."""
+    interface; None for text-only models). ``supports_prefix_cache``: positions are plain 1-D (the KV of a
+    prefix depends only on the prefix), so ``engine.prefix_cache`` may reuse it."""
+
+    supports_prefix_cache = True
+    kv_dtype: torch.dtype | None = None
 
     def __init__(self, vision_tower: nn.Module | None, projector: nn.Module | None,
                  language_model: LlamaForCausalLM, select_layer: int = -2, select_feature: str = "patch"):
@@ -92,7 +96,8 @@ class LlavaModel(nn.Module):
         return torch.cat(pieces, dim=0)
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self.language_model.spec, slots, max_len, dtype or self.compute_dtype,
+        """A KV cache in ``dtype``, else ``kv_dtype`` when set (``VLM.set_kv_dtype``), else the compute dtype."""
+        return KVCache(self.language_model.spec, slots, max_len, dtype or self.kv_dtype or self.compute_dtype,
                        self.language_model.lm_head.weight.device)
 
     # -- the engine's model contract (models.registry) -------------------------------------------------
