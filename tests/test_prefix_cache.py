@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from gracevlm.engine.prefix_cache import PrefixCache, PrefixPlan, block_keys, image_key, prefill_chunks
+from gracevlm.models.llava.model import EmbeddedPrompt
 from gracevlm.engine.prepare import prepare_prompt
 from gracevlm.engine.sampling import SamplingParams
 from gracevlm.engine.scheduler import BatchScheduler
@@ -94,12 +95,13 @@ def test_chunked_prefill_logits_bitwise(vlm):
     cache = PrefixCache(1 << 30, 32)
     with torch.inference_mode():
         cold_kv = vlm.model.new_cache(1, 160)
-        cold = prefill_chunks(lm, embeds, cold_kv, 0, PrefixPlan(cache, block_keys(ids, None, 0, 32), 150))
+        cold = prefill_chunks(vlm.model, EmbeddedPrompt(embeds), cold_kv, 0,
+                              PrefixPlan(cache, block_keys(ids, None, 0, 32), 150))
         assert len(cache.stats()) and cache.stats()["prefix_cache_blocks"] == 4
         warm_kv = vlm.model.new_cache(1, 160)
         plan = PrefixPlan(cache, block_keys(ids, None, 0, 32), 150)
         assert plan.cached == 128
-        warm = prefill_chunks(lm, embeds, warm_kv, 0, plan)
+        warm = prefill_chunks(vlm.model, EmbeddedPrompt(embeds), warm_kv, 0, plan)
     assert torch.equal(cold, warm)
     assert all(torch.equal(a[:, :, :150], b[:, :, :150]) for a, b in zip(cold_kv.k + cold_kv.v, warm_kv.k + warm_kv.v))
 
