@@ -65,15 +65,16 @@ def plan_chat(vlm, messages: list[dict], conv_mode: str | None, max_len: int, ma
     ids = runtime.tokenize(prompt)
     per_image = runtime.image_positions()
     positions = prompt_positions(ids, runtime.image_marker, per_image)
-    check_prompt_length(positions, max_len, _Shape(per_image) if images else None)
+    check_prompt_length(positions, max_len, _Shape(per_image, len(images)) if images else None)
     return ChatPlan(prompt, ids, images, positions, started)
 
 
 class _Shape:
-    """Stands in for image features in ``check_prompt_length``'s message (it reads ``shape[1]``)."""
+    """Stands in for image features in ``check_prompt_length``'s message (``shape[1]`` / ``positions``)."""
 
-    def __init__(self, per_image: int):
-        self.shape = (0, per_image)
+    def __init__(self, per_image: int, n_images: int):
+        self.shape = (n_images, per_image)
+        self.positions = per_image * n_images
 
 
 def prepare_planned(vlm, plan: ChatPlan, fetch: Callable[[Any], Any]):
