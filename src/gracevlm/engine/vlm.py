@@ -8,6 +8,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..errors import InputError
+from ..models.benchmark_prompts import BenchmarkPrompts
 from ..models.images import RGBImage, decode_image
 from ..models.loader import LoadedModel, load_checkpoint
 from .devices import parse_device
@@ -43,6 +44,11 @@ class VLM:
     @property
     def conv_mode(self) -> str | None:
         return getattr(self.runtime, "conv_mode", None)
+
+    @property
+    def benchmark_prompts(self) -> BenchmarkPrompts:
+        """How this model's family is asked benchmark questions (``engine.benchmark``)."""
+        return self.loaded.family.benchmark_prompts()
 
     # -- images ------------------------------------------------------------------------------------------
     @property

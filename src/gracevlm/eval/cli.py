@@ -45,8 +45,12 @@ def _add_run_parser(sub) -> None:
                             "(0: off); questions about one image are generated together, answers written in order")
         b.add_argument("--conv-mode", default=None, help="conversation template (default: from the checkpoint)")
         b.add_argument("--temperature", type=float, default=0.0)
-        b.add_argument("--max-new-tokens", type=int, default=mod.MAX_NEW_TOKENS,
-                       help=f"default {mod.MAX_NEW_TOKENS} (as LLaVA's loader for this benchmark)")
+        b.add_argument("--max-new-tokens", type=int, default=None,
+                       help=f"default: the prompt style's ({mod.MAX_NEW_TOKENS} as LLaVA's loader for this "
+                            "benchmark; 8 for GRACE's Qwen3-VL letter prompts)")
+        b.add_argument("--prompt-style", default="model",
+                       help="how questions are asked and answers recorded: 'model' (the loaded model's family: "
+                            "llava-1.5 or grace-qwen3-vl; --endpoint runs: llava-1.5), or one of those names")
         b.add_argument("--num-chunks", type=int, default=1)
         b.add_argument("--chunk-idx", type=int, default=0)
         b.add_argument("--limit", type=int, default=None, help="only the first N questions (before chunking)")
@@ -88,7 +92,8 @@ def cmd_run(args) -> int:
     cfg = RunConfig(benchmark=args.bench, answers_file=args.answers_file, question_file=qfile, model=args.model,
                     endpoint=args.endpoint, api_key=args.api_key, served_model=args.served_model,
                     device=args.device, backend=args.backend, conv_mode=args.conv_mode,
-                    temperature=args.temperature, max_new_tokens=args.max_new_tokens, num_chunks=args.num_chunks,
+                    temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                    prompt_style=args.prompt_style, num_chunks=args.num_chunks,
                     chunk_idx=args.chunk_idx, limit=args.limit, concurrency=args.concurrency, timeout=args.timeout,
                     progress=not args.no_progress, options=options,
                     prefix_cache_gib=args.prefix_cache_gib)

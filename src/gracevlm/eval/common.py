@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.benchmark import ChoiceQuestion
 from ..errors import InputError
 from .answers import read_jsonl
 
@@ -24,11 +26,46 @@ class Item:
     image: str | bytes | None        # path, raw bytes (MMBench) or None (text-only ScienceQA)
     before_prompt: dict = field(default_factory=dict)   # extra answer fields between question_id and prompt
     after_text: dict = field(default_factory=dict)      # extra answer fields between text and answer_id
+    choice: ChoiceQuestion | None = None  # the parts of a multiple-choice question (for other prompt styles)
 
-    def record(self, text: str, answer_id: str, model_id: str) -> dict:
-        rec = {"question_id": self.question_id, **self.before_prompt, "prompt": self.prompt, "text": text,
+    @property
+    def question_text(self) -> str:
+        """The user message without its leading image placeholder."""
+        prefix = IMAGE_TOKEN + "\n"
+        if self.image is not None and self.user_message.startswith(prefix):
+            return self.user_message[len(prefix):]
+        return self.user_message
+
+    def record(self, text: str, answer_id: str, model_id: str, raw_text: str | None = None) -> dict:
+        """The answer line; ``raw_text`` (the generated text when ``text`` was extracted from it) follows
+        ``text``."""
+        raw = {} if raw_text is None else {"raw_text": raw_text}
+        rec = {"question_id": self.question_id, **self.before_prompt, "prompt": self.prompt, "text": text, **raw,
                **self.after_text, "answer_id": answer_id, "model_id": model_id, "metadata": {}}
         return rec
+
+
+_OPTION_LINE = re.compile(r"([A-Z])\. (.*)", re.DOTALL)
+
+
+def split_option_lines(text: str, instructions: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """A LLaVA multiple-choice text (``...\\nA. opt\\nB. opt`` [+ ``\\n`` + one of ``instructions``]) -> the
+    lines before the options and the option texts (A, B, ... consecutive); no options: ``(lines, [])``."""
+    lines = text.split("\n")
+    if lines and lines[-1] in instructions:
+        lines = lines[:-1]
+    options: list[str] = []
+    expect = None  # the letter the next line up must carry (the one before the last found)
+    while lines:
+        m = _OPTION_LINE.fullmatch(lines[-1])
+        if m is None or (expect is not None and m.group(1) != expect):
+            break
+        options.insert(0, m.group(2))
+        lines = lines[:-1]
+        if m.group(1) == "A":
+            return lines, options
+        expect = chr(ord(m.group(1)) - 1)
+    return text.split("\n"), []
 
 
 def read_question_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .answers import read_jsonl
+from ..engine.benchmark import ChoiceQuestion
 from .common import IMAGE_TOKEN, MC_INSTRUCTION, MC_INSTRUCTION_CN, Item, pct
 
 NAME = "mmbench"
@@ -121,9 +122,11 @@ def load_items(question_file, all_rounds: bool = False, lang: str = "en") -> lis
         items = []
         for r in range(rounds):
             text = row_prompt(row, options)
+            hint = None if is_none(row.get("hint")) else row["hint"]
             items.append(Item(row["index"], text, IMAGE_TOKEN + "\n" + text + "\n" + instruction, image,
                               before_prompt={"round_id": r},
-                              after_text={"options": list(options), "option_char": list(chars)}))
+                              after_text={"options": list(options), "option_char": list(chars)},
+                              choice=ChoiceQuestion(row["question"] or "", tuple(options), hint)))
             options = options[1:] + options[:1]
             chars = chars[1:] + chars[:1]
         out.append(items)

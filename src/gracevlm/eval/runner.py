@@ -18,6 +18,7 @@ from .answers import (AnswerWriter, answered_keys, get_chunk, manifest_path, occ
                       repair_tail, sha256_file, write_json_atomic)
 from .common import Item
 from .lock import answers_lock
+from .prompting import DEFAULT_STYLE, max_new_tokens, recorded_answer, resolve_prompts, styled_item
 
 Generator = Callable[[Item], str]
 
@@ -35,7 +36,8 @@ class RunConfig:
     backend: str | None = None
     conv_mode: str | None = None
     temperature: float = 0.0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # None: the prompt style's budget for the benchmark, else the benchmark's
+    prompt_style: str | None = None    # None / "model": the loaded model's family's (endpoints: llava-1.5)
     num_chunks: int = 1
     chunk_idx: int = 0
     limit: int | None = None
@@ -55,14 +57,16 @@ def model_name_from_path(path: str) -> str:
 
 
 class ModelGenerator:
-    """In-process generation through ``gracevlm.load`` (greedy when temperature is 0)."""
+    """In-process generation through ``gracevlm.load`` (greedy when temperature is 0), in the model's family's
+    prompt style unless ``cfg.prompt_style`` names another."""
 
     def __init__(self, cfg: RunConfig):
         from .. import load
 
         self.vlm = load(cfg.model, device=cfg.device, backend=cfg.backend, prefix_cache_gib=cfg.prefix_cache_gib)
         self.conv_mode = cfg.conv_mode or self.vlm.conv_mode
-        self.max_new_tokens = cfg.max_new_tokens
+        self.prompts = resolve_prompts(cfg.prompt_style, self.vlm.benchmark_prompts)
+        self.max_new_tokens = max_new_tokens(cfg.benchmark, self.prompts, cfg.max_new_tokens)
         self.temperature = cfg.temperature
         self.model_id = model_name_from_path(cfg.model)
 
@@ -75,14 +79,15 @@ class ModelGenerator:
 
 class EndpointGenerator:
     """Generation through an OpenAI-compatible server: the user message's text (without the leading
-    ``<image>\\n`` placeholder) plus the image as a base64 part."""
+    ``<image>\\n`` placeholder) plus the image as a base64 part, in ``cfg.prompt_style`` (default llava-1.5)."""
 
     def __init__(self, cfg: RunConfig):
         from .client import EndpointClient
 
         self.client = EndpointClient(cfg.endpoint, cfg.api_key, cfg.served_model, timeout=cfg.timeout)
         self.conv_mode = None
-        self.max_new_tokens = cfg.max_new_tokens
+        self.prompts = resolve_prompts(cfg.prompt_style)
+        self.max_new_tokens = max_new_tokens(cfg.benchmark, self.prompts, cfg.max_new_tokens)
         self.temperature = cfg.temperature
         self.model_id = model_name_from_path(self.client.model)
 
@@ -97,15 +102,16 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _manifest(cfg: RunConfig, model_id: str, conv_mode: str | None, n_items: int) -> dict:
+def _manifest(cfg: RunConfig, model_id: str, conv_mode: str | None, n_items: int, style: str | None,
+              new_tokens: int | None) -> dict:
     import torch
 
     qf = cfg.question_file
     return {
         "gracevlm_version": __version__, "benchmark": cfg.benchmark, "model": cfg.model,
         "endpoint": cfg.endpoint, "served_model": cfg.served_model if cfg.endpoint else None, "model_id": model_id,
-        "conv_mode": conv_mode,
-        "decoding": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "num_beams": 1,
+        "conv_mode": conv_mode, "prompt_style": style,
+        "decoding": {"temperature": cfg.temperature, "max_new_tokens": new_tokens, "num_beams": 1,
                      "do_sample": cfg.temperature > 0},
         "question_file": str(qf) if qf else None,
         "question_file_sha256": sha256_file(qf) if qf and Path(qf).is_file() else None,
@@ -116,11 +122,12 @@ def _manifest(cfg: RunConfig, model_id: str, conv_mode: str | None, n_items: int
     }
 
 
-_MUST_MATCH = ("benchmark", "model", "endpoint", "conv_mode", "decoding", "question_file_sha256", "options",
-               "num_chunks", "chunk_idx")
+_MUST_MATCH = ("benchmark", "model", "endpoint", "conv_mode", "prompt_style", "decoding", "question_file_sha256",
+               "options", "num_chunks", "chunk_idx")
 
 
 def _check_resume(old: dict, new: dict, answers_file: Path) -> None:
+    old = {"prompt_style": DEFAULT_STYLE, **old}  # manifests from before prompt styles: LLaVA-1.5's
     diffs = [k for k in _MUST_MATCH if old.get(k) != new.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diffs)
@@ -173,12 +180,24 @@ def _run_locked(cfg: RunConfig, questions: list[list[Item]], generator: Generato
     model_id = getattr(gen, "model_id", None) or (model_name_from_path(cfg.model) if cfg.model else
                                                   (cfg.served_model or "endpoint"))
     conv_mode = getattr(gen, "conv_mode", cfg.conv_mode)
+    prompts = getattr(gen, "prompts", None)
+    if prompts is None and (gen is not None or cfg.prompt_style not in (None, "", "model")):
+        prompts = resolve_prompts(cfg.prompt_style)
+    new_tokens = getattr(gen, "max_new_tokens", None)
+    if new_tokens is None and prompts is not None:
+        new_tokens = max_new_tokens(cfg.benchmark, prompts, cfg.max_new_tokens)
+    styled = [styled_item(cfg.benchmark, it, prompts) for it, _ in todo]  # bad items refused before any write
     mpath = manifest_path(answers_file)
-    manifest = _manifest(cfg, model_id, conv_mode, len(items))
+    manifest = _manifest(cfg, model_id, conv_mode, len(items), prompts.style if prompts else None,
+                         new_tokens if new_tokens is not None else cfg.max_new_tokens)
     if mpath.is_file() and done_keys:
         old = read_json(mpath, what="manifest")
-        if gen is None:  # nothing to generate: keep the recorded conv_mode
+        if gen is None:  # nothing to generate: keep what the run recorded where no model says otherwise
             manifest["conv_mode"] = old.get("conv_mode")
+            if prompts is None:
+                manifest["prompt_style"] = old.get("prompt_style", DEFAULT_STYLE)
+            if new_tokens is None and cfg.max_new_tokens is None:
+                manifest["decoding"]["max_new_tokens"] = old.get("decoding", {}).get("max_new_tokens")
         _check_resume(old, manifest, answers_file)
         manifest["created"] = old.get("created")
     else:
@@ -197,8 +216,9 @@ def _run_locked(cfg: RunConfig, questions: list[list[Item]], generator: Generato
                    disable=not cfg.progress, dynamic_ncols=True)
         try:
             with AnswerWriter(answers_file) as writer:
-                for item, text in _generate_in_order([it for it, _ in todo], gen, cfg.concurrency):
-                    writer.write(item.record(text, uuid.uuid4().hex[:22], model_id))
+                for item, text in _generate_in_order(styled, gen, cfg.concurrency):
+                    answer, raw = recorded_answer(cfg.benchmark, item, prompts, text)
+                    writer.write(item.record(answer, uuid.uuid4().hex[:22], model_id, raw_text=raw))
                     generated += 1
                     bar.update(1)
         finally:

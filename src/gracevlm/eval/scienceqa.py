@@ -5,9 +5,10 @@ import os
 import re
 from pathlib import Path
 
+from ..engine.benchmark import ChoiceQuestion
 from ..errors import InputError
 from .answers import read_json, read_jsonl, write_json_atomic
-from .common import IMAGE_TOKEN, MC_INSTRUCTION, Item, pct
+from .common import IMAGE_TOKEN, MC_INSTRUCTION, Item, pct, split_option_lines
 
 NAME = "scienceqa"
 MAX_NEW_TOKENS = 1024
@@ -25,9 +26,22 @@ HANDLING = {
 }
 
 
-def _items_from_entries(entries: list, image_folder, source) -> list[list[Item]]:
+def choice_from_human(human: str) -> ChoiceQuestion | None:
+    """The parts of a llava_test_CQM-A.json human turn (``[Context: hint\\n]question\\nA. c\\nB. c ...``): the
+    question is the line before the options, the hint whatever precedes it (``Context: `` removed)."""
+    head, options = split_option_lines(human.replace(IMAGE_TOKEN, "").strip())
+    if not options or not head:
+        return None
+    hint = "\n".join(head[:-1])
+    if hint.startswith("Context: "):
+        hint = hint[len("Context: "):]
+    return ChoiceQuestion(head[-1], tuple(options), hint or None)
+
+
+def _items_from_entries(entries: list, image_folder, source, choices=None) -> list[list[Item]]:
     """model_vqa_science --single-pred-prompt: drop ``<image>`` and strip, re-add ``<image>\\n`` in front for
-    image problems, append the multiple-choice instruction. Prompt field and user message are the same text."""
+    image problems, append the multiple-choice instruction. Prompt field and user message are the same text.
+    ``choices``: each entry's question parts (else read back from its human turn)."""
     out = []
     for n, line in enumerate(entries):
         try:
@@ -40,7 +54,8 @@ def _items_from_entries(entries: list, image_folder, source) -> list[list[Item]]
             image = os.path.join(image_folder, line["image"]) if image_folder else line["image"]
             qs = IMAGE_TOKEN + "\n" + qs
         qs = qs + "\n" + MC_INSTRUCTION
-        out.append([Item(qid, qs, qs, image)])
+        choice = choices[n] if choices is not None else choice_from_human(human)
+        out.append([Item(qid, qs, qs, image, choice=choice)])
     return out
 
 
@@ -68,15 +83,16 @@ def _items_from_base_dir(base_dir, split, image_folder) -> list[list[Item]]:
     splits = read_json(base / "pid_splits.json", what="ScienceQA pid_splits.json")
     if split not in splits:
         raise InputError(f"split {split!r} not in pid_splits.json (has {sorted(splits)})")
-    entries = []
+    entries, choices = [], []
     for pid in splits[split]:
         p = problems[pid]
+        choices.append(ChoiceQuestion(p["question"], tuple(p["choices"]), p.get("hint") or None))
         entry = {"id": pid, "conversations": [{"from": "human", "value": human_text(p, bool(p.get("image")))},
                                               {"from": "gpt", "value": OPTIONS[p["answer"]]}]}
         if p.get("image"):
             entry["image"] = f"{pid}/{p['image']}"
         entries.append(entry)
-    return _items_from_entries(entries, image_folder, base / "problems.json")
+    return _items_from_entries(entries, image_folder, base / "problems.json", choices)
 
 
 def load_items(question_file=None, image_folder=None, base_dir=None, split="test") -> list[list[Item]]:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from ..engine.benchmark import ChoiceQuestion
 from ..errors import InputError
 from .answers import read_json, read_jsonl
-from .common import loader_items, pct
+from .common import MC_INSTRUCTION, loader_items, pct, split_option_lines
 
 NAME = "seed"
 MAX_NEW_TOKENS = 128
@@ -22,7 +24,14 @@ HANDLING = {
 
 
 def load_items(question_file, image_folder=None):
-    return loader_items(question_file, image_folder)
+    """model_vqa_loader items; each also carries its question and options (read back from the LLaVA text
+    ``question\\nA. a\\nB. b ...\\n<instruction>``) for prompt styles that lay them out differently."""
+    out = []
+    for (item,) in loader_items(question_file, image_folder):
+        head, options = split_option_lines(item.question_text, (MC_INSTRUCTION,))
+        choice = ChoiceQuestion("\n".join(head), tuple(options)) if options else None
+        out.append([replace(item, choice=choice)])
+    return out
 
 
 def _official_id(qid):

@@ -10,6 +10,8 @@ The engine and the front ends talk to a family only through this contract, never
 - ``runtime(loaded, conv_mode)``: what the engine needs per loaded model: chat templates, prompt
   tokenization with image markers, image processing, context length (``Runtime``).
 - ``describe(opened)`` and ``part_of(key)``: the architecture facts and weight parts ``inspect`` reports.
+- ``benchmark_prompts()``: how ``gracevlm eval`` asks this family benchmark questions
+  (``models.benchmark_prompts``; the base is LLaVA-1.5's protocol).
 - ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``config_for_model``.
 
 The family's model object is what the engine drives (``engine.generate``, ``engine.scheduler``), with no
@@ -33,6 +35,7 @@ from ..errors import CheckpointError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from .benchmark_prompts import BenchmarkPrompts
     from .checkpoint import OpenedCheckpoint
     from .loader import LoadedModel, LoadOptions
 
@@ -118,6 +121,12 @@ class Family(ABC):
         """Which part of the model a tensor belongs to (inspect's bytes by part)."""
         return "weights"
 
+    def benchmark_prompts(self) -> "BenchmarkPrompts":
+        """The benchmark prompt style of this family (default: LLaVA-1.5's protocol, the eval modules' own)."""
+        from .benchmark_prompts import BenchmarkPrompts
+
+        return BenchmarkPrompts()
+
     # training exports (gracevlm.train): models built in memory, written back in the family's layout
     def owns_model(self, model) -> bool:
         return False
@@ -153,6 +162,15 @@ def get_family(name: str) -> Family:
 
 def families() -> list[Family]:
     return [get_family(name) for name in FAMILY_PACKAGES]
+
+
+def benchmark_prompt_styles() -> dict[str, "BenchmarkPrompts"]:
+    """Every family's benchmark prompt style by its name (``llava-1.5``, ``grace-qwen3-vl``, ...)."""
+    styles = {}
+    for family in families():
+        prompts = family.benchmark_prompts()
+        styles.setdefault(prompts.style, prompts)
+    return styles
 
 
 def family_for_config(raw: dict, source: str = "config.json") -> Family:

@@ -17,6 +17,7 @@ from ...errors import InputError
 from ..checkpoint import OpenedCheckpoint
 from ..images import DEFAULT_MAX_PIXELS, decode_image
 from ..registry import Family, Runtime
+from .benchmark_prompts import GraceQwen3VLPrompts
 from .build import DECODER_LINEARS, build_qwen3_vl, open_qwen3_vl
 from .chat import IMAGE_PAD, ChatPrompt, load_chat_template
 from .model import ImagePixels
@@ -166,6 +167,10 @@ class Qwen3VLFamily(Family):
 
     def runtime(self, loaded, conv_mode: str | None = None) -> Qwen3VLRuntime:
         return Qwen3VLRuntime(loaded, conv_mode)
+
+    def benchmark_prompts(self) -> GraceQwen3VLPrompts:
+        """GRACE's Qwen3-VL evaluation prompts and letter extraction (``benchmark_prompts``)."""
+        return GraceQwen3VLPrompts()
 
     def describe(self, opened: OpenedCheckpoint) -> dict:
         cfg = opened.config
