@@ -4,8 +4,9 @@ scripts (see eval-protocol.md). One module per benchmark:
 ``vqav2``, ``gqa``, ``textvqa``, ``pope``, ``mme``, ``scienceqa``, ``seed``, ``mmbench`` — each with
 ``load_items`` (question file -> work items), ``score`` (-> dict), ``format_text`` and, where a server does the
 scoring, ``submit``. Shared: ``normalize`` (EvalAI / VQA answer processing, soft accuracy), ``answers`` (answer
-files: append + fsync, resume, chunks, merge), ``runner`` (``eval run``), ``client`` (OpenAI-compatible
-endpoint), ``report``; ``cli.register(subparsers)`` adds ``gracevlm eval``.
+files: append + fsync, resume, chunks, merge), ``runner`` (``eval run``), ``prompting`` (the model family's
+prompt style: another family's prompts and answer extraction, e.g. GRACE's Qwen3-VL ones), ``client``
+(OpenAI-compatible endpoint), ``report``; ``cli.register(subparsers)`` adds ``gracevlm eval``.
 """
 from __future__ import annotations
 

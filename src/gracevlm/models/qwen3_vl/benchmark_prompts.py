@@ -21,6 +21,13 @@ of option texts.
 GRACE defines no Qwen3-VL protocol for VQAv2, GQA, TextVQA, POPE or MME (its Qwen3-VL table covers
 HallusionBench, MMBench, ScienceQA, AI2D, MMMU, SEED, MMStar): for those the benchmark's own (LLaVA) question
 text is sent as it is, image part first, with the benchmark's max_new_tokens and its own answer parsing.
+
+Where gracevlm's run differs from GRACE's scripts: scoring stays the official one (MMBench circular over the
+TSV's rows, GRACE's script reports per-row accuracy; SEED's scorer pools image and video questions and
+reports the image line separately, GRACE's script keeps image questions only); MMBench options end at the
+first empty cell (LLaVA's reading; GRACE skips empty cells, the same for MMBench's contiguous options);
+MMBench-CN gets this same English text (GRACE has no CN script); SEED's question and options are read back
+from LLaVA's question file (``eval.seed``), ScienceQA's from ``problems.json`` or the LLaVA question file.
 """
 from __future__ import annotations
 
