@@ -93,6 +93,50 @@ def test_llava_items_and_answers_unchanged(tmp_path):
     assert item.user_message == f"<image>\nWhat?\nA. x\nB. y\n{MC_INSTRUCTION}"
 
 
+class ScriptedGen:
+    """Answers in order from a list; records what it was sent (a stand-in for an endpoint serving Qwen3-VL)."""
+
+    model_id = "scripted"
+    conv_mode = None
+
+    def __init__(self, answers):
+        self.answers, self.sent = list(answers), []
+
+    def __call__(self, item):
+        self.sent.append(item.user_message)
+        return self.answers.pop(0)
+
+
+def test_named_style_run_manifest_and_resume(tmp_path):
+    """``--prompt-style grace-qwen3-vl`` without a model (an endpoint run): GRACE's text sent, the letter
+    recorded with the raw answer beside it, style and 8 new tokens in the manifest; a resume in another style
+    is refused."""
+    from gracevlm.eval.runner import RunConfig, run
+
+    url = "http://127.0.0.1:9/v1"  # never contacted: the generator is given, then nothing is left to generate
+    qf = tmp_path / "seed.jsonl"
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    qf.write_text("".join(json.dumps({"question_id": i, "image": "a.jpg", "category": "c",
+                                      "text": f"Q{i}?\nA. x\nB. y\n{MC_INSTRUCTION}"}) + "\n" for i in range(3)))
+    items = seed.load_items(qf, tmp_path)
+    answers = tmp_path / "seed_answers.jsonl"
+    cfg = RunConfig(benchmark="seed", answers_file=str(answers), question_file=str(qf), progress=False,
+                    endpoint=url, prompt_style="grace-qwen3-vl", limit=2)
+    gen = ScriptedGen(["(B) y", "I think so"])
+    run(cfg, items, gen)
+    assert gen.sent == [f"Question: Q{i}?\nOptions:\n(A) x\n(B) y\n{ONLY_LETTER}" for i in range(2)]
+    recs, _ = read_jsonl(answers)
+    assert [(r["text"], r["raw_text"]) for r in recs] == [("B", "(B) y"), ("", "I think so")]
+    manifest = json.loads((tmp_path / "seed_answers.manifest.json").read_text())
+    assert manifest["prompt_style"] == "grace-qwen3-vl" and manifest["decoding"]["max_new_tokens"] == 8
+    with pytest.raises(InputError, match="prompt_style"):
+        run(RunConfig(benchmark="seed", answers_file=str(answers), question_file=str(qf), progress=False,
+                      endpoint=url, prompt_style="llava-1.5", max_new_tokens=8), items, ScriptedGen(["A"]))
+    again = run(RunConfig(benchmark="seed", answers_file=str(answers), question_file=str(qf), progress=False,
+                          endpoint=url, prompt_style="grace-qwen3-vl", limit=2), items)
+    assert again["complete"] and again["generated"] == 0  # nothing left: no endpoint contacted
+
+
 # -- end to end on a tiny Qwen3-VL folder -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
