@@ -15,7 +15,7 @@ from gracevlm.cli import main as gracevlm_main
 from gracevlm.engine.benchmark import BenchmarkPrompts, BenchmarkQuestion, ChoiceQuestion, prompt_style
 from gracevlm.engine.vlm import VLM
 from gracevlm.errors import InputError
-from gracevlm.eval import cli, mmbench, scienceqa, seed
+from gracevlm.eval import cli, scienceqa, seed
 from gracevlm.eval.answers import read_jsonl
 from gracevlm.eval.common import MC_INSTRUCTION, SHORT_ANSWER, split_option_lines
 from gracevlm.eval.prompting import max_new_tokens, recorded_answer, styled_item
@@ -146,15 +146,28 @@ def qwen_folder(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(qwen_folder):
+    """transformers' model (fp32) and processor of the folder, as GRACE's scripts load them."""
+    import torch
+    from qwen3_vl_helpers import reference_processor
+    from transformers import Qwen3VLForConditionalGeneration
+
+    proc = reference_processor(qwen_folder)
+    proc.chat_template = (qwen_folder / "chat_template.jinja").read_text()
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(qwen_folder, dtype=torch.float32).eval()
+    return hf, proc
+
+
 @pytest.fixture
 def calls(monkeypatch):
-    """Every ``VLM.generate`` call of the run: (prompt, images, kwargs, result)."""
+    """Every ``VLM.generate`` call of the run: (prompt, images, kwargs, result, vlm)."""
     seen = []
     real = VLM.generate
 
     def recording(self, prompt, images=None, **kwargs):
         res = real(self, prompt, images=images, **kwargs)
-        seen.append((prompt, list(images or []), kwargs, res))
+        seen.append((prompt, list(images or []), kwargs, res, self))
         return res
 
     monkeypatch.setattr(VLM, "generate", recording)
@@ -167,24 +180,39 @@ def _png_bytes(colour, size=(50, 40)) -> bytes:
     return buf.getvalue()
 
 
-def _check_ids(folder, call, expected_text):
+def _check_ids(reference, call, expected_text, letters=None):
     """The ids the run used = the processor's apply_chat_template of GRACE's message (image part first, no system
-    message) with the image as GRACE opens it (RGB), one pad per image in the engine's ids."""
-    from qwen3_vl_helpers import reference_processor
+    message) with the image as GRACE opens it (RGB), one pad per image in the engine's ids; the pixels = the
+    processor's (smart_resize, no padding). With ``letters``: the recorded raw answer and letter = what GRACE's
+    script gets from transformers' generate (greedy, 8 new tokens, decoded without special tokens, parse_choice)."""
+    import torch
 
-    prompt, images, kwargs, res = call
+    hf, proc = reference
+    prompt, images, kwargs, res, vlm = call
     assert prompt == expected_text and kwargs.get("system") is None and kwargs["temperature"] == 0.0
-    proc = reference_processor(folder)
-    proc.chat_template = (folder / "chat_template.jinja").read_text()
     pil = [Image.open(io.BytesIO(im) if isinstance(im, bytes) else im).convert("RGB") for im in images]
     content = [{"type": "image"}] * len(pil) + [{"type": "text", "text": expected_text}]
     text = proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                     add_generation_prompt=True)
-    ids = proc(text=[text], images=pil or None, return_tensors="pt")["input_ids"][0].tolist()
+    inputs = proc(text=[text], images=pil or None, return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
     pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     collapsed = [t for i, t in enumerate(ids) if t != pad or i == 0 or ids[i - 1] != pad]
     assert res.prompt_token_ids == collapsed
     assert res.timings.prefill_tokens + res.timings.cached_tokens == len(ids)
+    if pil:
+        ours = vlm.runtime.preprocess(images)
+        assert torch.equal(ours.grid_thw, inputs["image_grid_thw"])
+        assert torch.allclose(ours.pixel_values, inputs["pixel_values"], atol=1e-6)
+    if letters is None:
+        return
+    stops = vlm.tokenizer.stop_ids
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=stops[-1],
+                          suppress_tokens=list(range(vlm.tokenizer.vocab_size, hf.config.text_config.vocab_size)))
+    raw = proc.tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert res.text == raw.strip()
+    return first_option_letter(raw, letters)
 
 
 def _check_letters(records, letters):
@@ -193,7 +221,7 @@ def _check_letters(records, letters):
 
 
 @pytest.mark.slow
-def test_mmbench_and_seed_end_to_end(qwen_folder, calls, tmp_path):
+def test_mmbench_and_seed_end_to_end(qwen_folder, reference, calls, tmp_path):
     # -- MMBench: a hint cell 'nan' (no Context line) and a hinted 2-option row
     tsv = tmp_path / "mmbench_dev.tsv"
     rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"],
@@ -209,10 +237,10 @@ def test_mmbench_and_seed_end_to_end(qwen_folder, calls, tmp_path):
     expected = [f"Question: What colour is it?\nOptions:\n(A) red\n(B) blue\n(C) green\n{ONLY_LETTER}",
                 f"Context: A photo of a pet.\nQuestion: Which animal?\nOptions:\n(A) cat\n(B) dog\n{ONLY_LETTER}"]
     assert len(calls) == 2
-    for call, text in zip(calls, expected):
-        _check_ids(qwen_folder, call, text)
-        assert call[2]["max_new_tokens"] == 8
     recs, _ = read_jsonl(answers)
+    for call, text, rec, letters in zip(calls, expected, recs, ["ABC", "AB"]):
+        assert _check_ids(reference, call, text, letters) == rec["text"]
+        assert call[2]["max_new_tokens"] == 8
     assert [r["prompt"] for r in recs] == ["<image>\n" + t for t in expected]
     assert [r["option_char"] for r in recs] == [["A", "B", "C"], ["A", "B"]]
     assert [r["raw_text"] for r in recs] == [c[3].text.strip() for c in calls]
@@ -240,8 +268,8 @@ def test_mmbench_and_seed_end_to_end(qwen_folder, calls, tmp_path):
     assert cli.main(["run", "seed", "--model", str(qwen_folder), "--question-file", str(qf), "--image-folder",
                      str(imgs), "--answers-file", str(answers), "--no-progress"]) == 0
     text = f"Question: What is in it?\nOptions:\n(A) a cat\n(B) a dog\n(C) a car\n(D) a cup\n{ONLY_LETTER}"
-    _check_ids(qwen_folder, calls[0], text)
     recs, _ = read_jsonl(answers)
+    assert _check_ids(reference, calls[0], text, "ABCD") == recs[0]["text"]
     _check_letters(recs, ["ABCD"])
     assert cli.main(["score", "seed", "--annotation-file", str(ann), "--result-file", str(answers)]) == 0
     score = json.loads((answers.parent / "seed.seed.score.json").read_text())
@@ -249,7 +277,7 @@ def test_mmbench_and_seed_end_to_end(qwen_folder, calls, tmp_path):
 
 
 @pytest.mark.slow
-def test_scienceqa_and_pope_end_to_end(qwen_folder, calls, tmp_path):
+def test_scienceqa_and_pope_end_to_end(qwen_folder, reference, calls, tmp_path):
     # -- ScienceQA from problems.json: an image problem and a text-only one with a hint (sent without an image)
     base = tmp_path / "scienceqa"
     (base / "images" / "test" / "11").mkdir(parents=True)
@@ -266,9 +294,9 @@ def test_scienceqa_and_pope_end_to_end(qwen_folder, calls, tmp_path):
     expected = [f"Question: Which color?\nOptions:\n(A) green\n(B) red\n{ONLY_LETTER}",
                 f"Context: Read it.\nQuestion: Which word?\nOptions:\n(A) a\n(B) b\n(C) c\n{ONLY_LETTER}"]
     assert len(calls[1][1]) == 0  # text-only problem: no image
-    for call, text in zip(calls, expected):
-        _check_ids(qwen_folder, call, text)
     recs, _ = read_jsonl(answers)
+    for call, text, rec, letters in zip(calls, expected, recs, ["AB", "ABC"]):
+        assert _check_ids(reference, call, text, letters) == rec["text"]
     assert [r["prompt"] for r in recs] == ["<image>\n" + expected[0], expected[1]]
     _check_letters(recs, ["AB", "ABC"])
     assert cli.main(["score", "scienceqa", "--base-dir", str(base), "--result-file", str(answers)]) == 0
@@ -295,7 +323,7 @@ def test_scienceqa_and_pope_end_to_end(qwen_folder, calls, tmp_path):
     assert cli.main(["run", "pope", "--model", str(qwen_folder), "--question-file", str(qf), "--image-folder",
                      str(imgs), "--answers-file", str(answers), "--max-new-tokens", "4", "--no-progress"]) == 0
     for call, q in zip(calls, questions):
-        _check_ids(qwen_folder, call, q["text"])
+        _check_ids(reference, call, q["text"])
         assert call[2]["max_new_tokens"] == 4
     recs, _ = read_jsonl(answers)
     assert [r["prompt"] for r in recs] == [q["text"] for q in questions]
