@@ -45,7 +45,7 @@ class Item:
         return rec
 
 
-_OPTION_LINE = re.compile(r"([A-Z])\. (.*)", re.DOTALL)
+_OPTION_LINE = re.compile(r"([A-Z])\. (.*)")
 
 
 def split_option_lines(text: str, instructions: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:

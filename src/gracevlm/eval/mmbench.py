@@ -7,9 +7,9 @@ import csv
 import sys
 from pathlib import Path
 
+from ..engine.benchmark import ChoiceQuestion
 from ..errors import InputError
 from .answers import read_jsonl
-from ..engine.benchmark import ChoiceQuestion
 from .common import IMAGE_TOKEN, MC_INSTRUCTION, MC_INSTRUCTION_CN, Item, pct
 
 NAME = "mmbench"
