@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gracevlm.errors import InputError
+from gracevlm.errors import CheckpointError, InputError
 from gracevlm.models.training import IGNORE_INDEX
 
 # Renders exactly as the synth template (asserted below) with {% generation %} around each assistant turn's
@@ -173,17 +173,58 @@ def test_prepare_wraps_exactly_the_decoder_linears(ws):
                                             for lin in linears)
 
 
+def test_rcka_over_token_sets_of_different_sizes():
+    from gracevlm.train import rcka_loss, rcka_loss_sets
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [6, 9, 6, 3]  # the 3-token set is below GRACE's min_tokens (4) and skipped
+    student = [torch.randn(n, 64, generator=gen, requires_grad=True) for n in sizes]
+    teacher = [torch.randn(n, 32, generator=gen) for n in sizes]
+    loss, n_valid = rcka_loss_sets(student, teacher)
+    ref = torch.stack([rcka_loss(s, t)[0] for s, t in zip(student[:3], teacher[:3])]).mean()
+    assert n_valid == 3.0
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert student[3].grad is None or not bool(student[3].grad.any())
+    zero, none = rcka_loss_sets(student[3:], teacher[3:])
+    assert none == 0 and float(zero.detach()) == 0.0 and zero.requires_grad
+
+
 def test_grace_recipe_trains_the_llm_and_merger_only(ws, tmp_path):
+    from gracevlm.synth.qwen3_vl import synthesize_qwen3_vl
     from gracevlm.train.trainer import TrainConfig, Trainer
 
+    # the teacher may be any Qwen3-VL checkpoint, a quantized one too (it only runs forward)
+    synthesize_qwen3_vl(tmp_path / "teacher-w4", "qwen3-vl-tiny", "qat", seed=2, progress=False)
     trainer = Trainer(TrainConfig(data=str(ws / "train.json"), image_folder=str(ws), model=str(ws / "student"),
-                                  teacher=str(ws / "teacher"), out=str(tmp_path / "run"), batch_size=2, steps=1,
-                                  progress=False, threads=1, export=False, plot=False))
+                                  teacher=str(tmp_path / "teacher-w4"), out=str(tmp_path / "run"), batch_size=2,
+                                  steps=1, progress=False, threads=1, export=False, plot=False, rcka_warmup=0))
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if n.startswith("visual.")} == \
         {n for n, _ in trainer.model.visual.merger.named_parameters(prefix="visual.merger")}
     assert {g["name"] for g in trainer.optimizer.param_groups} == {"weights", "projector", "scales"}
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    record = trainer.train_step()
+    assert all(math.isfinite(record[k]) for k in ("ce", "gdkd", "rcka", "loss")) and record["rcka_valid"] == 1.0
+    with pytest.raises(CheckpointError, match="quantized"):  # the student must be dense
+        Trainer(TrainConfig(data=str(ws / "train.json"), model=str(tmp_path / "teacher-w4"),
+                            out=str(tmp_path / "bad"), progress=False, export=False, plot=False))
+
+
+def test_cli_fp_training_writes_a_dense_qwen3_vl_folder(ws, tmp_path):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from gracevlm.cli import main
+    from gracevlm.models.loader import load_checkpoint
+
+    out = tmp_path / "fp"
+    assert main(["train", "--data", str(ws / "train.json"), "--image-folder", str(ws), "--model", str(ws / "student"),
+                 "--out", str(out), "--method", "fp", "--steps", "1", "--batch-size", "2", "--no-progress",
+                 "--no-plot", "--threads", "1"]) == 0
+    assert load_checkpoint(out / "model").stats.format == "qwen3-vl"
+    assert "qat" not in json.loads((out / "model" / "config.json").read_text())
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(out / "model")
+    assert hf.dtype == torch.bfloat16
 
 
 def _cli_train(ws, out, bits, steps, lr):
@@ -250,7 +291,8 @@ def test_cli_grace_end_to_end_and_qat_export(ws, tmp_path, bits):
     qat = tmp_path / "run" / "qat"
     cfg = json.loads((qat / "config.json").read_text())
     assert cfg["qat"]["bits"] == bits and cfg["qat"]["group_size"] == 128 and cfg["qat"]["num_replaced"] == 14
-    assert cfg["qat"]["skip_keywords"] == ["visual", "merger", "lm_head", "embed_tokens"]
+    assert cfg["qat"] == {"bits": bits, "group_size": 128, "skip_keywords": ["visual", "merger", "lm_head",
+                                                                          "embed_tokens"], "num_replaced": 14}
     trained = _trained_codes(tmp_path / "run", bits)
     stored = load_file(str(qat / "model.safetensors"))
     sidecar = torch.load(qat / "qat_quantized_weights.bin", weights_only=True)

@@ -120,9 +120,11 @@ class Family(ABC):
 
     # training exports (gracevlm.train): models built in memory, written back in the family's layout.
     # ``qat_skip_keywords``: what config.json ``qat.skip_keywords`` records (GRACE's list for the family);
+    # ``qat_fields``: the keys of that ``qat`` block GRACE's training script for the family writes;
     # ``export_dtype``: the dtype GRACE's releases store dense and baked tensors in (None: the trainer's
     # ``export_dtype`` for dense tensors, baked weights in the training dtype).
     qat_skip_keywords: tuple[str, ...] = ()
+    qat_fields: tuple[str, ...] = ("bits", "group_size", "learn_scales", "skip_keywords", "num_replaced")
     export_dtype: str | None = None
 
     def owns_model(self, model) -> bool:

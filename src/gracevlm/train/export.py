@@ -101,6 +101,7 @@ def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype,
             groups = {l.group_size for l in layers if l.group_size != l.in_features}
             if len(groups) == 1:
                 cfg["qat"]["group_size"] = groups.pop()
+            cfg["qat"] = {k: v for k, v in cfg["qat"].items() if k in family.qat_fields}
             torch.save(side, tmp / SIDECAR_NAME)
             make_public(tmp / SIDECAR_NAME)
         write_json_atomic(tmp / "config.json", cfg)

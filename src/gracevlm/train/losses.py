@@ -154,10 +154,11 @@ def rcka_loss_batched(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor
 
 
 def rcka_loss_sets(student_sets: list[torch.Tensor], teacher_sets: list[torch.Tensor],
-                   rel_eps: float = 1e-5) -> tuple[torch.Tensor, float]:
+                   rel_eps: float = 1e-5, min_tokens: int = 4) -> tuple[torch.Tensor, float]:
     """``1 - CKA`` averaged over token sets of different sizes (one ``[n_i, d]`` pair per image, as Qwen3-VL's
-    images have): sets of equal size go through ``rcka_loss_batched`` together. Returns ``(mean loss over the
-    valid sets, number of valid sets)``; an exact 0 (still connected to the graph) when none is valid."""
+    images have): sets of equal size go through ``rcka_loss_batched`` together; sets of fewer than
+    ``min_tokens`` tokens are skipped (GRACE's Qwen3-VL ``rcka_loss``). Returns ``(mean loss over the valid
+    sets, number of valid sets)``; an exact 0 (still connected to the graph) when none is valid."""
     if len(student_sets) != len(teacher_sets):
         raise ValueError(f"{len(student_sets)} student token sets but {len(teacher_sets)} teacher ones")
     by_size: dict[int, list[int]] = {}
@@ -165,7 +166,8 @@ def rcka_loss_sets(student_sets: list[torch.Tensor], teacher_sets: list[torch.Te
         if s.dim() != 2 or t.dim() != 2 or s.shape[0] != t.shape[0]:
             raise ValueError(f"token set {i}: expected [n, d] pairs with equal n, got {tuple(s.shape)} and "
                              f"{tuple(t.shape)}")
-        by_size.setdefault(s.shape[0], []).append(i)
+        if s.shape[0] >= min_tokens:
+            by_size.setdefault(s.shape[0], []).append(i)
     total, n_valid = None, 0
     for idx in by_size.values():
         loss, valid = rcka_loss_batched(torch.stack([student_sets[i] for i in idx]),

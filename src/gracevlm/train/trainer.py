@@ -295,7 +295,7 @@ class Trainer:
         mb = self.cfg.batch_size
         base = step * self.global_batch + (accum * self.world + self.rank) * mb
         batch = self.dataset.collate([self._sample(base + j) for j in range(mb)], self.n_patches)
-        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return {k: (v.to(self.device) if v is not None else v) for k, v in batch.items()}  # tensors, ImagePixels
 
     # -- one step ------------------------------------------------------------------------------------
     def _micro_losses(self, batch: dict, beta: float, omega: float) -> tuple[torch.Tensor, dict]:

@@ -161,6 +161,7 @@ class Qwen3VLFamily(Family):
     architectures = ("Qwen3VLForConditionalGeneration",)
     export_formats = ()
     qat_skip_keywords = ("visual", "merger", "lm_head", "embed_tokens")  # GRACE's replace_linears_with_qat
+    qat_fields = ("bits", "group_size", "skip_keywords", "num_replaced")  # train_qwen_qat.py's config.qat
     export_dtype = "bfloat16"  # GRACE's Qwen3-VL releases: dense bf16, baked weights bf16(q * s)
 
     def open(self, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint:
