@@ -324,5 +324,11 @@ def test_cli_grace_end_to_end_and_qat_export(ws, tmp_path, bits):
             assert torch.equal(_loaded_codes(packed.model.get_submodule(name), 4), q), name
         again = load(awq, device="cpu").generate("What is shown here?", images=[image], max_new_tokens=4)
         assert again.token_ids == text.token_ids
+        from gracevlm.cli import main
+
+        assert main(["pack", "--qat", str(qat), "--out", str(tmp_path / "packed")]) == 0  # `gracevlm pack` itself
+        mine = load_file(str(awq / "model.safetensors"))
+        theirs = load_file(str(tmp_path / "packed" / "model.safetensors"))
+        assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
     else:
         assert not (tmp_path / "run" / "awq").exists()  # the AWQ GEMM layout is 4-bit only

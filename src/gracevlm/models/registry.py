@@ -10,7 +10,9 @@ The engine and the front ends talk to a family only through this contract, never
 - ``runtime(loaded, conv_mode)``: what the engine needs per loaded model: chat templates, prompt
   tokenization with image markers, image processing, context length (``Runtime``).
 - ``describe(opened)`` and ``part_of(key)``: the architecture facts and weight parts ``inspect`` reports.
-- ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``config_for_model``.
+- ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``checkpoint_tensor`` /
+  ``config_for_model`` (+ ``qat_skip_keywords``, ``qat_fields``, ``export_dtype``); for training itself
+  ``training_format`` / ``image_tokens`` / ``training_part`` / ``forward_batch``.
 
 The family's model object is what the engine drives (``engine.generate``, ``engine.scheduler``), with no
 family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``, ``new_cache(slots, max_len)``,

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, help="LLaVA/ShareGPT4V conversation file (JSON list or JSON Lines)")
     g.add_argument("--image-folder", default=None, help="folder the records' 'image' paths are relative to")
     g.add_argument("--model", required=True, help="initial model: a dense LLaVA-1.5 or Qwen3-VL checkpoint folder")
-    g.add_argument("--teacher", default=None, help="teacher of the same family (grace; default: --model); may be quantized")
+    g.add_argument("--teacher", default=None,
+                   help="teacher of the same family (grace; default: --model); may be quantized")
     g.add_argument("--out", required=True, help="output folder (log.jsonl, loss.png, checkpoints/, qat/, awq/)")
     g.add_argument("--method", choices=METHODS, default=d.method,
                    help="grace: LSQ + GDKD + RCKA + IB controller; qat: LSQ with CE only; fp: CE, no quantization")
