@@ -505,8 +505,8 @@ class Trainer:
         return digest
 
     def export(self) -> dict:
-        """Write the trained model: ``out/model`` (fp) or ``out/qat`` (grace, qat) and, for W4, ``out/awq`` (the
-        ``gracevlm pack`` of it; the AWQ GEMM layout is 4-bit only).
+        """Write the trained model: ``out/model`` (fp) or ``out/qat`` (grace, qat) and, up to 4 bits, ``out/awq``
+        (the ``gracevlm pack`` of it; the AWQ GEMM layout holds 4-bit words, so W8 has none).
 
         Dtypes: ``export_dtype`` if given, else the family's release dtype (Qwen3-VL: bf16 for every tensor,
         baked weights ``bf16(q * s)``), else float16 with baked weights in the training dtype (LLaVA)."""
@@ -520,7 +520,7 @@ class Trainer:
             return {"model": str(path)}
         qat = export_qat(self.model, self.out / "qat", self.base_config, self.cfg.model, dtype, weight_dtype,
                          force=True)
-        if self.cfg.bits != 4:
+        if self.cfg.bits > 4:  # 8-bit codes do not fit the 4-bit GEMM words (3-bit ones do)
             return {"qat": str(qat)}
         report = pack_qat_checkpoint(qat, self.out / "awq", force=True, progress=False)
         return {"qat": str(qat), "awq": str(self.out / "awq"), "pack": report.as_dict()}
