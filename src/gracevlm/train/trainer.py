@@ -224,6 +224,10 @@ class Trainer:
             if teacher_loaded.family is not self.loaded.family:
                 raise InputError(f"the teacher is a {teacher_loaded.family.name} model but the student a "
                                  f"{self.loaded.family.name} one; GRACE distils within one family")
+            vocab = [m.language_model.lm_head.weight.shape[0] for m in (self.model, self.teacher)]
+            if vocab[0] != vocab[1]:
+                raise InputError(f"the teacher's vocabulary has {vocab[1]} rows but the student's {vocab[0]}; GDKD "
+                                 "compares their logits token by token, so they must share the tokenizer")
             self.teacher.eval().requires_grad_(False)
         self._set_trainable()
         self.model.train()
