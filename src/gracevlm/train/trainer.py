@@ -91,7 +91,7 @@ class TrainConfig:
     train_vision: bool = False
     train_projector: bool = True
     conv_mode: str | None = None  # LLaVA's template (default vicuna_v1); Qwen3-VL uses the checkpoint's own
-    max_length: int | None = None  # default: the model's tokenizer_model_max_length
+    max_length: int | None = None  # default: the positions the model takes (the training format's max_length)
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # "auto" (latest in out/checkpoints) or a checkpoint folder
