@@ -12,7 +12,9 @@ The engine and the front ends talk to a family only through this contract, never
 - ``describe(opened)`` and ``part_of(key)``: the architecture facts and weight parts ``inspect`` reports.
 - ``benchmark_prompts()``: how ``gracevlm eval`` asks this family benchmark questions
   (``models.benchmark_prompts``; the base is LLaVA-1.5's protocol).
-- ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``config_for_model``.
+- ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``checkpoint_tensor`` /
+  ``config_for_model`` (+ ``qat_skip_keywords``, ``qat_fields``, ``export_dtype``); for training itself
+  ``training_format`` / ``image_tokens`` / ``training_part`` / ``forward_batch``.
 
 The family's model object is what the engine drives (``engine.generate``, ``engine.scheduler``), with no
 family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``, ``new_cache(slots, max_len)``,
@@ -127,28 +129,47 @@ class Family(ABC):
 
         return BenchmarkPrompts()
 
-    # training exports (gracevlm.train): models built in memory, written back in the family's layout
+    # training exports (gracevlm.train): models built in memory, written back in the family's layout.
+    # ``qat_skip_keywords``: what config.json ``qat.skip_keywords`` records (GRACE's list for the family);
+    # ``qat_fields``: the keys of that ``qat`` block GRACE's training script for the family writes;
+    # ``export_dtype``: the dtype GRACE's releases store dense and baked tensors in (None: the trainer's
+    # ``export_dtype`` for dense tensors, baked weights in the training dtype).
+    qat_skip_keywords: tuple[str, ...] = ()
+    qat_fields: tuple[str, ...] = ("bits", "group_size", "learn_scales", "skip_keywords", "num_replaced")
+    export_dtype: str | None = None
+
     def owns_model(self, model) -> bool:
         return False
 
     def checkpoint_key(self, name: str, model) -> str | None:
         raise NotImplementedError(f"family {self.name!r} has no training export")
 
+    def checkpoint_tensor(self, key: str, tensor: "torch.Tensor", model) -> "torch.Tensor":
+        """A state-dict tensor in the shape the checkpoint stores under ``key`` (default: unchanged)."""
+        return tensor
+
     def config_for_model(self, model, conv_mode: str | None = None, max_length: int = 2048) -> dict:
         raise NotImplementedError(f"family {self.name!r} has no training export")
 
     # training (gracevlm.train): data format and the differentiable forward
     def training_format(self, loaded: "LoadedModel", conv_mode: str | None = None):
-        """An object with ``tokenizer``, ``image_marker``, ``example(record, index) -> models.training.Example``
-        and ``pixels(path) -> tensor``."""
+        """An object with ``tokenizer``, ``image_marker``, ``max_length`` (the positions the model takes),
+        ``example(record, index) -> models.training.Example`` and ``pixels(path)`` (a tensor; formats whose image
+        token count varies also give ``image_tokens(pixels)`` and ``collate_pixels(list)``)."""
         raise NotImplementedError(f"family {self.name!r} cannot be trained yet")
 
-    def image_tokens(self, model) -> int:
-        """Feature rows one image contributes (its markers are expanded to this many positions)."""
+    def image_tokens(self, model) -> int | None:
+        """Feature rows one image contributes (its markers are expanded to this many positions); None when the
+        count depends on the image (the training format's ``image_tokens(pixels)`` then gives it)."""
         raise NotImplementedError(f"family {self.name!r} cannot be trained yet")
+
+    def training_part(self, name: str) -> str:
+        """Which part a parameter belongs to for training: ``"vision"`` (frozen unless ``train_vision``),
+        ``"projector"`` (trained unless frozen, its own learning rate) or ``"language"``."""
+        return "language"
 
     def forward_batch(self, model, batch: dict, hidden_layer: int | None = None):
-        """Cache-free differentiable forward over a collated batch (``logits``, ``targets``, ``image_hidden``)."""
+        """Cache-free differentiable forward over a collated batch -> ``models.training.BatchOutput``."""
         raise NotImplementedError(f"family {self.name!r} cannot be trained yet")
 
 

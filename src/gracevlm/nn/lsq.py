@@ -1,6 +1,7 @@
 """``LSQLinear``: GRACE's learned-step-size (LSQ) fake-quant linear for quantization-aware training.
 
-Symmetric W4, groups of ``g = 128`` consecutive input columns (one group per row when
+Symmetric W4 (codes [-8, 7]; ``bits=8``: [-128, 127], as below with those bounds), groups of ``g = 128``
+consecutive input columns (one group per row when
 ``in_features % g != 0``, as GRACE's QAT module does). Each group has a learned scale kept as
 ``log_scale``, flat fp32 of length ``O * I / g`` (entry ``o * (I / g) + i // g``: the layout of GRACE's
 ``qat_quantized_weights.bin`` sidecar). Forward::

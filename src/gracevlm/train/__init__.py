@@ -6,7 +6,7 @@ the training loop. Heavy modules (trainer, data) load on first use.
 """
 from .export import export_awq, export_qat, checkpoint_config, save_dense_checkpoint
 from .losses import (IBController, dkd_terms, entropy_gate, gated_dkd_loss, gated_dkd_loss_flat, rcka_loss,
-                     rcka_loss_batched, rcka_weight)
+                     rcka_loss_batched, rcka_loss_sets, rcka_weight)
 from .qat import DEFAULT_SKIP_KEYWORDS, lsq_layers, prepare
 
 
@@ -20,4 +20,4 @@ def __getattr__(name):
 
 __all__ = ["IBController", "TrainConfig", "Trainer", "train", "prepare", "lsq_layers", "export_qat", "export_awq",
            "save_dense_checkpoint", "checkpoint_config", "gated_dkd_loss", "gated_dkd_loss_flat", "dkd_terms",
-           "entropy_gate", "rcka_loss", "rcka_loss_batched", "rcka_weight", "DEFAULT_SKIP_KEYWORDS"]
+           "entropy_gate", "rcka_loss", "rcka_loss_batched", "rcka_loss_sets", "rcka_weight", "DEFAULT_SKIP_KEYWORDS"]

@@ -1,4 +1,5 @@
-"""``gracevlm train``: GRACE QAT + distillation (or plain QAT / full-precision training) of a LLaVA model.
+"""``gracevlm train``: GRACE QAT + distillation (or plain QAT / full-precision training) of a LLaVA-1.5 or Qwen3-VL
+model (student and teacher of the same family).
 
 Data parallel: ``torchrun --nproc-per-node N -m gracevlm.train.cli --data ... --model ... --out ...``
 (the same flags as ``gracevlm train``; gloo on CPU, nccl on CUDA).
@@ -17,12 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and models")
     g.add_argument("--data", required=True, help="LLaVA/ShareGPT4V conversation file (JSON list or JSON Lines)")
     g.add_argument("--image-folder", default=None, help="folder the records' 'image' paths are relative to")
-    g.add_argument("--model", required=True, help="initial model: a dense LLaVA-1.5 checkpoint folder")
-    g.add_argument("--teacher", default=None, help="full-precision teacher (grace; default: --model)")
+    g.add_argument("--model", required=True, help="initial model: a dense LLaVA-1.5 or Qwen3-VL checkpoint folder")
+    g.add_argument("--teacher", default=None,
+                   help="teacher of the same family (grace; default: --model); may be quantized")
     g.add_argument("--out", required=True, help="output folder (log.jsonl, loss.png, checkpoints/, qat/, awq/)")
     g.add_argument("--method", choices=METHODS, default=d.method,
                    help="grace: LSQ + GDKD + RCKA + IB controller; qat: LSQ with CE only; fp: CE, no quantization")
-    g.add_argument("--conv-mode", default=d.conv_mode)
+    g.add_argument("--conv-mode", default=d.conv_mode,
+                   help="LLaVA conversation template (default vicuna_v1); Qwen3-VL uses the checkpoint's template")
     g.add_argument("--max-length", type=int, default=None)
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
@@ -63,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resume from the latest checkpoint in --out (or from the given checkpoint folder)")
     g.add_argument("--stop-after", type=int, default=None, help="run at most N steps now, checkpoint and exit")
     g.add_argument("--no-export", action="store_true", help="do not write the final model folders")
-    g.add_argument("--export-dtype", choices=["float16", "bfloat16", "float32"], default=d.export_dtype)
+    g.add_argument("--export-dtype", choices=["float16", "bfloat16", "float32"], default=d.export_dtype,
+                   help="dtype of the exported tensors (default: the family's release dtype: Qwen3-VL bfloat16, "
+                        "LLaVA float16)")
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-plot", action="store_true", help="do not draw loss.png")

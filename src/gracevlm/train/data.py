@@ -54,27 +54,33 @@ class ConversationDataset:
     def image_path(self, name: str) -> Path:
         return self.image_folder / name if self.image_folder is not None else Path(name)
 
-    def collate(self, indices: list[int], n_patches: int) -> dict:
+    def collate(self, indices: list[int], n_patches: int | None) -> dict:
         """Right-padded batch. Each image marker is expanded to ``n_patches`` positions holding the marker
-        (label ignored); sequences are truncated to ``max_length``."""
+        (label ignored; ``None``: as many as the format's ``image_tokens(pixels)`` gives for that image);
+        sequences are truncated to ``max_length``. ``pixel_values``: the images stacked, or the format's
+        ``collate_pixels`` of them."""
         marker = self.fmt.image_marker
         rows, labels, pixels = [], [], []
         for i in indices:
             ex = self.example(i)
+            image = None
+            if ex.image is not None and marker in ex.input_ids:
+                image = self.fmt.pixels(self.image_path(ex.image))
+            n = n_patches if n_patches is not None else (self.fmt.image_tokens(image) if image is not None else 0)
             ids, lab = [], []
             for t, y in zip(ex.input_ids, ex.labels):
                 if t == marker:
-                    ids.extend([marker] * n_patches)
-                    lab.extend([IGNORE_INDEX] * n_patches)
+                    ids.extend([marker] * n)
+                    lab.extend([IGNORE_INDEX] * n)
                 else:
                     ids.append(t)
                     lab.append(y)
             if len(ids) > self.max_length:
                 ids, lab = ids[:self.max_length], lab[:self.max_length]
-                if ids.count(marker) % n_patches:
+                if n and ids.count(marker) % n:
                     raise InputError(f"sample {i}: max_length {self.max_length} cuts through the image tokens")
-            if ex.image is not None and marker in ids:
-                pixels.append(self.fmt.pixels(self.image_path(ex.image)))
+            if image is not None and marker in ids:
+                pixels.append(image)
             rows.append(ids)
             labels.append(lab)
         width = max(len(r) for r in rows)
@@ -85,5 +91,7 @@ class ConversationDataset:
             input_ids[b, :len(ids)] = torch.tensor(ids)
             label_t[b, :len(lab)] = torch.tensor(lab)
             mask[b, :len(ids)] = 1
-        pix = torch.stack(pixels) if pixels else None
+        pix = None
+        if pixels:
+            pix = self.fmt.collate_pixels(pixels) if hasattr(self.fmt, "collate_pixels") else torch.stack(pixels)
         return {"input_ids": input_ids, "labels": label_t, "attention_mask": mask, "pixel_values": pix}

@@ -6,9 +6,11 @@
 * ``export_awq``: QAT folder -> GRACE AWQ release folder through ``formats.pack.pack_qat_checkpoint``,
   the same code path as ``gracevlm pack`` (which verifies every layer bit-exactly).
 
-Tensor names and the config come from the model's family (``Family.checkpoint_key`` / ``config_for_model``;
-LLaVA: the LLaVA-original keys, for our ``LlavaModel``, our ``LlamaForCausalLM`` and transformers'
-``LlavaForConditionalGeneration``).
+Tensor names, on-disk shapes, the config and ``qat.skip_keywords`` come from the model's family
+(``Family.checkpoint_key`` / ``checkpoint_tensor`` / ``config_for_model`` / ``qat_skip_keywords``; LLaVA: the
+LLaVA-original keys, for our ``LlavaModel``, our ``LlamaForCausalLM`` and transformers'
+``LlavaForConditionalGeneration``; Qwen3-VL: transformers' ``model.visual.*`` / ``model.language_model.*`` keys
+for our ``Qwen3VLModel``, a tied ``lm_head`` stored once).
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype,
                         side[f"{module}.bias"] = _floating(layer.bias, dtype)
             else:
                 value = _floating(tensor, dtype)
-            writer.add(key, value)
+            writer.add(key, family.checkpoint_tensor(key, value, model))
         writer.close()
         cfg = dict(config)
         for field in ("qat", "awq_packing", "quantization_config"):
@@ -94,10 +96,12 @@ def _write_folder(model: nn.Module, out_dir, config: dict, tokenizer_dir, dtype,
             layers = list(lsq.values())
             cfg["qat"] = {"bits": layers[0].bits, "group_size": max(l.group_size for l in layers),
                           "learn_scales": any(l.log_scale.requires_grad for l in layers),
-                          "skip_keywords": list(GRACE_SKIP_KEYWORDS), "num_replaced": len(layers)}
+                          "skip_keywords": list(family.qat_skip_keywords or GRACE_SKIP_KEYWORDS),
+                          "num_replaced": len(layers)}
             groups = {l.group_size for l in layers if l.group_size != l.in_features}
             if len(groups) == 1:
                 cfg["qat"]["group_size"] = groups.pop()
+            cfg["qat"] = {k: v for k, v in cfg["qat"].items() if k in family.qat_fields}
             torch.save(side, tmp / SIDECAR_NAME)
             make_public(tmp / SIDECAR_NAME)
         write_json_atomic(tmp / "config.json", cfg)

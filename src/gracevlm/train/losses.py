@@ -153,6 +153,35 @@ def rcka_loss_batched(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor
     return (1.0 - cka).mean(), valid
 
 
+def rcka_loss_sets(student_sets: list[torch.Tensor], teacher_sets: list[torch.Tensor],
+                   rel_eps: float = 1e-5, min_tokens: int = 4) -> tuple[torch.Tensor, float]:
+    """``1 - CKA`` averaged over token sets of different sizes (one ``[n_i, d]`` pair per image, as Qwen3-VL's
+    images have): sets of equal size go through ``rcka_loss_batched`` together; sets of fewer than
+    ``min_tokens`` tokens are skipped (GRACE's Qwen3-VL ``rcka_loss``). Returns ``(mean loss over the valid
+    sets, number of valid sets)``; an exact 0 (still connected to the graph) when none is valid."""
+    if len(student_sets) != len(teacher_sets):
+        raise ValueError(f"{len(student_sets)} student token sets but {len(teacher_sets)} teacher ones")
+    by_size: dict[int, list[int]] = {}
+    for i, (s, t) in enumerate(zip(student_sets, teacher_sets)):
+        if s.dim() != 2 or t.dim() != 2 or s.shape[0] != t.shape[0]:
+            raise ValueError(f"token set {i}: expected [n, d] pairs with equal n, got {tuple(s.shape)} and "
+                             f"{tuple(t.shape)}")
+        if s.shape[0] >= min_tokens:
+            by_size.setdefault(s.shape[0], []).append(i)
+    total, n_valid = None, 0
+    for idx in by_size.values():
+        loss, valid = rcka_loss_batched(torch.stack([student_sets[i] for i in idx]),
+                                        torch.stack([teacher_sets[i] for i in idx]), rel_eps)
+        k = int(valid.sum())
+        if k:
+            total = loss * k if total is None else total + loss * k
+            n_valid += k
+    if total is None:
+        zero = sum(s.sum() for s in student_sets) * 0.0 if student_sets else torch.zeros(())
+        return zero, 0
+    return total / n_valid, float(n_valid)
+
+
 def rcka_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor,
               rel_eps: float = 1e-5) -> tuple[torch.Tensor, bool]:
     """``1 - CKA`` of the token sets ``student_tokens [n, d_s]`` and ``teacher_tokens [n, d_t]``.

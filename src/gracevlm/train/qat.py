@@ -5,10 +5,11 @@ from torch import nn
 
 from ..nn.lsq import LSQLinear
 
-# GRACE's skip list (written to config.json ``qat.skip_keywords``) plus the module names our LlavaModel
-# (``projector``) and transformers' LlavaForConditionalGeneration (``multi_modal_projector``) use.
+# GRACE's LLaVA skip list (written to config.json ``qat.skip_keywords`` unless the family names its own), plus
+# the module names our LlavaModel (``projector``) and transformers' LlavaForConditionalGeneration
+# (``multi_modal_projector``) use, plus GRACE's Qwen3-VL list (``visual``, ``merger``: its vision tower).
 GRACE_SKIP_KEYWORDS = ("vision_tower", "mm_projector", "lm_head", "embed_tokens")
-DEFAULT_SKIP_KEYWORDS = GRACE_SKIP_KEYWORDS + ("projector", "multi_modal_projector")
+DEFAULT_SKIP_KEYWORDS = GRACE_SKIP_KEYWORDS + ("projector", "multi_modal_projector", "visual", "merger")
 
 
 def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -22,9 +23,10 @@ def prepare(model: nn.Module, bits: int = 4, group_size: int = 128, init: str = 
     """Replace every ``nn.Linear`` whose qualified name contains none of ``skip_keywords`` by an
     ``LSQLinear`` sharing its weight; returns how many were replaced.
 
-    On our ``LlavaModel``/``LlamaForCausalLM`` and on a transformers ``LlavaForConditionalGeneration``
-    this selects exactly the language model's q/k/v/o and gate/up/down projections (the vision tower,
-    projector, embeddings and lm_head are skipped). Fused projections (``qkv_proj``) are refused:
+    On our ``LlavaModel``/``LlamaForCausalLM``, on a transformers ``LlavaForConditionalGeneration``, on our
+    ``Qwen3VLModel`` and on a transformers ``Qwen3VLForConditionalGeneration`` this selects exactly the language
+    model's q/k/v/o and gate/up/down projections (the vision tower, projector/mergers, embeddings and lm_head are
+    skipped). Fused projections (``qkv_proj``) are refused:
     load the model with ``fuse=False``.
     """
     targets = []

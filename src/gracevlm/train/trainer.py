@@ -41,10 +41,10 @@ from tqdm import tqdm
 from ..errors import CheckpointError, InputError
 from ..formats.pack import pack_qat_checkpoint
 from ..models.loader import load_checkpoint
-from ..nn import Int4Linear
+from ..nn import Int4Linear, Int8Linear
 from .data import ConversationDataset, load_records
 from .export import export_qat, save_dense_checkpoint
-from .losses import IBController, gated_dkd_loss_flat, rcka_loss_batched, rcka_weight
+from .losses import IBController, gated_dkd_loss_flat, rcka_loss_batched, rcka_loss_sets, rcka_weight
 from .qat import prepare
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class TrainConfig:
     rcka_layer: int = -2
     train_vision: bool = False
     train_projector: bool = True
-    conv_mode: str = "vicuna_v1"
-    max_length: int | None = None  # default: the model's tokenizer_model_max_length
+    conv_mode: str | None = None  # LLaVA's template (default vicuna_v1); Qwen3-VL uses the checkpoint's own
+    max_length: int | None = None  # default: the positions the model takes (the training format's max_length)
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # "auto" (latest in out/checkpoints) or a checkpoint folder
@@ -101,7 +101,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True  # loss.png at every checkpoint (matplotlib)
     export: bool = True
-    export_dtype: str = "float16"
+    export_dtype: str | None = None  # default: the family's release dtype (Qwen3-VL bf16), else float16
     threads: int | None = None
     device: str = "cpu"
     dkd_chunk: int = 1024
@@ -114,7 +114,7 @@ class TrainConfig:
             raise InputError("batch_size and grad_accum must be >= 1")
         if self.schedule not in ("cosine", "constant"):
             raise InputError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.export_dtype not in ("float16", "bfloat16", "float32"):
+        if self.export_dtype not in (None, "float16", "bfloat16", "float32"):
             raise InputError(f"export_dtype must be float16, bfloat16 or float32, got {self.export_dtype!r}")
 
 
@@ -171,14 +171,16 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-def _load_model(folder: str, device: str, fuse: bool):
+def _load_model(folder: str, device: str, fuse: bool, student: bool = True):
+    """A checkpoint in fp32 for training. The student needs dense weights; a teacher only runs forward, so it
+    may be quantized (INT4/INT8 linears)."""
     loaded = load_checkpoint(folder, dtype=torch.float32, fuse=fuse, half_lm_head=False)
     model = loaded.model
-    if any(isinstance(m, Int4Linear) for m in model.modules()):
-        raise CheckpointError(f"{folder} is a packed INT4 ({loaded.stats.format}) checkpoint; training needs "
-                              "dense weights (a fp16/bf16/fp32 LLaVA checkpoint)")
-    if model.vision_tower is None or model.projector is None:
-        raise CheckpointError(f"{folder} has no vision tower/projector; gracevlm train expects a LLaVA model")
+    if student and any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules()):
+        raise CheckpointError(f"{folder} is a quantized ({loaded.stats.format}) checkpoint; the student needs "
+                              "dense weights (a fp16/bf16/fp32 checkpoint of the family)")
+    if getattr(model, "vision_tower", None) is None:
+        raise CheckpointError(f"{folder} has no vision tower; gracevlm train expects a vision-language model")
     for p in model.parameters():
         # fp32 master weights for every parameter (the loader keeps embed_tokens in the file's dtype; AdamW on
         # fp16 parameters underflows), in memory the trainer owns (tensors may come from mapped files)
@@ -209,6 +211,7 @@ class Trainer:
         self.loaded, self.model = _load_model(cfg.model, self.device, fuse=False)
         self.base_config = dict(self.loaded.config.raw)
         self.tokenizer = self.loaded.tokenizer
+        self.family = self.loaded.family
         if cfg.method in ("grace", "qat"):
             self.n_quantized = prepare(self.model, cfg.bits, cfg.group_size, cfg.scale_init)
             if self.n_quantized == 0:
@@ -217,15 +220,20 @@ class Trainer:
             self.n_quantized = 0
         self.teacher = None
         if cfg.method == "grace":
-            _, self.teacher = _load_model(cfg.teacher or cfg.model, self.device, fuse=True)
+            teacher_loaded, self.teacher = _load_model(cfg.teacher or cfg.model, self.device, fuse=True, student=False)
+            if teacher_loaded.family is not self.loaded.family:
+                raise InputError(f"the teacher is a {teacher_loaded.family.name} model but the student a "
+                                 f"{self.loaded.family.name} one; GRACE distils within one family")
+            vocab = [m.language_model.lm_head.weight.shape[0] for m in (self.model, self.teacher)]
+            if vocab[0] != vocab[1]:
+                raise InputError(f"the teacher's vocabulary has {vocab[1]} rows but the student's {vocab[0]}; GDKD "
+                                 "compares their logits token by token, so they must share the tokenizer")
             self.teacher.eval().requires_grad_(False)
         self._set_trainable()
         self.model.train()
 
-        max_len = cfg.max_length or min(self.loaded.config.tokenizer_model_max_length,
-                                        self.loaded.config.max_position_embeddings)
-        self.family = self.loaded.family
         fmt = self.family.training_format(self.loaded, cfg.conv_mode)
+        max_len = cfg.max_length or fmt.max_length
         self.dataset = ConversationDataset(load_records(cfg.data), fmt, cfg.image_folder, max_len)
         if len(self.dataset) == 0:
             raise InputError(f"{cfg.data} holds no records")
@@ -253,12 +261,11 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
+            part = self.family.training_part(name)
             if name.endswith(".log_scale"):
                 buckets["scales"].append(p)
-            elif name.startswith("vision_tower."):
-                buckets["vision"].append(p)
-            elif name.startswith("projector."):
-                buckets["projector"].append(p)
+            elif part in ("vision", "projector"):
+                buckets[part].append(p)
             else:
                 buckets["weights"].append(p)
         lrs = {"weights": cfg.lr, "vision": cfg.vision_lr or cfg.lr, "projector": cfg.projector_lr or cfg.lr,
@@ -269,9 +276,10 @@ class Trainer:
     def _set_trainable(self) -> None:
         cfg = self.cfg
         for name, p in self.model.named_parameters():
-            if name.startswith("vision_tower."):
+            part = self.family.training_part(name)
+            if part == "vision":
                 p.requires_grad = cfg.train_vision
-            elif name.startswith("projector."):
+            elif part == "projector":
                 p.requires_grad = cfg.train_projector
             else:
                 p.requires_grad = True
@@ -291,7 +299,7 @@ class Trainer:
         mb = self.cfg.batch_size
         base = step * self.global_batch + (accum * self.world + self.rank) * mb
         batch = self.dataset.collate([self._sample(base + j) for j in range(mb)], self.n_patches)
-        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return {k: (v.to(self.device) if v is not None else v) for k, v in batch.items()}  # tensors, ImagePixels
 
     # -- one step ------------------------------------------------------------------------------------
     def _micro_losses(self, batch: dict, beta: float, omega: float) -> tuple[torch.Tensor, dict]:
@@ -309,7 +317,9 @@ class Trainer:
                 tout = self.family.forward_batch(self.teacher, batch, cfg.rcka_layer)
             gdkd = gated_dkd_loss_flat(out.logits, tout.logits, out.targets, cfg.temperature, cfg.dkd_alpha,
                                        cfg.dkd_beta, chunk_size=cfg.dkd_chunk)
-            if out.image_hidden is not None:
+            if isinstance(out.image_hidden, list):  # images of different token counts
+                rcka, n_valid = rcka_loss_sets(out.image_hidden, tout.image_hidden)
+            elif out.image_hidden is not None:
                 rcka, valid = rcka_loss_batched(out.image_hidden, tout.image_hidden)
                 n_valid = float(valid.sum())
             else:
@@ -499,15 +509,23 @@ class Trainer:
         return digest
 
     def export(self) -> dict:
-        """Write the trained model: ``out/model`` (fp) or ``out/qat`` + ``out/awq`` (grace, qat)."""
-        dtype = getattr(torch, self.cfg.export_dtype)
+        """Write the trained model: ``out/model`` (fp) or ``out/qat`` (grace, qat) and, up to 4 bits, ``out/awq``
+        (the ``gracevlm pack`` of it; the AWQ GEMM layout holds 4-bit words, so W8 has none).
+
+        Dtypes: ``export_dtype`` if given, else the family's release dtype (Qwen3-VL: bf16 for every tensor,
+        baked weights ``bf16(q * s)``), else float16 with baked weights in the training dtype (LLaVA)."""
+        family_dtype = self.family.export_dtype
+        dtype = getattr(torch, self.cfg.export_dtype or family_dtype or "float16")
+        weight_dtype = dtype if family_dtype is not None else None
         self.model.eval()
         if self.cfg.method == "fp":
             path = save_dense_checkpoint(self.model, self.out / "model", self.base_config, self.cfg.model, dtype,
                                          force=True)
             return {"model": str(path)}
-        # baked q*s in the training dtype (as GRACE's sidecar), other tensors in export_dtype
-        qat = export_qat(self.model, self.out / "qat", self.base_config, self.cfg.model, dtype, None, force=True)
+        qat = export_qat(self.model, self.out / "qat", self.base_config, self.cfg.model, dtype, weight_dtype,
+                         force=True)
+        if self.cfg.bits > 4:  # 8-bit codes do not fit the 4-bit GEMM words (3-bit ones do)
+            return {"qat": str(qat)}
         report = pack_qat_checkpoint(qat, self.out / "awq", force=True, progress=False)
         return {"qat": str(qat), "awq": str(self.out / "awq"), "pack": report.as_dict()}
 

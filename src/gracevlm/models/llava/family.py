@@ -116,6 +116,7 @@ class LlavaFamily(Family):
     model_types = ("llava", "llava_llama")
     architectures = ("LlavaLlamaForCausalLM", "LlavaForConditionalGeneration")
     export_formats = ("llava-hf", "compressed-tensors", "gguf")
+    qat_skip_keywords = ("vision_tower", "mm_projector", "lm_head", "embed_tokens")
 
     def open(self, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint:
         return open_llava(self, folder, fmt, raw)
@@ -160,8 +161,15 @@ class LlavaFamily(Family):
         return config_for_model(model, conv_mode, max_length)
 
     def training_format(self, loaded, conv_mode: str | None = None) -> LlavaTrainingFormat:
-        runtime = LlavaRuntime(loaded, conv_mode)
-        return LlavaTrainingFormat(loaded.tokenizer, runtime.image_spec, runtime.conv_mode)
+        runtime = LlavaRuntime(loaded, conv_mode or "vicuna_v1")  # label masking needs a TWO-style template
+        fmt = LlavaTrainingFormat(loaded.tokenizer, runtime.image_spec, runtime.conv_mode)
+        fmt.max_length = runtime.max_context
+        return fmt
+
+    def training_part(self, name: str) -> str:
+        if name.startswith("vision_tower."):
+            return "vision"
+        return "projector" if name.startswith("projector.") else "language"
 
     def image_tokens(self, model) -> int:
         return n_image_tokens(model)

@@ -104,9 +104,11 @@ def tokenize_conversation(record: dict, tokenizer, template: str = "vicuna_v1",
 
 class LlavaTrainingFormat:
     """How LLaVA training data becomes model input: ``example(record, index)`` (ids + labels),
-    ``image_marker`` (the id standing for an image), ``pixels(path)`` (inference preprocessing)."""
+    ``image_marker`` (the id standing for an image), ``pixels(path)`` (inference preprocessing), ``max_length``
+    (positions the model takes; the family sets it from the config)."""
 
     image_marker = IMAGE_TOKEN_INDEX
+    max_length = 2048
 
     def __init__(self, tokenizer, image_spec: ImageSpec, template: str = "vicuna_v1"):
         self.tokenizer, self.image_spec, self.template = tokenizer, image_spec, template

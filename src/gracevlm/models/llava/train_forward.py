@@ -1,11 +1,9 @@
 """Differentiable, cache-free forward of a ``LlavaModel`` over a padded training batch (``Family.forward_batch``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..training import IGNORE_INDEX
+from ..training import IGNORE_INDEX, BatchOutput
 from .chat import IMAGE_TOKEN_INDEX
 from .model import LlavaModel
 
@@ -28,13 +26,6 @@ def image_features(model: LlavaModel, pixel_values: torch.Tensor) -> torch.Tenso
     if model.select_feature == "patch":
         feats = feats[:, 1:]
     return model.projector(feats.to(model.projector[0].weight.dtype))
-
-
-@dataclass
-class BatchOutput:
-    logits: torch.Tensor  # [N, V] fp32 at the supervised positions (position t predicts labels[t + 1])
-    targets: torch.Tensor  # [N]
-    image_hidden: torch.Tensor | None  # [n_images, P, D] hidden state at `hidden_layer`, image positions
 
 
 def forward_batch(model: LlavaModel, batch: dict, hidden_layer: int | None = None) -> BatchOutput:

@@ -20,8 +20,11 @@ from ..registry import Family, Runtime
 from .benchmark_prompts import GraceQwen3VLPrompts
 from .build import DECODER_LINEARS, build_qwen3_vl, open_qwen3_vl
 from .chat import IMAGE_PAD, ChatPrompt, load_chat_template
-from .model import ImagePixels
+from .model import ImagePixels, Qwen3VLModel
 from .processing import ImageProcessorConfig, process_images
+from .train_data import Qwen3VLTrainingFormat
+from .train_forward import forward_batch
+from .weights import hf_tensor, ours_to_hf
 
 PLACEHOLDER = "<image>"  # where ``user_prompt`` puts the images when the prompt names their places
 
@@ -158,6 +161,9 @@ class Qwen3VLFamily(Family):
     model_types = ("qwen3_vl",)
     architectures = ("Qwen3VLForConditionalGeneration",)
     export_formats = ()
+    qat_skip_keywords = ("visual", "merger", "lm_head", "embed_tokens")  # GRACE's replace_linears_with_qat
+    qat_fields = ("bits", "group_size", "skip_keywords", "num_replaced")  # train_qwen_qat.py's config.qat
+    export_dtype = "bfloat16"  # GRACE's Qwen3-VL releases: dense bf16, baked weights bf16(q * s)
 
     def open(self, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint:
         return open_qwen3_vl(self, folder, fmt, raw)
@@ -196,3 +202,34 @@ class Qwen3VLFamily(Family):
         if key.startswith("lm_head"):
             return "lm_head"
         return "language_model"
+
+    # -- training (gracevlm.train) ----------------------------------------------------------------------------
+    def owns_model(self, model) -> bool:
+        return isinstance(model, Qwen3VLModel)
+
+    def checkpoint_key(self, name: str, model) -> str | None:
+        return ours_to_hf(name, model.config)
+
+    def checkpoint_tensor(self, key: str, tensor: torch.Tensor, model) -> torch.Tensor:
+        return hf_tensor(key, tensor, model.config)
+
+    def config_for_model(self, model, conv_mode: str | None = None, max_length: int = 2048) -> dict:
+        """The model's own ``config.json`` (as read; a training export adds or drops ``qat``)."""
+        return dict(model.config.raw)
+
+    def training_format(self, loaded, conv_mode: str | None = None) -> Qwen3VLTrainingFormat:
+        runtime = Qwen3VLRuntime(loaded, conv_mode)
+        return Qwen3VLTrainingFormat(runtime.prompt, runtime.image_config, runtime.max_context)
+
+    def image_tokens(self, model) -> None:
+        return None  # t*h*w/m^2: depends on each image's size (Qwen3VLTrainingFormat.image_tokens)
+
+    def training_part(self, name: str) -> str:
+        """GRACE's Qwen3-VL recipe (``tune_mm_vision False, tune_mm_mlp True``): the ViT blocks, patch and position
+        embeddings and deepstack mergers are the frozen "vision"; the final merger is the "projector"."""
+        if name.startswith("visual.merger."):
+            return "projector"
+        return "vision" if name.startswith("visual.") else "language"
+
+    def forward_batch(self, model, batch: dict, hidden_layer: int | None = None):
+        return forward_batch(model, batch, hidden_layer)

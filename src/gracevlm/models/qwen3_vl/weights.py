@@ -73,3 +73,23 @@ def load_hf_state_dict(model, state: dict[str, torch.Tensor]) -> None:
             if tuple(t.shape) != tuple(p.shape):
                 raise CheckpointError(f"{name}: checkpoint shape {list(t.shape)}, config expects {list(p.shape)}")
             p.copy_(t.to(p.dtype))
+
+
+def ours_to_hf(name: str, config: Qwen3VLConfig) -> str | None:
+    """The transformers key of one ``Qwen3VLModel`` state-dict entry (inverse of ``hf_to_ours``); ``None`` for a
+    tied ``lm_head`` (the checkpoint stores the matrix once, as ``embed_tokens``) and names outside the model."""
+    if name == "language_model.lm_head.weight":
+        return None if config.tie_word_embeddings else "lm_head.weight"
+    if name.startswith("visual.patch_embed."):
+        return "model.visual.patch_embed.proj." + name[len("visual.patch_embed."):]
+    if name.startswith(("visual.", "language_model.")):
+        return "model." + name
+    return None
+
+
+def hf_tensor(key: str, tensor: torch.Tensor, config: Qwen3VLConfig) -> torch.Tensor:
+    """A tensor in its on-disk shape: the patch embedding back to the Conv3d's ``[Dv, C, T, P, P]``."""
+    if key == "model.visual.patch_embed.proj.weight":
+        v = config.vision
+        return tensor.reshape(tensor.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return tensor
