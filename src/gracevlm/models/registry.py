@@ -10,7 +10,11 @@ The engine and the front ends talk to a family only through this contract, never
 - ``runtime(loaded, conv_mode)``: what the engine needs per loaded model: chat templates, prompt
   tokenization with image markers, image processing, context length (``Runtime``).
 - ``describe(opened)`` and ``part_of(key)``: the architecture facts and weight parts ``inspect`` reports.
-- ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``config_for_model``.
+- ``export_formats`` (what ``gracevlm export --format`` may name for it), ``export_writer(fmt)`` (None: the LLaVA
+  writers inside ``gracevlm.export``, which predate this hook), ``export_dtype(fmt)`` (the default dense dtype),
+  ``export_card(fmt, out, source)`` (the model card's usage sections) and ``transformers_check(folder)`` (the
+  ``export --check transformers`` peer); for training exports ``owns_model`` / ``checkpoint_key`` /
+  ``config_for_model``.
 
 The family's model object is what the engine drives (``engine.generate``, ``engine.scheduler``), with no
 family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``, ``new_cache(slots, max_len)``,
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +94,18 @@ class Runtime(ABC):
         """The current pixel cap."""
 
 
+@dataclass
+class ExportFacts:
+    """What a family's export writer tells ``gracevlm.export`` about the folder it wrote: the quantized linears
+    carried over, the dense-dequantization rounding (``{"dtype", "rule", "max_abs", "mean_abs"}``) and notes."""
+
+    quantized_layers: int = 0
+    group_size: int | None = None
+    bits: int | None = None
+    rounding: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 class Family(ABC):
     """One model family (see the module docstring for what each method promises)."""
 
@@ -117,6 +134,26 @@ class Family(ABC):
     def part_of(self, key: str) -> str:
         """Which part of the model a tensor belongs to (inspect's bytes by part)."""
         return "weights"
+
+    # gracevlm export: folders for other runtimes, written from an opened checkpoint
+    def export_writer(self, fmt: str):
+        """``write(opened, fmt, out_folder, dtype, progress) -> ExportFacts`` for ``fmt`` (one of
+        ``export_formats``); raises InputError (one line) for a request it cannot write exactly."""
+        return None
+
+    def export_dtype(self, fmt: str) -> str:
+        """The dense dtype an export of ``fmt`` gets by default."""
+        return "float16"
+
+    def export_card(self, fmt: str, out: str, source: str) -> dict | None:
+        """The model card's family parts: ``{"what": "<one phrase: what the folder is>", "usage": "<markdown after
+        the provenance list: how to load out in each engine>"}``."""
+        return None
+
+    def transformers_check(self, folder: Path):
+        """``run(refs, n) -> [(greedy tokens, teacher-forced logits rows)]`` for ``export --check transformers``;
+        each ref has ``query``, ``image`` (PIL or None) and ``forced`` (gracevlm's tokens)."""
+        return None
 
     # training exports (gracevlm.train): models built in memory, written back in the family's layout
     def owns_model(self, model) -> bool:

@@ -19,6 +19,7 @@ from ..images import DEFAULT_MAX_PIXELS, decode_image
 from ..registry import Family, Runtime
 from .build import DECODER_LINEARS, build_qwen3_vl, open_qwen3_vl
 from .chat import IMAGE_PAD, ChatPrompt, load_chat_template
+from .export import FORMATS as EXPORT_FORMATS, write_qwen3_vl_export
 from .model import ImagePixels
 from .processing import ImageProcessorConfig, process_images
 
@@ -156,7 +157,23 @@ class Qwen3VLFamily(Family):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     architectures = ("Qwen3VLForConditionalGeneration",)
-    export_formats = ()
+    export_formats = EXPORT_FORMATS
+
+    def export_writer(self, fmt: str):
+        return write_qwen3_vl_export
+
+    def export_dtype(self, fmt: str) -> str:
+        return "bfloat16"
+
+    def export_card(self, fmt: str, out: str, source: str) -> dict:
+        from .card import card_sections
+
+        return card_sections(fmt, out, source)
+
+    def transformers_check(self, folder: Path):
+        from .peer import TransformersPeer
+
+        return TransformersPeer(folder)
 
     def open(self, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint:
         return open_qwen3_vl(self, folder, fmt, raw)
