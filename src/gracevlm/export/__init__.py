@@ -128,8 +128,7 @@ def export_model(model: str | os.PathLike, fmt: str, out: str | os.PathLike, for
 
         src = SourceModel(model)
         report = ExportReport(fmt, str(src.folder), src.format, str(out), quantized_layers=len(src.quantized),
-                              group_size=src.group_size if src.quantized else None, family=family.name,
-                              bits=4 if src.quantized else None)
+                              group_size=src.group_size if src.quantized else None, family=family.name)
     else:
         src = None
         report = ExportReport(fmt, str(opened.folder), opened.format, str(out), family=family.name)

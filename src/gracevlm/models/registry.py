@@ -151,8 +151,10 @@ class Family(ABC):
         return None
 
     def transformers_check(self, folder: Path):
-        """``run(refs, n) -> [(greedy tokens, teacher-forced logits rows)]`` for ``export --check transformers``;
-        each ref has ``query``, ``image`` (PIL or None) and ``forced`` (gracevlm's tokens)."""
+        """The ``export --check transformers`` peer for export ``folder``: an object whose ``run(query, image,
+        forced, n)`` (a one-turn question, a PIL image or None, gracevlm's tokens) returns (transformers' greedy
+        tokens without the stop token, its teacher-forced logits rows ``[len(forced), V]``). None: LLaVA's peer
+        in ``export.check``."""
         return None
 
     # training exports (gracevlm.train): models built in memory, written back in the family's layout
