@@ -10,8 +10,8 @@ transformers' key names (``model.visual.*``, ``model.language_model.*``, ``lm_he
 tied head stays the one embedding tensor).
 
 Weights. Dense tensors that are not quantized are cast to ``dtype`` (bf16 sources to bf16 or fp32: exact). A
-quantized linear is dequantized exactly in float32 - W4: ``(u - z) * s`` with the AWQ fp16 scales (what gracevlm
-computes), W8: ``q * s`` with ``s = exp(float32(log_scale))`` - then cast once to ``dtype``: float32 keeps it
+quantized linear is dequantized exactly in float32 - W4: ``(u - z) * s`` with the AWQ fp16 scales (gracevlm's exact
+reference INT4 path), W8: ``q * s`` with ``s = exp(float32(log_scale))`` - then cast once to ``dtype``: float32 keeps it
 exact; bf16 (the default, as the releases) rounds it to nearest even (for a W8 QAT source this is the baked
 ``W_q`` exactly; the report gives the max/mean rounding). compressed-tensors keeps the codes: ``weight_packed``
 holds ``q + 2^(bits-1)`` as sequential nibbles (W4) or bytes (W8) along the input dim (``formats.compressed_tensors``,
