@@ -15,8 +15,9 @@ _WHAT = {
 
 def _transformers(out: str, fmt: str) -> str:
     ct = ("\n\nWith compressed-tensors installed (`pip install compressed-tensors`) transformers decompresses the "
-          "packed linears when the model is loaded. Load with `dtype=torch.float32` for weights equal to the codes "
-          "times the stored scales; in bfloat16 the scales are rounded to bfloat16 first."
+          "packed linears on the first forward. Loaded with `dtype=torch.float32` that gives gracevlm's logits (the "
+          "codes times the stored scales); `CompressedTensorsConfig(dequantize=True)` decompresses at load, W4 as "
+          "`fp16((u - 8) * s)` (one rounding); in bfloat16 the scales are rounded to bfloat16 first."
           if fmt == "compressed-tensors" else "")
     return f'''## transformers
 
