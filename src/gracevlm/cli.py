@@ -186,6 +186,10 @@ def cmd_pack(args) -> int:
     if opened.quantized.method != "grace-qat":
         raise CheckpointError(f"{opened.folder} is a {opened.format!r} checkpoint; gracevlm pack converts GRACE QAT "
                               "checkpoints (with qat_quantized_weights.bin)")
+    if opened.quantized.bits != 4:
+        raise CheckpointError(f"{opened.folder} is a W{opened.quantized.bits} QAT checkpoint; GRACE AWQ (what pack "
+                              "writes) is 4-bit only: `gracevlm export --format compressed-tensors` writes it as "
+                              f"W{opened.quantized.bits}A16 pack-quantized, codes exact")
     report = pack_qat_checkpoint(opened.folder, args.out, force=args.force)
     print(json.dumps(report.as_dict()) if args.json else
           f"packed {report.layers} layers into {args.out}: codes exact (max code error {report.max_code_error}), "
@@ -223,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a random-weight checkpoint in the exact GRACE layout")
     p.add_argument("--preset", default="tiny",
                    choices=["tiny", "small", "llava-1.5-7b", "qwen3-vl-tiny", "qwen3-vl-2b"])
-    p.add_argument("--format", default="awq", choices=["awq", "qat", "fp16", "bf16"],
-                   help="LLaVA presets: awq, qat, fp16; Qwen3-VL presets: awq, qat, bf16")
+    p.add_argument("--format", default="awq", choices=["awq", "qat", "qat8", "fp16", "bf16"],
+                   help="LLaVA presets: awq, qat, fp16; Qwen3-VL presets: awq, qat (W4), qat8 (W8), bf16")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of LLM layers")

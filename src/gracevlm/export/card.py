@@ -1,6 +1,7 @@
 """The ``README.md`` model card every export folder gets: what the folder is, where it came from (source
 checkpoint, exactness of the conversion, the exporter's notes), and the calls that work for its engines, all
-filled in from the export report and the files written. ``gracevlm export --check`` adds its measured
+filled in from the export report and the files written. A family with its own exporter supplies the "what" and
+the usage sections (``Family.export_card``); LLaVA's are here. ``gracevlm export --check`` adds its measured
 agreement with gracevlm. ``tests/test_export_card.py`` runs the card's transformers code as written.
 """
 from __future__ import annotations
@@ -133,14 +134,19 @@ def write_model_card(folder: str | Path, report: dict | None = None, checks: lis
         report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
     fmt, out = report["format"], str(Path(report["out"]).resolve())
     source = Path(report["source"])
+    from ..models.registry import get_family
+
+    family_card = get_family(report.get("family", "llava")).export_card(fmt, out, str(source))
+    what = family_card["what"] if family_card else _WHAT[fmt]
     state = "exact: integer codes and scales carried over unchanged" if report["exact"] else \
         f"LOSSY: {'; '.join(report['lossy']['reasons'])} (max abs weight error " \
         f"{report['lossy']['max_abs_weight_error']:.3g}, mean {report['lossy']['mean_abs_weight_error']:.3g})"
     lines = [f"# {source.name} ({fmt})", "",
-             f"This folder is {_WHAT[fmt]}, written by gracevlm {__version__} (`gracevlm export --format {fmt}`).", "",
+             f"This folder is {what}, written by gracevlm {__version__} (`gracevlm export --format {fmt}`).", "",
              "## Provenance", "",
              f"- source checkpoint: `{source}` ({report['source_format']})",
              f"- quantized linears: {report['quantized_layers']}"
+             + (f", {report['bits']}-bit" if report.get("bits") else "")
              + (f", group size {report['group_size']}" if report.get("group_size") else ""),
              f"- conversion: {state}"]
     if report.get("rounding"):
@@ -151,13 +157,17 @@ def write_model_card(folder: str | Path, report: dict | None = None, checks: lis
         cfg_file = folder / "config.json"
         if cfg_file.is_file():
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            lines.append(f"- config: image token {cfg['image_token_index']}, vocabulary "
-                         f"{cfg['text_config']['vocab_size']} rows, vision feature layer {cfg['vision_feature_layer']}"
-                         f" ({cfg['vision_feature_select_strategy']}), dtype {cfg.get('torch_dtype', cfg.get('dtype'))}")
+            layer = (f", vision feature layer {cfg['vision_feature_layer']} ({cfg['vision_feature_select_strategy']})"
+                     if "vision_feature_layer" in cfg else "")
+            lines.append(f"- config: image token {cfg.get('image_token_index', cfg.get('image_token_id'))}, vocabulary "
+                         f"{cfg['text_config']['vocab_size']} rows{layer}, dtype "
+                         f"{cfg.get('torch_dtype', cfg.get('dtype'))}")
     files = sorted({p.name for p in folder.iterdir() if p.is_file() and p.name != CARD_NAME} | {REPORT_NAME})
     lines += [f"- files: {', '.join(files)}", ""]
     body = "\n".join(lines) + "\n"
-    if fmt == "gguf":
+    if family_card:
+        body += family_card["usage"]
+    elif fmt == "gguf":
         llm = next((f for f in files if f.startswith("ggml-model-")), "ggml-model-q4_0.gguf")
         body += _llama_cpp_section(out, llm, "mmproj-model-f16.gguf" if "mmproj-model-f16.gguf" in files else None)
     else:

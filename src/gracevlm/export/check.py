@@ -26,8 +26,8 @@ from pathlib import Path
 from ..errors import InputError
 
 ENGINES = ("transformers", "llama_cpp", "vllm")
-ENGINE_FORMATS = {"transformers": ("llava-hf", "compressed-tensors"), "llama_cpp": ("gguf",),
-                  "vllm": ("compressed-tensors", "llava-hf")}
+ENGINE_FORMATS = {"transformers": ("llava-hf", "qwen3-vl-hf", "compressed-tensors"), "llama_cpp": ("gguf",),
+                  "vllm": ("compressed-tensors", "llava-hf", "qwen3-vl-hf")}
 PROBE_QUERY = "What is shown in this image?"
 PROBE_TEXT = "Hello there, how are you?"
 PROBE_TOKENS = 24
@@ -138,15 +138,13 @@ class Reference:
 def _forced_logits(vlm, prompt_ids: list[int], forced: list[int], images):
     import torch
 
-    model, lm = vlm.model, vlm.model.language_model
+    model = vlm.model
     feats = vlm.encode_images(images)[0] if images else None
-    with torch.inference_mode():
-        embeds = model.embed_prompt(prompt_ids, feats)
-        if len(forced) > 1:
-            embeds = torch.cat([embeds, lm.embed(torch.tensor(forced[:-1]), embeds.dtype)])
-        n = embeds.shape[0]
-        cache = model.new_cache(1, n, embeds.dtype)
-        logits = lm(embeds.unsqueeze(0), torch.arange(n).unsqueeze(0), cache, logits_for="all")[0]
+    with torch.inference_mode():  # the forced tokens follow the prompt as text (the model contract places them)
+        prompt = model.prompt_for(list(prompt_ids) + list(forced[:-1]), feats)
+        n = prompt.length
+        cache = model.new_cache(1, n)
+        logits = model.forward_prompt(prompt, cache, 0, 0, n, logits_for="all")[0]
     return logits[n - len(forced):, : vlm.tokenizer.vocab_size].float().numpy()
 
 
@@ -211,6 +209,19 @@ def check_transformers(folder: Path, refs: list[Reference], n: int) -> list[Case
         argmax = rows.argmax(-1).tolist()
         gaps = [float(r.max() - r[t]) for r, t in zip(rows, ref.forced)]
         out.append(CaseResult(ref.case, ref.tokens, greedy, argmax, ref.margins, gaps, _logit_error(rows, ref)))
+    return out
+
+
+def check_family_peer(peer, refs: list[Reference], n: int) -> list[CaseResult]:
+    """A family's transformers peer (``Family.transformers_check``): its greedy tokens and teacher-forced rows,
+    compared over gracevlm's vocabulary (rows past the tokenizer are padding gracevlm never samples)."""
+    out = []
+    for ref in refs:
+        greedy, rows = peer.run(ref.query, ref.image, ref.forced, n)
+        rows = rows[:, : ref.logits.shape[1]]
+        gaps = [float(r.max() - r[t]) for r, t in zip(rows, ref.forced)]
+        out.append(CaseResult(ref.case, ref.tokens, greedy, rows.argmax(-1).tolist(), ref.margins, gaps,
+                              _logit_error(rows.numpy(), ref)))
     return out
 
 
@@ -324,7 +335,13 @@ def check_export(folder: str | os.PathLike, engine: str, model: str | os.PathLik
     vlm = gracevlm.load(model or report["source"], device="cpu")
     image = probe_image()
     refs = gracevlm_references(vlm, image, n)
-    if engine == "transformers":
+    from ..models.registry import get_family
+
+    family = get_family(report.get("family", "llava"))
+    peer = family.transformers_check(folder) if engine == "transformers" else None
+    if peer is not None:
+        result.cases = check_family_peer(peer, refs, n)
+    elif engine == "transformers":
         result.cases = check_transformers(folder, refs, n)
     elif engine == "llama_cpp":
         result.cases = check_llama_cpp(folder, refs, n)

@@ -1,5 +1,5 @@
-"""``gracevlm export --model M --format {llava-hf,compressed-tensors,gguf} --out DIR [--force] [--allow-lossy]
-[--check ENGINE ...]``.
+"""``gracevlm export --model M --format {llava-hf,qwen3-vl-hf,compressed-tensors,gguf} --out DIR [--force]
+[--allow-lossy] [--dtype D] [--bits B] [--check ENGINE ...]`` (each family writes its own formats).
 
 With ``--check``, an ``--out`` that already holds a gracevlm export of ``--format`` is checked as it is (no
 re-export unless ``--force``); otherwise the export is written first. See ``export.check``."""
@@ -43,7 +43,7 @@ def cmd_export(args) -> int:
             print(f"checking the existing {args.format} export in {out} (pass --force to export again)")
     else:
         report = export_model(args.model, args.format, args.out, force=args.force, allow_lossy=args.allow_lossy,
-                              dtype=args.dtype, progress=not args.json)
+                              dtype=args.dtype, progress=not args.json, bits=args.bits)
     checks = _run_checks(args, out) if args.check else []
     if args.json:
         print(json.dumps({**report.as_dict(), "checks": [c.as_dict() for c in checks]} if checks else report.as_dict()))
@@ -71,16 +71,19 @@ def cmd_export(args) -> int:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="export to llava-hf (transformers), compressed-tensors (vLLM/SGLang) "
-                                             "or GGUF (llama.cpp)")
+    p = subparsers.add_parser("export", help="export to transformers (llava-hf, qwen3-vl-hf), compressed-tensors "
+                                             "(vLLM/SGLang) or GGUF (llama.cpp)")
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub id")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--allow-lossy", action="store_true",
                    help="convert even when the target cannot hold the quantization exactly; reports the error")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
-                   help="dense tensors of llava-hf / compressed-tensors (float32 keeps llava-hf weights exact)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="dense tensors of the transformers / compressed-tensors folders (default: LLaVA float16, "
+                        "Qwen3-VL bfloat16; float32 keeps dequantized weights exact)")
+    p.add_argument("--bits", type=int, default=None, choices=[4, 8],
+                   help="compressed-tensors: the bit width to write; must be the source's (default: the source's)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--check", action="append", default=[], choices=ENGINES, metavar="ENGINE",
                    help="after exporting (or on an existing export in --out), greedy-decode fixed prompts in a "

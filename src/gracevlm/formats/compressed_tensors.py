@@ -86,16 +86,16 @@ def ct_to_awq(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_sh
 
 
 
-def ct_quantization_config(group_size: int, ignore: list[str], symmetric: bool = True) -> dict:
-    """``quantization_config`` for W4A16 ``pack-quantized`` linears (formats.md (f)); every ``Linear`` is a
-    target (vLLM: ``LinearBase``) except those ``ignore`` names: compressed-tensors' ``match_name`` compares a
-    plain entry for *equality* with the module name and a ``re:`` entry with ``re.match`` (the model family
-    supplies the list)."""
+def ct_quantization_config(group_size: int, ignore: list[str], symmetric: bool = True, bits: int = 4) -> dict:
+    """``quantization_config`` for W4A16 (``bits=4``) or W8A16 (``bits=8``) ``pack-quantized`` linears
+    (formats.md (f)); every ``Linear`` is a target (vLLM: ``LinearBase``) except those ``ignore`` names:
+    compressed-tensors' ``match_name`` compares a plain entry for *equality* with the module name and a ``re:``
+    entry with ``re.match`` (the model family supplies the list)."""
     return {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {
             "targets": ["Linear"], "format": "pack-quantized",
-            "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
+            "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group",
                         "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax",
                         "block_structure": None, "observer_kwargs": {}},
             "input_activations": None, "output_activations": None}},
@@ -107,11 +107,13 @@ def ct_quantization_config(group_size: int, ignore: list[str], symmetric: bool =
 
 
 
-def ct_settings(qc: dict, source: str) -> tuple[int, bool]:
-    """(group_size, symmetric) of a W4A16 ``pack-quantized`` ``quantization_config``; CheckpointError naming
-    anything else (other formats, activation quantization, several settings)."""
+def ct_scheme(qc: dict, source: str, bits_allowed: tuple[int, ...] = (4,)) -> tuple[int, int, bool]:
+    """(bits, group_size, symmetric) of a weight-only ``pack-quantized`` group ``quantization_config`` whose bit
+    width is one of ``bits_allowed``; CheckpointError naming anything else (other formats, activation
+    quantization, several settings)."""
     fmt = qc.get("format")
     groups = qc.get("config_groups") or {}
+    allowed = "/".join(f"W{b}A16" for b in bits_allowed)
     if not groups:
         raise CheckpointError(f"{source}: compressed-tensors quantization_config has no config_groups")
     settings = set()
@@ -119,20 +121,25 @@ def ct_settings(qc: dict, source: str) -> tuple[int, bool]:
         w = grp.get("weights") or {}
         gfmt = grp.get("format") or fmt
         if gfmt != "pack-quantized":
-            raise CheckpointError(f"{source}: compressed-tensors format {gfmt!r} is not supported; only W4A16 "
+            raise CheckpointError(f"{source}: compressed-tensors format {gfmt!r} is not supported; only {allowed} "
                                   "'pack-quantized' is")
         if grp.get("input_activations"):
             raise CheckpointError(f"{source}: config group {name!r} quantizes activations; only weight-only "
-                                  "W4A16 is supported")
-        if int(w.get("num_bits", 0)) != 4 or w.get("type", "int") != "int" or w.get("strategy") != "group":
-            raise CheckpointError(f"{source}: config group {name!r} is not 4-bit int group quantization "
-                                  f"({w}); only W4A16 group quantization is supported")
+                                  f"{allowed} is supported")
+        if int(w.get("num_bits", 0)) not in bits_allowed or w.get("type", "int") != "int" or \
+                w.get("strategy") != "group":
+            raise CheckpointError(f"{source}: config group {name!r} is not {'- or '.join(map(str, bits_allowed))}-bit "
+                                  f"int group quantization ({w}); only {allowed} group quantization is supported")
         if w.get("actorder") not in (None, False, "static"):
             raise CheckpointError(f"{source}: activation reordering ({w.get('actorder')!r}) is not supported")
-        settings.add((int(w["group_size"]), bool(w.get("symmetric", True))))
+        settings.add((int(w["num_bits"]), int(w["group_size"]), bool(w.get("symmetric", True))))
     if len(settings) != 1:
-        raise CheckpointError(f"{source}: config groups use different settings {sorted(settings)}; one group "
-                              "size for all quantized linears is supported")
+        raise CheckpointError(f"{source}: config groups use different settings {sorted(settings)}; one bit width "
+                              "and group size for all quantized linears is supported")
     return settings.pop()
 
 
+def ct_settings(qc: dict, source: str) -> tuple[int, bool]:
+    """(group_size, symmetric) of a W4A16 ``pack-quantized`` ``quantization_config`` (``ct_scheme`` at 4 bits)."""
+    _, group, symmetric = ct_scheme(qc, source, (4,))
+    return group, symmetric

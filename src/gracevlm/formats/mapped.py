@@ -8,7 +8,7 @@ import torch
 from ..errors import CheckpointError, FormatError
 from .checkpoint import TensorStore
 from .checkpoint import awq_settings
-from .compressed_tensors import CT_SUFFIXES, ct_settings, ct_to_awq
+from .compressed_tensors import CT_SUFFIXES, ct_scheme, ct_to_awq
 
 AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
 
@@ -17,13 +17,16 @@ class MappedStore:
     """``TensorStore`` interface over renamed (and, for compressed-tensors, repacked) tensors.
 
     ``plan`` maps an original key to ``("copy", source_key)`` or ``("ct", module, suffix)``; repacked
-    modules are converted once and the last one is cached (readers fetch qweight/qzeros/scales in turn)."""
+    modules are converted once and the last one is cached (readers fetch qweight/qzeros/scales in turn).
+    ``bits``: the quantized linears' width (8: their compressed-tensors tensors are presented as stored, under the
+    module's new name; AWQ GEMM holds only 4 bits)."""
 
-    def __init__(self, base: TensorStore, plan: dict[str, tuple], group_size: int = 128):
+    def __init__(self, base: TensorStore, plan: dict[str, tuple], group_size: int = 128, bits: int = 4):
         self.base = base
         self.folder = base.folder
         self.plan = plan
         self.group_size = group_size
+        self.bits = bits
         self._cache: tuple[str, dict] | None = None
 
     def keys(self) -> list[str]:
@@ -81,16 +84,18 @@ class MappedStore:
 
 
 def mapped_view(base: TensorStore, rename, fmt: str, quantization_config: dict | None,
-                source: str) -> tuple[MappedStore, list[str], int, bool]:
+                source: str, ct_bits: tuple[int, ...] = (4,)) -> tuple[MappedStore, list[str], int, bool]:
     """Present ``base`` under new key names (``rename(key)`` -> new name, or None to drop the tensor) with AWQ
     triples for the quantized linears of an ``awq`` or ``compressed-tensors`` checkpoint (``fmt``; any other
-    value: renaming only). Returns (store, sorted quantized module names, group size, symmetric)."""
+    value: renaming only). ``ct_bits``: the compressed-tensors widths the caller reads (an 8-bit checkpoint keeps
+    its ``weight_packed``/``weight_scale``/``weight_shape``, renamed; see ``MappedStore.bits``). Returns (store,
+    sorted quantized module names, group size, symmetric)."""
     qc = quantization_config or {}
-    group, symmetric = 128, True
+    group, symmetric, bits = 128, True, 4
     if fmt == "awq":
         group, _ = awq_settings(qc, source)
     elif fmt == "compressed-tensors":
-        group, symmetric = ct_settings(qc, source)
+        bits, group, symmetric = ct_scheme(qc, source, ct_bits)
     plan: dict[str, tuple] = {}
     modules: set[str] = set()
     for key in base.keys():
@@ -100,6 +105,14 @@ def mapped_view(base: TensorStore, rename, fmt: str, quantization_config: dict |
         if fmt == "compressed-tensors" and key.rsplit(".", 1)[-1] in CT_SUFFIXES:
             foreign_module, suffix = key.rsplit(".", 1)
             module = new.rsplit(".", 1)[0]
+            if bits == 8:
+                if suffix in ("weight_zero_point", "weight_g_idx"):
+                    raise CheckpointError(f"{base.folder}: {key}: 8-bit layers with zero points or activation "
+                                          "reordering are not supported (symmetric W8A16 only)")
+                plan[new] = ("copy", key)
+                if suffix == "weight_packed":
+                    modules.add(module)
+                continue
             if suffix == "weight_packed":
                 modules.add(module)
                 for s in AWQ_SUFFIXES:
@@ -117,4 +130,4 @@ def mapped_view(base: TensorStore, rename, fmt: str, quantization_config: dict |
                                       "are not supported")
     if fmt in ("awq", "compressed-tensors") and not modules:
         raise CheckpointError(f"{base.folder}: quantization_config says {fmt!r} but no quantized tensors were found")
-    return MappedStore(base, plan, group), sorted(modules), group, symmetric
+    return MappedStore(base, plan, group, bits), sorted(modules), group, symmetric

@@ -18,6 +18,7 @@ from ..formats.checkpoint import TensorStore, detect_format, read_awq_modules, r
 from ..formats.hub import resolve_model_path
 from ..formats.mapped import MappedStore
 from ..formats.qat import SIDECAR_NAME, AwqTensors, QatLayer, qat_to_awq, read_qat_sidecar
+from ..formats.w8 import Int8Codes, from_compressed_tensors_w8, qat_to_int8
 from .checks import check_folder_readable
 from .registry import Family, family_for_config
 
@@ -72,10 +73,29 @@ class OpenedCheckpoint:
         bias = self.store.get(f"{name}.bias") if f"{name}.bias" in self.store else None
         return AwqTensors(*(self.store.get(k) for k in keys), bias, q.group_size)
 
+    def int8_codes(self, name: str) -> Int8Codes:
+        """The exact int8 codes and fp32 scales of W8 linear ``name``: recovered from a QAT sidecar (refused unless
+        they reproduce the baked weight) or read from compressed-tensors 8-bit ``pack-quantized`` tensors."""
+        q = self.quantized
+        if q.bits != 8:
+            raise CheckpointError(f"{self.folder}: {name} is a W{q.bits} layer, not W8")
+        try:
+            if q.sidecar is not None:
+                layer = q.sidecar[name]
+                return qat_to_int8(layer.weight, layer.log_scale, layer.bias, q.group_size, name)
+            tensors = {s: self.store.get(f"{name}.{s}") for s in ("weight_packed", "weight_scale", "weight_shape")
+                       if f"{name}.{s}" in self.store}
+            bias = self.store.get(f"{name}.bias") if f"{name}.bias" in self.store else None
+            return from_compressed_tensors_w8(tensors, q.group_size, bias, name)
+        except FormatError as exc:
+            raise CheckpointError(f"{self.folder}: {exc}") from exc
+
     def linear_shape(self, name: str) -> tuple[int, int]:
         """(out_features, in_features) of quantized linear ``name``, from metadata only."""
         if self.quantized.sidecar is not None:
             return tuple(self.quantized.sidecar[name].weight.shape)
+        if f"{name}.weight_packed" in self.store:
+            return tuple(int(v) for v in self.store.get(f"{name}.weight_shape").tolist())
         in_f, words = self.store.get_slice_shape(f"{name}.qweight")
         return words * 8, in_f
 

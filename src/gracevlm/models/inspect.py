@@ -57,10 +57,12 @@ def inspect_checkpoint(folder: str | os.PathLike) -> dict:
                               "symmetric_zero_point_8": not other, "layers_with_other_zero_points": other[:10]}
     elif q.method == "compressed-tensors":
         asym = [] if q.symmetric else list(q.names)
-        info["quantization"] = {"method": "compressed-tensors pack-quantized W4A16", "bits": 4,
-                                "group_size": q.group_size, "zero_point": 8 if not asym else "asymmetric",
+        present = "weight_packed" if q.bits == 8 else "scales"  # W8 tensors are presented as stored
+        info["quantization"] = {"method": f"compressed-tensors pack-quantized W{q.bits}A16", "bits": q.bits,
+                                "group_size": q.group_size,
+                                "zero_point": 2 ** (q.bits - 1) if not asym else "asymmetric",
                                 "packed_modules": len(q.names), "by_kind": kinds}
-        info["checks"] = {"modules_missing_tensors": [m for m in q.names if f"{m}.scales" not in store],
+        info["checks"] = {"modules_missing_tensors": [m for m in q.names if f"{m}.{present}" not in store],
                           "symmetric_zero_point_8": not asym, "layers_with_other_zero_points": asym[:10]}
     elif q.method == "grace-qat":
         info["quantization"] = {"method": "grace-qat (fake-quantized weights + sidecar)", "bits": q.bits,

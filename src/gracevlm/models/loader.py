@@ -118,9 +118,8 @@ def quantized_linears(opened: OpenedCheckpoint, options: LoadOptions, dense_name
     out: dict[str, nn.Module] = {}
     for name in q.names:
         try:
-            if q.bits == 8:  # GRACE W8 QAT: exact int8 codes from the baked weights and log-scales
-                layer = q.sidecar[name]
-                out[name] = Int8Linear.from_qat(layer.weight, layer.log_scale, layer.bias, q.group_size, name=name)
+            if q.bits == 8:  # GRACE W8 QAT (codes from the baked weights and log-scales) or W8A16 pack-quantized
+                out[name] = Int8Linear.from_codes(opened.int8_codes(name), name=name)
             else:
                 out[name] = Int4Linear.from_packed(opened.awq_tensors(name), backend=backend)
         except FormatError as exc:

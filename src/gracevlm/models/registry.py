@@ -12,9 +12,12 @@ The engine and the front ends talk to a family only through this contract, never
 - ``describe(opened)`` and ``part_of(key)``: the architecture facts and weight parts ``inspect`` reports.
 - ``benchmark_prompts()``: how ``gracevlm eval`` asks this family benchmark questions
   (``models.benchmark_prompts``; the base is LLaVA-1.5's protocol).
-- ``export_formats``; for training exports ``owns_model`` / ``checkpoint_key`` / ``checkpoint_tensor`` /
-  ``config_for_model`` (+ ``qat_skip_keywords``, ``qat_fields``, ``export_dtype``); for training itself
-  ``training_format`` / ``image_tokens`` / ``training_part`` / ``forward_batch``.
+- ``export_formats`` (what ``gracevlm export --format`` may name for it), ``export_writer(fmt)`` (None: the LLaVA
+  writers inside ``gracevlm.export``, which predate this hook), ``export_dtype(fmt)`` (the default dense dtype),
+  ``export_card(fmt, out, source)`` (the model card's usage sections) and ``transformers_check(folder)`` (the
+  ``export --check transformers`` peer); for training exports ``owns_model`` / ``checkpoint_key`` /
+  ``checkpoint_tensor`` / ``config_for_model`` (+ ``qat_skip_keywords``, ``qat_fields``, ``release_dtype``); for
+  training itself ``training_format`` / ``image_tokens`` / ``training_part`` / ``forward_batch``.
 
 The family's model object is what the engine drives (``engine.generate``, ``engine.scheduler``), with no
 family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``, ``new_cache(slots, max_len)``,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +98,18 @@ class Runtime(ABC):
         """The current pixel cap."""
 
 
+@dataclass
+class ExportFacts:
+    """What a family's export writer tells ``gracevlm.export`` about the folder it wrote: the quantized linears
+    carried over, the dense-dequantization rounding (``{"dtype", "rule", "max_abs", "mean_abs"}``) and notes."""
+
+    quantized_layers: int = 0
+    group_size: int | None = None
+    bits: int | None = None
+    rounding: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 class Family(ABC):
     """One model family (see the module docstring for what each method promises)."""
 
@@ -132,12 +148,35 @@ class Family(ABC):
     # training exports (gracevlm.train): models built in memory, written back in the family's layout.
     # ``qat_skip_keywords``: what config.json ``qat.skip_keywords`` records (GRACE's list for the family);
     # ``qat_fields``: the keys of that ``qat`` block GRACE's training script for the family writes;
-    # ``export_dtype``: the dtype GRACE's releases store dense and baked tensors in (None: the trainer's
+    # ``release_dtype``: the dtype GRACE's releases store dense and baked tensors in (None: the trainer's
     # ``export_dtype`` for dense tensors, baked weights in the training dtype).
     qat_skip_keywords: tuple[str, ...] = ()
     qat_fields: tuple[str, ...] = ("bits", "group_size", "learn_scales", "skip_keywords", "num_replaced")
-    export_dtype: str | None = None
+    release_dtype: str | None = None
 
+    # gracevlm export: folders for other runtimes, written from an opened checkpoint
+    def export_writer(self, fmt: str):
+        """``write(opened, fmt, out_folder, dtype, progress) -> ExportFacts`` for ``fmt`` (one of
+        ``export_formats``); raises InputError (one line) for a request it cannot write exactly."""
+        return None
+
+    def export_dtype(self, fmt: str) -> str:
+        """The dense dtype an export of ``fmt`` gets by default."""
+        return "float16"
+
+    def export_card(self, fmt: str, out: str, source: str) -> dict | None:
+        """The model card's family parts: ``{"what": "<one phrase: what the folder is>", "usage": "<markdown after
+        the provenance list: how to load out in each engine>"}``."""
+        return None
+
+    def transformers_check(self, folder: Path):
+        """The ``export --check transformers`` peer for export ``folder``: an object whose ``run(query, image,
+        forced, n)`` (a one-turn question, a PIL image or None, gracevlm's tokens) returns (transformers' greedy
+        tokens without the stop token, its teacher-forced logits rows ``[len(forced), V]``). None: LLaVA's peer
+        in ``export.check``."""
+        return None
+
+    # training exports (gracevlm.train): models built in memory, written back in the family's layout
     def owns_model(self, model) -> bool:
         return False
 

@@ -4,8 +4,9 @@
 generation_config.json (eos list), model.safetensors (shards for big presets; transformers key names, tied ``lm_head``
 omitted), a trained byte-level BPE tokenizer.json with the Qwen special tokens + tokenizer_config.json (with a
 Qwen3-VL style chat template), chat_template.jinja and preprocessor_config.json. ``fmt``: ``bf16`` (dense), ``qat``
-(GRACE QAT W4G128: the decoder linears baked as ``bf16(q * s)`` plus ``qat_quantized_weights.bin``) or ``awq`` (GRACE
-AWQ W4G128: those linears packed exactly as ``gracevlm pack`` packs the QAT form).
+(GRACE QAT W4G128: the decoder linears baked as ``bf16(q * s)`` plus ``qat_quantized_weights.bin``), ``qat8`` (GRACE
+QAT W8G128: int8 codes in [-127, 127], ``s = exp(log_scale)`` in fp32, baked ``bf16(q * s)``) or ``awq`` (GRACE AWQ
+W4G128: the W4 linears packed exactly as ``gracevlm pack`` packs the QAT form).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ CHAT_TEMPLATE = """{%- for message in messages -%}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 GROUP = 128
-FORMATS = ("bf16", "qat", "awq")
+FORMATS = ("bf16", "qat", "qat8", "awq")
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ def qwen3_vl_config(p: QwenPreset, ids: dict[str, int], fmt: str) -> dict:
            "vision_config": vision, "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
            "tie_word_embeddings": True, "dtype": "bfloat16"}
-    if fmt in ("qat", "awq"):
-        cfg["qat"] = {"bits": 4, "group_size": GROUP, "skip_keywords": ["visual", "merger", "lm_head", "embed_tokens"],
+    if fmt in ("qat", "qat8", "awq"):
+        cfg["qat"] = {"bits": 8 if fmt == "qat8" else 4, "group_size": GROUP, "skip_keywords": ["visual", "merger", "lm_head", "embed_tokens"],
                       "num_replaced": 7 * p.layers}
     if fmt == "awq":
         cfg["awq_packing"] = {"bits": 4, "group_size": GROUP, "zero_point": 8, "version": "gemm"}
@@ -200,6 +201,16 @@ def synthesize_qwen3_vl(out_dir: str | os.PathLike, preset: str = "qwen3-vl-tiny
             if fmt != "bf16" and leaf == "weight" and module.startswith("model.language_model.layers.") and \
                     module.endswith(LINEARS):
                 out_f, in_f = shape
+                if fmt == "qat8":  # codes uniform in [-127, 127] (std ~73); s = exp(log_scale) exactly as read back
+                    log_scale = torch.log((torch.rand(out_f * (in_f // GROUP), generator=gen) + 0.5) /
+                                          (73.0 * math.sqrt(in_f)))
+                    s = torch.exp(log_scale).view(out_f, in_f // GROUP)
+                    q = torch.randint(-127, 128, (out_f, in_f), generator=gen).float()
+                    wq = (q * s.repeat_interleave(GROUP, dim=1)).to(torch.bfloat16)
+                    writer.add(key, wq)
+                    sidecar[f"{module}.weight"], sidecar[f"{module}.log_scale"] = wq, log_scale
+                    modules.append(module)
+                    continue
                 # codes uniform in [-8, 7] (std ~4.6); fp16 scales give weights of std ~1/sqrt(in)
                 s = ((torch.rand(out_f, in_f // GROUP, generator=gen) + 0.5) / (4.6 * math.sqrt(in_f))).half().float()
                 q = torch.randint(-8, 8, (out_f, in_f), generator=gen).float()
@@ -221,7 +232,7 @@ def synthesize_qwen3_vl(out_dir: str | os.PathLike, preset: str = "qwen3-vl-tiny
         writer.close()
         if fmt == "awq":
             write_json_atomic(tmp / AWQ_MODULES_NAME, {"bits": 4, "group_size": GROUP, "modules": sorted(modules)})
-        elif fmt == "qat":
+        elif fmt in ("qat", "qat8"):
             torch.save(sidecar, tmp / SIDECAR_NAME)
         replace_folder(tmp, out)
     except BaseException:

@@ -514,7 +514,7 @@ class Trainer:
 
         Dtypes: ``export_dtype`` if given, else the family's release dtype (Qwen3-VL: bf16 for every tensor,
         baked weights ``bf16(q * s)``), else float16 with baked weights in the training dtype (LLaVA)."""
-        family_dtype = self.family.export_dtype
+        family_dtype = self.family.release_dtype
         dtype = getattr(torch, self.cfg.export_dtype or family_dtype or "float16")
         weight_dtype = dtype if family_dtype is not None else None
         self.model.eval()

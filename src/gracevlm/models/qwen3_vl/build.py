@@ -1,5 +1,6 @@
-"""Open and build a Qwen3-VL checkpoint: dense (any float dtype, GRACE BF16), GRACE QAT W4 (codes recovered
-exactly from the baked weights with the sidecar's log-scales, refused unless exact) and GRACE AWQ W4.
+"""Open and build a Qwen3-VL checkpoint: dense (any float dtype, GRACE BF16), GRACE QAT W4/W8 (codes recovered
+exactly from the baked weights with the sidecar's log-scales, refused unless exact), GRACE AWQ W4 and
+compressed-tensors W4A16/W8A16 ``pack-quantized`` (what ``gracevlm export --format compressed-tensors`` writes).
 
 The store keeps the transformers key names (``model.visual.*``, ``model.language_model.*``, ``lm_head.weight``);
 ``weights.hf_to_ours`` maps them onto ``Qwen3VLModel``. Quantized linears (the 7 decoder linears of every
@@ -18,7 +19,8 @@ from ... import kernels
 from ...errors import CheckpointError
 from ...formats.checkpoint import TensorStore, is_ignored_key
 from ...nn import HalfLinear
-from ..checkpoint import OpenedCheckpoint, grace_quantized
+from ...formats.mapped import mapped_view
+from ..checkpoint import OpenedCheckpoint, QuantizedLinears, grace_quantized
 from ..llama import prepare_int4_kernels
 from ..loader import (LoadedModel, LoadOptions, LoadStats, assign, install_linears, language_bytes, module_nbytes,
                       quantized_linears)
@@ -46,10 +48,17 @@ def open_qwen3_vl(family, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint
     """A Qwen3-VL folder as the family reads it; foreign quantized layouts and W8 are refused by name."""
     source = folder / "config.json"
     cfg = Qwen3VLConfig.from_dict(raw, str(source))
-    if fmt in ("awq", "compressed-tensors"):
-        raise CheckpointError(f"{source}: quantization_config {fmt!r} is not supported for Qwen3-VL; gracevlm "
-                              "reads dense, GRACE QAT (qat_quantized_weights.bin) and GRACE AWQ Qwen3-VL folders")
-    quantized = grace_quantized(folder, fmt, raw)
+    if fmt == "awq":
+        raise CheckpointError(f"{source}: quantization_config 'awq' is not supported for Qwen3-VL; gracevlm reads "
+                              "dense, GRACE QAT (qat_quantized_weights.bin), GRACE AWQ and compressed-tensors "
+                              "W4A16/W8A16 pack-quantized Qwen3-VL folders")
+    store = TensorStore(folder)
+    if fmt == "compressed-tensors":  # e.g. gracevlm's own export: W4 as AWQ triples, W8 as stored
+        qc = raw.get("quantization_config") if isinstance(raw.get("quantization_config"), dict) else {}
+        store, modules, group, symmetric = mapped_view(store, lambda k: k, fmt, qc, str(source), ct_bits=(4, 8))
+        quantized = QuantizedLinears(fmt, store.bits, group, modules, symmetric)
+    else:
+        quantized = grace_quantized(folder, fmt, raw)
     if fmt == "grace-qat":
         if cfg.qat is None:
             raise CheckpointError(f"{source}: a QAT sidecar is present but config.json has no 'qat' block "
@@ -69,7 +78,8 @@ def open_qwen3_vl(family, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint
             raise CheckpointError(f"{folder}: quantized module {name!r} is not a Qwen3 decoder linear "
                                   "(model.language_model.layers.N.self_attn/mlp.*_proj)")
     name = "qwen3-vl" if fmt == "fp16" else fmt
-    return OpenedCheckpoint(folder, name, family, cfg, raw, TensorStore(folder), quantized, "transformers")
+    return OpenedCheckpoint(folder, name, family, cfg, raw, store, quantized, "transformers",
+                            raw.get("quantization_config") if fmt == "compressed-tensors" else None)
 
 
 def _key_map(store, tied: bool) -> dict[str, str]:

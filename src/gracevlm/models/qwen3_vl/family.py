@@ -20,6 +20,7 @@ from ..registry import Family, Runtime
 from .benchmark_prompts import GraceQwen3VLPrompts
 from .build import DECODER_LINEARS, build_qwen3_vl, open_qwen3_vl
 from .chat import IMAGE_PAD, ChatPrompt, load_chat_template
+from .export import FORMATS as EXPORT_FORMATS, write_qwen3_vl_export
 from .model import ImagePixels, Qwen3VLModel
 from .processing import ImageProcessorConfig, process_images
 from .train_data import Qwen3VLTrainingFormat
@@ -160,10 +161,26 @@ class Qwen3VLFamily(Family):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     architectures = ("Qwen3VLForConditionalGeneration",)
-    export_formats = ()
     qat_skip_keywords = ("visual", "merger", "lm_head", "embed_tokens")  # GRACE's replace_linears_with_qat
     qat_fields = ("bits", "group_size", "skip_keywords", "num_replaced")  # train_qwen_qat.py's config.qat
-    export_dtype = "bfloat16"  # GRACE's Qwen3-VL releases: dense bf16, baked weights bf16(q * s)
+    release_dtype = "bfloat16"  # GRACE's Qwen3-VL releases: dense bf16, baked weights bf16(q * s)
+    export_formats = EXPORT_FORMATS
+
+    def export_writer(self, fmt: str):
+        return write_qwen3_vl_export
+
+    def export_dtype(self, fmt: str) -> str:
+        return "bfloat16"
+
+    def export_card(self, fmt: str, out: str, source: str) -> dict:
+        from .card import card_sections
+
+        return card_sections(fmt, out, source)
+
+    def transformers_check(self, folder: Path):
+        from .peer import TransformersPeer
+
+        return TransformersPeer(folder)
 
     def open(self, folder: Path, fmt: str, raw: dict) -> OpenedCheckpoint:
         return open_qwen3_vl(self, folder, fmt, raw)
