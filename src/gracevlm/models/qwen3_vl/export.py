@@ -151,7 +151,7 @@ def write_qwen3_vl_export(opened: OpenedCheckpoint, fmt: str, out: Path, dtype: 
     writer = ShardWriter(out, max_shard_bytes=4 * 1024**3)
     rounding, cast, symmetric = _Error(), _Error(), q.symmetric or q.bits == 8
     for name in tqdm(q.names, desc=f"export {fmt}", unit="layer", disable=not progress):
-        hf = ours_to_hf(hf_to_ours(name + ".weight"))[: -len(".weight")]
+        hf = ours_to_hf(hf_to_ours(name + ".weight"), cfg)[: -len(".weight")]
         if compressed:
             for suffix, t in _ct_linear(opened, name, symmetric).items():
                 writer.add(f"{hf}.{suffix}", t)
@@ -171,7 +171,9 @@ def write_qwen3_vl_export(opened: OpenedCheckpoint, fmt: str, out: Path, dtype: 
             continue
         if ours == "language_model.lm_head.weight" and cfg.tie_word_embeddings:
             continue  # a stored duplicate of the tied matrix: the embedding is the one tensor
-        target = ours_to_hf(ours)
+        target = ours_to_hf(ours, cfg)
+        if target is None:
+            raise CheckpointError(f"{opened.folder}: {key} has no transformers name")
         if target in seen:
             raise CheckpointError(f"{opened.folder}: tensors {seen[target]} and {key} both map to {target}")
         seen[target] = key

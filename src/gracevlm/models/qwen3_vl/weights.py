@@ -33,18 +33,6 @@ def hf_to_ours(key: str) -> str | None:
     return None
 
 
-def ours_to_hf(ours: str) -> str:
-    """The transformers on-disk key of one of our parameter names (inverse of ``hf_to_ours`` on the current
-    layout: ``model.visual.*`` with the Conv3d ``patch_embed.proj``, ``model.language_model.*``, ``lm_head.weight``)."""
-    if ours == "language_model.lm_head.weight":
-        return "lm_head.weight"
-    if ours.startswith("visual.patch_embed."):
-        return "model.visual.patch_embed.proj." + ours[len("visual.patch_embed."):]
-    if ours.startswith(("visual.", "language_model.")):
-        return "model." + ours
-    raise CheckpointError(f"{ours!r} is not a Qwen3-VL parameter name")
-
-
 def map_hf_state_dict(state: dict[str, torch.Tensor], config: Qwen3VLConfig) -> dict[str, torch.Tensor]:
     """Rename (and reshape the patch embedding of) a transformers state dict; unknown keys raise."""
     out: dict[str, torch.Tensor] = {}
