@@ -60,7 +60,7 @@ print(pipe(text=messages, max_new_tokens=64, do_sample=False, return_full_text=F
 '''
 
 
-def _vllm_section(out: str, fmt: str, source: str) -> str:
+def _vllm_section(out: str, fmt: str, source: str, max_len: int = 2048) -> str:
     kernel = ("the W4A16 linears run on its `CPUWNA16` kernel, which the wheel builds only for AVX-512 CPUs "
               "(`vllm/_C*.so`); on an AVX2-only CPU the model fails at warm-up (`torch.ops._C` has no "
               "`cpu_gemm_wna16`): there, serve the `llava-hf` export instead (dense, `--dtype float32`)"
@@ -77,7 +77,7 @@ for vLLM's LLaVA). Its `vllm serve` entry point is broken; the module form works
 
 ```bash
 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind python -m vllm.entrypoints.openai.api_server \\
-    --model {out} --dtype float32 --max-model-len 2048 --port 8000
+    --model {out} --dtype float32 --max-model-len {max_len} --port 8000
 ```
 
 Greedy answers: `"temperature": 0` on `/v1/chat/completions` with the image as an `image_url` part. The chat
@@ -109,9 +109,12 @@ The GGUF carries the chat template (llama.cpp adds BOS itself). llama-cpp-python
 template; `Llava15ChatHandler` ignores it and formats its own prompt. Greedy: `temperature=0` / `--temp 0`.
 
 The mmproj has no `v.class_embd`: llama.cpp's llava graph appends a class embedding *after* the patches and
-then drops the first token, which would shift every image token by one. Without it the image tokens come out
+always drops the first token when there is one, which would shift every image token by one slot (even with the
+position rows permuted to match, which makes every hidden state LLaVA's). Without it the image tokens come out
 in LLaVA's order with LLaVA's positions; the patches then attend to no CLS token, the one difference from
-LLaVA left (small: see the check below).
+LLaVA left for a picture that needs no resizing (square, at the tower's image size). A picture that does is
+resized by llama.cpp's own bicubic, not Pillow's antialiased one (LLaVA's processor, gracevlm), so its pixels
+and features differ more (see the check below: its probe picture needs resizing).
 '''
 
 
@@ -170,7 +173,8 @@ def write_model_card(folder: str | Path, report: dict | None = None, checks: lis
         llm = next((f for f in files if f.startswith("ggml-model-")), "ggml-model-q4_0.gguf")
         body += _llama_cpp_section(out, llm, "mmproj-model-f16.gguf" if "mmproj-model-f16.gguf" in files else None)
     else:
-        body += _transformers_section(out) + "\n" + _vllm_section(out, fmt, str(source))
+        max_len = cfg["text_config"].get("max_position_embeddings", 2048) if cfg_file.is_file() else 2048
+        body += _transformers_section(out) + "\n" + _vllm_section(out, fmt, str(source), max_len)
     if checks:
         body += "\n" + _checks_section(checks)
     path = folder / CARD_NAME

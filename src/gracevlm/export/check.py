@@ -223,7 +223,9 @@ def check_transformers(folder: Path, refs: list[Reference], n: int) -> list[Case
     return out
 
 
-def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float = 600) -> list[CaseResult]:
+def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float = 600,
+                    embeddings_dir: Path | None = None) -> list[CaseResult]:
+    """``embeddings_dir``: also save llama.cpp's image embeddings there, as ``<case>.npy``."""
     model = next((p for p in (folder / "ggml-model-q4_0.gguf", folder / "ggml-model-f16.gguf") if p.is_file()), None)
     mmproj = folder / "mmproj-model-f16.gguf"
     if model is None:
@@ -257,6 +259,8 @@ def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float 
             feature_error = None
             if ref.image is not None and ref.features is not None:
                 embd = np.load(spec["embd_out"])
+                if embeddings_dir is not None:
+                    np.save(Path(embeddings_dir) / f"{ref.case}.npy", embd)
                 feature_error = float(np.linalg.norm(embd - ref.features) / np.linalg.norm(ref.features)) \
                     if embd.shape == ref.features.shape else float("inf")
             out.append(CaseResult(ref.case, ref.tokens, got["greedy"], got["forced_argmax"], ref.margins,
