@@ -39,7 +39,7 @@ the patches' position rows only (LLaVA's rows ``1..N``): every image token is in
 position, and the one difference left is that the patches attend to no CLS token (tiny test model: relative
 L2 0.040 in llama.cpp, which equals our numpy emulation of its graph to 4e-4). That is the closest layout:
 on the tiny model's square test picture the permuted-CLS file has 3x the logit error (0.068 vs 0.024), on the
-demo model 10/12 answers instead of 12/12. Pictures that need resizing differ further: llama.cpp resizes with
+demo model 9/12 answers instead of 12/12. Pictures that need resizing differ further: llama.cpp resizes with
 its own bicubic (not Pillow's antialiased filter, which LLaVA's processor and gracevlm use; the resize filter is
 fixed per projector type, not read from the file): on the 64x40 noise probe the features are 0.70 off.
 """
