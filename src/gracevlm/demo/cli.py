@@ -148,8 +148,10 @@ def cmd_build(args) -> int:
         cfg.out = args.out
     if args.fast:  # a quick smoke run of the whole pipeline (the model will be weak)
         cfg.n_train, cfg.n_heldout, cfg.n_views, cfg.teacher_steps, cfg.student_steps = 400, 50, 50, 40, 20
-    cfg.varied_sizes = args.varied_sizes
-    for name in ("teacher_steps", "student_steps", "n_views"):
+        cfg.vision_steps, cfg.vision_batch = 20, 16
+    if args.fixed_size:
+        cfg.varied_sizes = False
+    for name in ("vision_steps", "teacher_steps", "student_steps", "n_views"):
         if getattr(args, name) is not None:
             if getattr(args, name) < 1:
                 print(f"gracevlm demo: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -213,11 +215,12 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
     q.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     q.add_argument("--force", action="store_true", help="redo every stage")
     q.add_argument("--fast", action="store_true", help="tiny smoke run of the pipeline")
+    q.add_argument("--vision-steps", type=int, default=None, help="override the recipe's vision-tower steps")
     q.add_argument("--teacher-steps", type=int, default=None, help="override the recipe's teacher steps")
     q.add_argument("--student-steps", type=int, default=None, help="override the recipe's steps per student")
     q.add_argument("--n-views", type=int, default=None, help="held-out questions per robustness view (400)")
-    q.add_argument("--varied-sizes", action="store_true",
-                   help="train on pictures of 64-256 px, square, 4:3 and 3:4 (not yet the shipped recipe)")
+    q.add_argument("--fixed-size", action="store_true",
+                   help="train on 64 px pictures only (the recipe trains on 64-256 px, square, 4:3 and 3:4)")
     q.add_argument("--no-evaluate", action="store_true")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_build)
