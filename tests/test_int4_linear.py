@@ -94,6 +94,40 @@ def test_dispatch(monkeypatch):
         kernels.backend_choice()
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_native_bf16_warns_where_bf16_is_emulated(monkeypatch, fast):
+    """The opt-in bf16 paths (backend native-bf16 at load or by use_backend, a bf16 vision tower) warn on a
+    CPU without AVX512-BF16/AMX and stay silent where it has them."""
+    import warnings
+
+    import gracevlm
+    from gracevlm.engine import vlm as vlm_module
+
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: fast)
+    model = torch.nn.Sequential(random_int4_layer(64, 16, 64, False, True, torch.Generator().manual_seed(0)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.backend_choice("native-bf16") == "native-bf16"
+        kernels.use_backend(model, "native-bf16")
+        kernels.backend_choice("native")  # the exact default never warns
+        class Stop(Exception):
+            pass
+
+        def no_checkpoint(*args, **kwargs):
+            raise Stop
+
+        monkeypatch.setattr(vlm_module, "load_checkpoint", no_checkpoint)
+        with pytest.raises(Stop):  # the warning comes before the checkpoint is read
+            gracevlm.load("unused", device="cpu", vision_dtype="bfloat16")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if fast:
+        assert messages == []
+    else:
+        assert len(messages) == 3 and all("no AVX512-BF16 or AMX" in m and "emulated" in m for m in messages)
+        assert "'native-bf16'" in messages[0] and "vision tower" in messages[2]
+    assert model[0].backend == "native-bf16"
+
+
 def test_use_backend_switches_a_model(monkeypatch):
     rng = torch.Generator().manual_seed(3)
     model = torch.nn.Sequential(make_layer(128, 16, 128, False, True, rng), make_layer(128, 16, 128, False, True, rng))

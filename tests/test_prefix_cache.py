@@ -106,6 +106,24 @@ def test_chunked_prefill_logits_bitwise(vlm):
     assert all(torch.equal(a[:, :, :150], b[:, :, :150]) for a, b in zip(cold_kv.k + cold_kv.v, warm_kv.k + warm_kv.v))
 
 
+def test_chunks_without_logits_fill_the_same_cache(vlm):
+    """``logits_for="none"`` (what ``prefill_chunks`` asks of every chunk but the last) skips the final norm
+    and lm_head and returns None; the cache it fills is bitwise that of a chunk asked for its logits."""
+    lm = vlm.model.language_model
+    torch.manual_seed(4)
+    prompt = EmbeddedPrompt(torch.randn(40, lm.spec.hidden_size))
+    with torch.inference_mode():
+        kv_last, kv_none = vlm.model.new_cache(1, 48), vlm.model.new_cache(1, 48)
+        for kv, mode in ((kv_last, "last"), (kv_none, "none")):
+            out = vlm.model.forward_prompt(prompt, kv, 0, 0, 32, logits_for=mode)
+            assert (out is None) == (mode == "none")
+            tail = vlm.model.forward_prompt(prompt, kv, 0, 32, 40)
+            if mode == "last":
+                ref_tail = tail
+    assert torch.equal(tail, ref_tail)
+    assert all(torch.equal(a, b) for a, b in zip(kv_last.k + kv_last.v, kv_none.k + kv_none.v))
+
+
 def test_two_images_same_size_never_collide(vlm):
     red, green = _img((200, 30, 30)), _img((20, 130, 30))
     kw = dict(max_new_tokens=N, logprobs=2)

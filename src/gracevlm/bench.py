@@ -193,17 +193,21 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
         lm(lm.embed(ids, torch.float32), torch.arange(prefill_tokens)[None], cache)
         res["prefill_s"] = time.perf_counter() - t
         res["prefill_tok_s"] = prefill_tokens / res["prefill_s"]
-        # the same prompt with the opt-in approximate bf16 GEMM for large-M layers
-        backend_before = next((m.backend for m in lm.modules() if hasattr(m, "kernel_cache")), None)
-        kernels.use_backend(lm, "native-bf16")
-        try:
-            t = time.perf_counter()
-            lm(lm.embed(ids, torch.float32), torch.arange(prefill_tokens)[None], cache)
-            res["prefill_bf16_tok_s"] = prefill_tokens / (time.perf_counter() - t)
-        except Exception as exc:  # noqa: BLE001 - e.g. native kernels unavailable
-            res["prefill_bf16_error"] = str(exc)
-        finally:
-            kernels.use_backend(lm, backend_before)
+        # the same prompt with the opt-in approximate bf16 GEMM for large-M layers, where the CPU has bf16
+        # instructions (elsewhere it is emulated, several times slower, and the backend warns)
+        if not kernels.cpu_has_fast_bf16():
+            res["prefill_bf16_skipped"] = "no AVX512-BF16/AMX: bf16 is emulated on this CPU"
+        else:
+            backend_before = next((m.backend for m in lm.modules() if hasattr(m, "kernel_cache")), None)
+            kernels.use_backend(lm, "native-bf16")
+            try:
+                t = time.perf_counter()
+                lm(lm.embed(ids, torch.float32), torch.arange(prefill_tokens)[None], cache)
+                res["prefill_bf16_tok_s"] = prefill_tokens / (time.perf_counter() - t)
+            except Exception as exc:  # noqa: BLE001 - e.g. native kernels unavailable
+                res["prefill_bf16_error"] = str(exc)
+            finally:
+                kernels.use_backend(lm, backend_before)
     res["peak_rss"] = _rss_peak_bytes()
     return res
 
@@ -431,7 +435,9 @@ def format_report(r: dict) -> str:
                   f"{m['decode_tok_s'] / m['bandwidth_limit_tok_s']:.0%} of it)",
                   f"  prefill  {m['prefill_tok_s']:.2f} tok/s  ({m['prefill_s']:.1f} s for the prompt)"
                   + (f"; with the approximate bf16 GEMM (native-bf16): {m['prefill_bf16_tok_s']:.2f} tok/s"
-                     if "prefill_bf16_tok_s" in m else "")]
+                     if "prefill_bf16_tok_s" in m else "")
+                  + (f"; native-bf16 not measured ({m['prefill_bf16_skipped']})"
+                     if "prefill_bf16_skipped" in m else "")]
         if "grace_baseline_decode_tok_s" in r:
             lines.append(f"  GRACE-style dequantize-every-call decode (estimated from per-matrix times): "
                          f"{r['grace_baseline_decode_tok_s']:.4f} tok/s -> ours is "
@@ -497,6 +503,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS))
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16",
+                    help="model section: batched decode sizes (the KV cache is preallocated for the largest: "
+                         "16 x ~600 positions of a 7B is ~9 GiB in fp32)")
     ap.add_argument("--prefix-block-tokens", type=int, default=64,
                     help="ttft section: positions per prefix-cache block (the engine's default: 64)")
     ap.add_argument("--json", action="store_true")
@@ -531,8 +540,22 @@ def check_device_args(args) -> "torch.device":
     return dev
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch-sizes`` "1,2,4" -> (1, 2, 4); InputError for anything but positive integers."""
+    from .errors import InputError
+
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--batch-sizes takes positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def run_cli(args) -> int:
     dev = check_device_args(args)
+    parse_batch_sizes(args.batch_sizes)  # a bad value fails before any measurement
     if dev.type == "cuda":
         from . import bench_cuda
 
@@ -542,7 +565,8 @@ def run_cli(args) -> int:
         text = bench_cuda.format_report(report)
     else:
         report = run(args.model, args.layers, args.decode_steps, args.prefill_tokens,
-                     sections=tuple(args.sections.split(",")), prefix_block_tokens=args.prefix_block_tokens)
+                     batch_sizes=parse_batch_sizes(args.batch_sizes), sections=tuple(args.sections.split(",")),
+                     prefix_block_tokens=args.prefix_block_tokens)
         text = format_report(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -227,13 +227,13 @@ def plan_for(cache: PrefixCache | None, model, prompt_ids: list[int], image_keys
 def prefill_chunks(model, prompt, cache, slot: int, plan: PrefixPlan) -> torch.Tensor:
     """Copy the plan's cached blocks into ``slot``, prefill the rest of ``prompt`` (the model's ``prompt_for``
     result) in block-aligned chunks (``model.forward_prompt``), store the new full blocks; returns the last
-    position's logits ``[1, V]``."""
+    position's logits ``[1, V]`` (the other chunks skip the final norm and ``lm_head``)."""
     length, chunk = prompt.length, plan.chunk
     start = plan.cache.load(plan.blocks, cache, slot)
     logits = None
     while start < length:
         end = min(length, start + chunk)
-        logits = model.forward_prompt(prompt, cache, slot, start, end)
+        logits = model.forward_prompt(prompt, cache, slot, start, end, logits_for="last" if end == length else "none")
         start = end
     plan.cache.store(plan.keys, cache, slot, length)
     return logits

@@ -488,8 +488,8 @@ class BatchScheduler:
             end = seq.length if chunk is None else min(seq.length, start + chunk)
             t0 = time.perf_counter()
             k_prompt = seq.handle.params.prompt_logprobs
-            logits = self.model.forward_prompt(seq.prompt, self.cache, seq.slot, start, end,
-                                               logits_for="last" if k_prompt is None else "all")
+            logits = self.model.forward_prompt(seq.prompt, self.cache, seq.slot, start, end, logits_for="all"
+                                               if k_prompt is not None else "last" if end == seq.length else "none")
             if k_prompt is not None:
                 g = seq.handle.generation
                 if g.prompt_logprobs is None:

@@ -205,7 +205,8 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
     on CPU (exact) and float16 on CUDA. ``backend`` forces an INT4 kernel (see ``gracevlm.kernels``).
     ``quantize="rtn"`` quantizes a plain fp16 checkpoint to W4G128 at load (round to nearest).
     ``vision_dtype`` runs the CLIP tower and projector in another dtype than ``dtype`` (e.g. "bfloat16":
-    ~3x faster per image on CPUs with AMX/AVX512-BF16, image features ~1e-2 relative off fp32; README).
+    ~3x faster per image on CPUs with AMX/AVX512-BF16, image features ~1e-2 relative off fp32; README; on a
+CPU without them bf16 is emulated and slower: a RuntimeWarning says so, as for ``backend="native-bf16"``).
     ``keep_awq``: keep the AWQ buffers beside the kernels' own layout (default: no; see ``load_checkpoint``).
     On CUDA every tensor is copied from the file straight to the GPU (no CPU copy of the model) and the INT4
     layers use the ``triton`` backend when triton is installed (``gracevlm doctor`` says which path runs).
@@ -220,6 +221,10 @@ def load(model: str | Path, device: str = "auto", backend: str | None = None, dt
     dev = parse_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if dev.type == "cpu" and torch.bfloat16 in (vision_dtype, dtype):
+        from ..kernels import warn_emulated_bf16
+
+        warn_emulated_bf16("the vision tower" if vision_dtype == torch.bfloat16 else "the model")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     loaded = load_checkpoint(model, dtype=dtype, backend=backend, quantize=quantize, vision_dtype=vision_dtype,

@@ -241,8 +241,9 @@ class LlamaForCausalLM(nn.Module):
                 rows_alone: bool = False) -> torch.Tensor:
         """``embeds [B, T, D]`` at absolute ``positions [B, T]`` into cache ``slots [B]``.
 
-        Returns logits float32 ``[B, V]`` for each row's last token (``logits_for="last"``) or
-        ``[B, T, V]`` (``"all"``).
+        Returns logits float32 ``[B, V]`` for each row's last token (``logits_for="last"``),
+        ``[B, T, V]`` (``"all"``) or None (``"none"``: only the cache is filled, e.g. a prefill chunk whose
+        logits nobody reads; the final norm and ``lm_head`` are skipped).
         ``rows_alone`` (decode, T = 1): every row's logits are bitwise those it gets as a lone sequence
         (per-row attention span; ``lm_head`` per row unless it is row-invariant); the projections still run
         batched, which the CPU INT4 kernels compute row by row below their GEMM crossover.
@@ -262,6 +263,8 @@ class LlamaForCausalLM(nn.Module):
         x = embeds
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, slots, positions, mask, alone)
+        if logits_for == "none":
+            return None
         if logits_for == "last":
             x = x[:, -1:]
         x = self.model.norm(x)

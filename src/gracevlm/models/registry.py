@@ -24,8 +24,9 @@ family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``
 ``language_model`` (``lm_head``, ``spec.hidden_size``), ``encode_images(preprocessed)`` -> image features,
 ``prompt_for(ids, features)`` -> a prompt with ``length``, ``embeds`` and ``decode_offset`` (rope position of
 a decode token minus its cache index: 0 for LLaVA, Qwen3-VL's M-RoPE delta), ``forward_prompt(prompt, cache,
-slot, start, end)`` -> logits of one prefill chunk, and ``forward_decode(tokens, cache_positions, offsets, cache,
-slots, rows_alone)`` -> one token per row with each row's own offset.
+slot, start, end, logits_for)`` -> logits of one prefill chunk ("last", "all", or "none": the cache only), and
+``forward_decode(tokens, cache_positions, offsets, cache, slots, rows_alone)`` -> one token per row with each
+row's own offset.
 
 Packages are imported only when a checkpoint asks for them.
 """

@@ -176,6 +176,8 @@ class Qwen3LanguageModel(nn.Module):
             if i < n_inject:
                 x = x.clone()
                 x[visual.mask] = x[visual.mask] + visual.features[i].to(x.dtype)
+        if logits_for == "none":  # only the cache is filled (LlamaForCausalLM.forward)
+            return None
         if logits_for == "last":
             x = x[:, -1:]
         x = self.norm(x)

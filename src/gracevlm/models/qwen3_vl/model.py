@@ -136,7 +136,7 @@ class Qwen3VLModel(nn.Module):
     def forward_prompt(self, prompt: PreparedPrompt, cache, slot: int = 0, start: int = 0,
                        end: int | None = None, logits_for: str = "last") -> torch.Tensor:
         """Prompt positions ``start:end`` (a prefill chunk) into cache slot ``slot`` -> logits ``[1, V]`` of the
-        chunk's last position (``logits_for="all"``: ``[1, end - start, V]``)."""
+        chunk's last position (``logits_for="all"``: ``[1, end - start, V]``; ``"none"``: None, the cache only)."""
         end = prompt.length if end is None else end
         embeds, rope, visual = prompt.chunk(start, end)
         dev = embeds.device
