@@ -89,11 +89,13 @@ class KVPool:
 @dataclass
 class RowKV:
     """One batch row of a forward: its cache ``slot``, the ``span`` of positions it attends over
-    (``0 .. span-1``) and ``where`` its new K/V go (a slice for consecutive positions, else an index tensor)."""
+    (``0 .. span-1``), ``where`` its new K/V go (a slice for consecutive positions, else an index tensor)
+    and its attention ``mask [1, 1, T, span]`` (set by ``KVCache.rows`` from the forward's mask)."""
 
     slot: int
     span: int
     where: slice | torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 class KVCache:
@@ -172,17 +174,18 @@ class KVCache:
             self.free(slot)
 
     # -- what attention uses ----------------------------------------------------------------------------
-    def rows(self, slots: list[int], positions: torch.Tensor) -> list[RowKV]:
-        """Each row's ``RowKV`` for a forward writing ``positions [B, T]`` into ``slots``."""
+    def rows(self, slots: list[int], positions: torch.Tensor, mask: torch.Tensor) -> list[RowKV]:
+        """Each row's ``RowKV`` for a forward writing ``positions [B, T]`` into ``slots`` with the boolean
+        ``mask [B, T, S]`` (query may see position)."""
         out = []
-        for slot, pos in zip(slots, positions.tolist()):
+        for r, (slot, pos) in enumerate(zip(slots, positions.tolist())):
             span = max(pos) + 1
             if span > self.capacity(slot):
                 raise RuntimeError(f"KV slot {slot} holds {self.capacity(slot)} positions; position {span - 1} "
                                    "does not fit")
             consecutive = pos == list(range(pos[0], pos[0] + len(pos)))
             where = slice(pos[0], pos[-1] + 1) if consecutive else torch.tensor(pos, device=self.device)
-            out.append(RowKV(slot, span, where))
+            out.append(RowKV(slot, span, where, mask[r:r + 1, :, :span].unsqueeze(1)))
         return out
 
     def layer_kv(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,8 +94,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, rows: list[RowKV] | None,
                 mask) -> torch.Tensor:
-        """``rows``: each batch row's slot and span (``KVCache.rows``); ``mask [B, T, span]`` (``cache=None``:
-        ``[B, T, T]``, the tokens attend among themselves)."""
+        """``rows``: each batch row's slot, span and mask (``KVCache.rows``); ``mask`` is used only without a
+        cache: ``[B, T, T]``, the tokens attend among themselves."""
         b, t, _ = x.shape
         s = self.spec
         if hasattr(self, "qkv_proj"):
@@ -112,14 +112,14 @@ class Attention(nn.Module):
         if cache is None:  # cache-free (training / scoring): attend within these tokens, `mask [B, T, T]`
             out = _attend(q, k, v, mask.unsqueeze(1), groups)
         else:
-            out = cached_attention(q, k, v, cache, layer, rows, mask, groups)
+            out = cached_attention(q, k, v, cache, layer, rows, groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
 
-def cached_attention(q, k, v, cache: KVCache, layer: int, rows: list[RowKV], mask, groups: int) -> torch.Tensor:
+def cached_attention(q, k, v, cache: KVCache, layer: int, rows: list[RowKV], groups: int) -> torch.Tensor:
     """Write ``k/v [B, kv_heads, T, d]`` into each row's slot at ``row.where``, then attend each row of
     ``q [B, H, T, d]`` over positions ``0 .. row.span-1`` of its own slot (a contiguous view: no gather) with
-    ``mask[row, :, :span]``. One row is exactly the one-sequence computation; rows never share an SDPA
+    ``row.mask``. One row is exactly the one-sequence computation; rows never share an SDPA
     call, so every row's bits are those it gets alone."""
     outs = []
     for r, row in enumerate(rows):
@@ -128,7 +128,7 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, rows: list[RowKV], mas
         vc[:, row.where] = v[r].to(vc.dtype)
         keys = kc[:, :row.span].unsqueeze(0).to(q.dtype)
         values = vc[:, :row.span].unsqueeze(0).to(q.dtype)
-        outs.append(_attend(q[r:r + 1], keys, values, mask[r:r + 1, :, :row.span].unsqueeze(1), groups))
+        outs.append(_attend(q[r:r + 1], keys, values, row.mask, groups))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -226,14 +226,14 @@ class LlamaForCausalLM(nn.Module):
         b, t, _ = embeds.shape
         if rows_alone and t != 1:
             raise ValueError("rows_alone is for decode steps (one token per row)")
-        rows = cache.rows(slot_list(slots, b), positions)
         span = int(positions.max()) + 1
         # query at position p may see cache positions 0..p of its own slot
         mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)  # [B, T, span]
+        rows = cache.rows(slot_list(slots, b), positions, mask)
         cos, sin = self.rotary(positions)
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, rows, mask)
+            x = layer(x, cos, sin, cache, i, rows, None)
         if logits_for == "last":
             x = x[:, -1:]
         x = self.model.norm(x)

@@ -83,7 +83,7 @@ class Qwen3Attention(nn.Module):
         if cache is None:  # cache-free: attend within these tokens with `mask [B, T, T]`
             out = _attend(q, k, v, mask.unsqueeze(1), groups)
         else:
-            out = cached_attention(q, k, v, cache, layer, rows, mask, groups)
+            out = cached_attention(q, k, v, cache, layer, rows, groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
 
@@ -144,9 +144,9 @@ class Qwen3LanguageModel(nn.Module):
             mask = (positions.unsqueeze(-1) >= positions.unsqueeze(1))  # [B, T, T]
             rows = None
         else:
-            rows = cache.rows(slot_list(slots, b), positions)
             span = int(positions.max()) + 1
             mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
+            rows = cache.rows(slot_list(slots, b), positions, mask)
         cos, sin = self.rotary(rope_positions if rope_positions is not None else positions)
         x = embeds
         n_inject = len(visual.features) if visual is not None else 0
