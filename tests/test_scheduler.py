@@ -114,15 +114,16 @@ def test_decode_forward_is_bitwise_a_lone_sequence(vlm, backend, request):
     request.addfinalizer(lambda: kernels.use_backend(vlm.model, None))
     lm, tok = vlm.model.language_model, vlm.tokenizer
     prompts = [tok.encode(p) for p in ("Hi there", "a much longer prompt with many words", "x", "medium one")]
-    with BatchScheduler(vlm, max_batch_size=4) as sched, torch.inference_mode():
+    with torch.inference_mode():
+        shared = vlm.model.new_cache(4, 64)  # four slots, as a scheduler's
         nxt, pos = [], []
         for slot, ids in enumerate(prompts):
             logits = lm(lm.embed(torch.tensor([ids]), torch.float32), torch.arange(len(ids)).unsqueeze(0),
-                        sched.cache, torch.tensor([slot]))
+                        shared, torch.tensor([slot]))
             nxt.append(int(logits[0].argmax()))
             pos.append(len(ids))
         batched = vlm.model.forward_decode(torch.tensor(nxt), torch.tensor(pos), torch.zeros(4, dtype=torch.long),
-                                           sched.cache, torch.arange(4), rows_alone=True)
+                                           shared, torch.arange(4), rows_alone=True)
         for r, ids in enumerate(prompts):
             cache = vlm.model.new_cache(1, 64)
             lm(lm.embed(torch.tensor([ids]), torch.float32), torch.arange(len(ids)).unsqueeze(0), cache)

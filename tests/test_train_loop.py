@@ -169,7 +169,7 @@ def test_forward_train_matches_cached_inference_forward():
         ref = lm(emb, torch.arange(9).expand(2, 9), KVCache(lm.spec, 2, 9, torch.float32), logits_for="all")
         x = emb
         for layer in lm.model.layers[:2]:
-            x = layer(x, *lm.rotary(torch.arange(9).expand(2, 9)), None, 0, None, None,
+            x = layer(x, *lm.rotary(torch.arange(9).expand(2, 9)), None, 0, None,
                       torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 9, 9))
     logits = lm.lm_head(hidden)
     torch.testing.assert_close(logits[0], ref[0], rtol=1e-5, atol=1e-5)

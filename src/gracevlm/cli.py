@@ -75,7 +75,8 @@ def _load(args):
 
     return load(args.model, device=args.device, backend=args.backend, quantize=args.quantize,
                 conv_mode=args.conv_mode, vision_dtype=getattr(args, "vision_dtype", None),
-                prefix_cache_gib=getattr(args, "prefix_cache_gib", 0.0), kv_dtype=getattr(args, "kv_dtype", None))
+                prefix_cache_gib=getattr(args, "prefix_cache_gib", 0.0), kv_dtype=getattr(args, "kv_dtype", None),
+                kv_cache_gib=getattr(args, "kv_cache_gib", None))
 
 
 def _load_summary(vlm) -> dict:
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-gib", type=float, default=DEFAULT_PREFIX_CACHE_GIB,
                    help="KV blocks of prompt prefixes and image features kept across requests, in GiB (default 2; 0: off). Exact: with it on, prefill runs in 64-position block-aligned chunks, so a hit gives the same bits as a miss")
     p.add_argument("--kv-dtype", choices=["float32", "float16", "bfloat16"], default=None, help="dtype K/V are stored in (default: the compute dtype, float32 on CPU, exact; half types halve KV memory, logits move ~1e-3 relative, README)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool in GiB: the KV of every request and the prefix cache share it; a request reserves prompt + max_tokens positions when admitted and waits in the queue while they do not fit (default: half the memory available after loading)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="describe a checkpoint folder")

@@ -13,6 +13,7 @@ import torch
 from ..errors import InputError
 from ..models.tokenizer import LlamaTokenizer, StreamDecoder
 from .json_grammar import JsonObjectConstraint
+from .kv_slots import reserve_lone
 from .prefix_cache import plan_for, prefill_chunks
 from .sampling import Sampler, SamplingParams, TokenLogprob, choice_seed, logprob_entry
 
@@ -184,57 +185,77 @@ class TokenStream:
 def stream_generate(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                     image_features: torch.Tensor | None, params: SamplingParams, max_context: int,
                     result: Generation | None = None, started: float | None = None,
-                    prefix_cache=None, image_keys: list[bytes] | None = None) -> Iterator[str]:
+                    prefix_cache=None, image_keys: list[bytes] | None = None, kv_pool=None) -> Iterator[str]:
     """Yield text deltas; fill ``result`` (if given) with the final text, ids, finish reason, timings.
     ``model`` is a family's model (the engine contract in ``models.registry``: ``prompt_for``,
     ``forward_prompt``, ``forward_decode``, ``new_cache``, ``language_model``). With a ``prefix_cache`` (and one
     content key per image in ``image_keys``) the prompt's cached prefix is reused and the rest prefilled in
-    block-aligned chunks (``engine.prefix_cache``: exact against a cold run).
+    block-aligned chunks (``engine.prefix_cache``: exact against a cold run). With ``kv_pool`` the KV storage
+    is taken from it for the call (``KVBudgetExceeded`` / ``KVPoolFull`` when it cannot be; ``engine.kv_slots``).
 
     Deltas never split a multi-byte character and never contain (a prefix of) a stop string.
     """
     t_start = started if started is not None else time.perf_counter()
     res = result if result is not None else Generation("", [], list(prompt_ids), "length")
     res.prompt_token_ids = list(prompt_ids)
-    lm = model.language_model
     with torch.inference_mode():
         prompt = model.prompt_for(prompt_ids, image_features)
         length = prompt.length
         check_prompt_length(length, max_context, image_features)
         max_new = min(params.max_new_tokens, max_context - length)
-        cache = model.new_cache(1, length + max_new)
-        out = TokenStream(tokenizer, params, max_new, min(tokenizer.vocab_size, logits_rows(lm)))
-        res.token_ids, res.logprobs = out.token_ids, out.logprobs
-        t0 = time.perf_counter()
-        dev = prompt.embeds.device
-        plan = plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length)
-        if plan is None:
-            logits = model.forward_prompt(prompt, cache)
-        else:
-            logits = prefill_chunks(model, prompt, cache, 0, plan)
-            res.timings.cached_tokens = plan.cached
-        res.timings.prefill_s = time.perf_counter() - t0
-        res.timings.prefill_tokens = length - res.timings.cached_tokens
-        steps = 0
-        t_decode = time.perf_counter()
-        while True:
-            delta = out.push(logits[0])
-            if out.steps == 1:
-                res.timings.ttft_s = time.perf_counter() - t_start
-            if delta:
-                yield delta
-            if out.done:
-                break
-            logits = model.forward_decode(torch.tensor([out.last_token], device=dev),
-                                          torch.tensor([length + steps], device=dev), prompt.decode_offset, cache)
-            steps += 1
-        last = out.close()
-        if last:
-            yield last
-        res.timings.decode_s = time.perf_counter() - t_decode
-        res.timings.decode_tokens = steps
-        res.timings.total_s = time.perf_counter() - t_start
-        res.text, res.finish_reason = out.text, out.finish_reason
+        cache = _lone_cache(model, 1, length + max_new, kv_pool)
+        try:
+            yield from _stream_lone(model, tokenizer, prompt, params, max_new, cache, res, t_start,
+                                    plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length))
+        finally:
+            cache.free_all()
+
+
+def _lone_cache(model, slots: int, positions: int, kv_pool):
+    """A cache of ``slots`` slots for one call, allocated (from ``kv_pool`` when given) for ``positions``."""
+    if kv_pool is None:
+        return model.new_cache(slots, positions)
+    cache = model.new_cache(slots, positions, pool=kv_pool)
+    reserve_lone(cache, slots, positions)
+    return cache
+
+
+def _stream_lone(model, tokenizer, prompt, params: SamplingParams, max_new: int, cache, res: Generation,
+                 t_start: float, plan) -> Iterator[str]:
+    """``stream_generate`` once its cache is allocated: prefill (``plan``: the prefix cache's), decode loop."""
+    lm = model.language_model
+    length = prompt.length
+    out = TokenStream(tokenizer, params, max_new, min(tokenizer.vocab_size, logits_rows(lm)))
+    res.token_ids, res.logprobs = out.token_ids, out.logprobs
+    t0 = time.perf_counter()
+    dev = prompt.embeds.device
+    if plan is None:
+        logits = model.forward_prompt(prompt, cache)
+    else:
+        logits = prefill_chunks(model, prompt, cache, 0, plan)
+        res.timings.cached_tokens = plan.cached
+    res.timings.prefill_s = time.perf_counter() - t0
+    res.timings.prefill_tokens = length - res.timings.cached_tokens
+    steps = 0
+    t_decode = time.perf_counter()
+    while True:
+        delta = out.push(logits[0])
+        if out.steps == 1:
+            res.timings.ttft_s = time.perf_counter() - t_start
+        if delta:
+            yield delta
+        if out.done:
+            break
+        logits = model.forward_decode(torch.tensor([out.last_token], device=dev),
+                                      torch.tensor([length + steps], device=dev), prompt.decode_offset, cache)
+        steps += 1
+    last = out.close()
+    if last:
+        yield last
+    res.timings.decode_s = time.perf_counter() - t_decode
+    res.timings.decode_tokens = steps
+    res.timings.total_s = time.perf_counter() - t_start
+    res.text, res.finish_reason = out.text, out.finish_reason
 
 
 def prompt_logprob_entries(logits: torch.Tensor, ids: list[int], start: int, k: int, vocab: int) -> list:
@@ -247,13 +268,11 @@ def prompt_logprob_entries(logits: torch.Tensor, ids: list[int], start: int, k: 
 def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
                      image_features: torch.Tensor | None, params: SamplingParams, n: int, max_context: int,
                      started: float | None = None, prefix_cache=None,
-                     image_keys: list[bytes] | None = None) -> list[Generation]:
+                     image_keys: list[bytes] | None = None, kv_pool=None) -> list[Generation]:
     """``n`` independent samples of one prompt: ONE prefill, its KV copied to ``n`` cache rows, then the
     rows decode together. Choice i samples with ``choice_seed(params.seed, i)``; every row is computed as
     a lone sequence would be (``rows_alone``), so choice i equals a lone ``stream_generate`` with that seed
     on row-invariant kernels (the CPU ones; see ``engine.scheduler``)."""
-    from dataclasses import replace
-
     t_start = started if started is not None else time.perf_counter()
     lm = model.language_model
     vocab = min(tokenizer.vocab_size, logits_rows(lm))
@@ -262,44 +281,54 @@ def generate_choices(model, tokenizer: LlamaTokenizer, prompt_ids: list[int],
         length = prompt.length
         check_prompt_length(length, max_context, image_features)
         max_new = min(params.max_new_tokens, max_context - length)
-        cache = model.new_cache(n, length + max_new)
-        outs = [TokenStream(tokenizer, replace(params, seed=choice_seed(params.seed, i)), max_new, vocab)
-                for i in range(n)]
-        gens = [Generation("", o.token_ids, list(prompt_ids), "length", logprobs=o.logprobs) for o in outs]
-        dev = prompt.embeds.device
-        t0 = time.perf_counter()
-        plan = plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length)
-        if plan is None:
-            logits = model.forward_prompt(prompt, cache, 0)
-        else:
-            logits = prefill_chunks(model, prompt, cache, 0, plan)
-        cached = 0 if plan is None else plan.cached
-        prefill_s = time.perf_counter() - t0
-        for layer_k, layer_v in zip(cache.k, cache.v):
-            layer_k[1:, :, :length] = layer_k[0:1, :, :length]
-            layer_v[1:, :, :length] = layer_v[0:1, :, :length]
-        for o, g in zip(outs, gens):
-            o.push(logits[0])
-            g.timings.ttft_s = time.perf_counter() - t_start
-        decoded = [0] * n
-        t_decode = time.perf_counter()
-        while rows := [i for i, o in enumerate(outs) if not o.done]:
-            tokens = torch.tensor([outs[i].last_token for i in rows], device=dev)
-            pos = torch.tensor([length + decoded[i] for i in rows], device=dev)
-            offsets = torch.tensor([prompt.decode_offset] * len(rows), device=dev)
-            logits = model.forward_decode(tokens, pos, offsets, cache, torch.tensor(rows, device=dev),
-                                          rows_alone=True)
-            for r, i in enumerate(rows):
-                decoded[i] += 1
-                outs[i].push(logits[r])
-        for i, (o, g) in enumerate(zip(outs, gens)):
-            o.close()
-            g.text, g.finish_reason = o.text, o.finish_reason
-            t = g.timings
-            t.prefill_s, t.prefill_tokens, t.decode_tokens = prefill_s, length - cached, decoded[i]
-            t.cached_tokens = cached
-            t.decode_s = time.perf_counter() - t_decode
-            t.total_s = time.perf_counter() - t_start
+        cache = _lone_cache(model, n, length + max_new, kv_pool)
+        try:
+            return _choices_lone(model, tokenizer, prompt, prompt_ids, params, n, max_new, cache, vocab, t_start,
+                                 plan_for(prefix_cache, model, prompt_ids, image_keys, image_features, length))
+        finally:
+            cache.free_all()
+
+
+def _choices_lone(model, tokenizer, prompt, prompt_ids, params, n, max_new, cache, vocab, t_start, plan):
+    """``generate_choices`` once its ``n`` slots are allocated."""
+    from dataclasses import replace
+
+    length = prompt.length
+    outs = [TokenStream(tokenizer, replace(params, seed=choice_seed(params.seed, i)), max_new, vocab)
+            for i in range(n)]
+    gens = [Generation("", o.token_ids, list(prompt_ids), "length", logprobs=o.logprobs) for o in outs]
+    dev = prompt.embeds.device
+    t0 = time.perf_counter()
+    if plan is None:
+        logits = model.forward_prompt(prompt, cache, 0)
+    else:
+        logits = prefill_chunks(model, prompt, cache, 0, plan)
+    cached = 0 if plan is None else plan.cached
+    prefill_s = time.perf_counter() - t0
+    for slot in range(1, n):
+        cache.copy_positions(0, slot, length)
+    for o, g in zip(outs, gens):
+        o.push(logits[0])
+        g.timings.ttft_s = time.perf_counter() - t_start
+    decoded = [0] * n
+    t_decode = time.perf_counter()
+    while rows := [i for i, o in enumerate(outs) if not o.done]:
+        tokens = torch.tensor([outs[i].last_token for i in rows], device=dev)
+        pos = torch.tensor([length + decoded[i] for i in rows], device=dev)
+        offsets = torch.tensor([prompt.decode_offset] * len(rows), device=dev)
+        logits = model.forward_decode(tokens, pos, offsets, cache, torch.tensor(rows, device=dev),
+                                      rows_alone=True)
+        for r, i in enumerate(rows):
+            decoded[i] += 1
+            outs[i].push(logits[r])
+    for i, (o, g) in enumerate(zip(outs, gens)):
+        o.close()
+        g.text, g.finish_reason = o.text, o.finish_reason
+        t = g.timings
+        t.prefill_s, t.prefill_tokens, t.decode_tokens = prefill_s, length - cached, decoded[i]
+        t.cached_tokens = cached
+        t.decode_s = time.perf_counter() - t_decode
+        t.total_s = time.perf_counter() - t_start
     return gens
 
 

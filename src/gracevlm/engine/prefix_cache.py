@@ -18,10 +18,13 @@ from the one-shot prefill used when the cache is off (``prefix_cache_gib=0``) in
 flip a near-tie: that is the documented price of turning the cache on. Image features are likewise
 encoded one image per forward when the cache is on, so a cached feature equals a fresh one.
 
-Eviction: one LRU over KV blocks and image features by bytes (``budget_bytes``). A lookup touches the
-blocks of a chain from the last to the first, so a chain's first blocks are always the most recent and are
-evicted last (a block is only useful with all its predecessors). Thread-safe: ``VLM`` calls and the
-scheduler's model thread share one cache.
+Memory: the cache lives in the model's KV pool (``models.kv_cache.KVPool``, ``--kv-cache-gib``): every
+block and feature it keeps is charged to the pool, and the pool evicts cached entries (LRU) whenever live
+requests need the bytes, so cached prefixes never keep a request out. ``budget_bytes``
+(``--prefix-cache-gib``) is a cap on what the cache itself may hold within the pool. Eviction: one LRU
+over KV blocks and image features by bytes. A lookup touches the blocks of a chain from the last to the
+first, so a chain's first blocks are always the most recent and are evicted last (a block is only useful
+with all its predecessors). Thread-safe: ``VLM`` calls and the scheduler's model thread share one cache.
 """
 from __future__ import annotations
 
@@ -92,18 +95,22 @@ def block_keys(prompt_ids: list[int], image_keys: list[bytes] | None, patches: i
 
 
 class PrefixCache:
-    """LRU store of KV blocks (``[layers, 2, kv_heads, block, head_dim]`` each) and image features."""
+    """LRU store of KV blocks (``[layers, 2, kv_heads, block, head_dim]`` each) and image features, charged
+    to ``pool`` when given (see the module docstring)."""
 
-    def __init__(self, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS):
+    def __init__(self, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS, pool=None):
         if block_tokens < 1:
             raise ValueError("block_tokens must be >= 1")
         self.budget_bytes = int(budget_bytes)
         self.block_tokens = block_tokens
+        self.pool = pool
         self._lru: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when the pool asks this cache to evict during _put
         self.hits = self.misses = self.evictions = 0  # KV blocks
         self.feature_hits = self.feature_misses = 0
+        if pool is not None:
+            pool.add_reclaimer(self.evict_for)
 
     @property
     def enabled(self) -> bool:
@@ -125,16 +132,41 @@ class PrefixCache:
     def clear(self) -> None:
         with self._lock:
             self._lru.clear()
+            if self.pool is not None:
+                self.pool.release(self._bytes)
             self._bytes = 0
+
+    def close(self) -> None:
+        """Empty the cache and leave the pool (a replaced cache)."""
+        self.clear()
+        if self.pool is not None:
+            self.pool.remove_reclaimer(self.evict_for)
+
+    def _evict_oldest(self) -> int:
+        _, old = self._lru.popitem(last=False)
+        size = old.numel() * old.element_size()
+        self._bytes -= size
+        self.evictions += 1
+        if self.pool is not None:
+            self.pool.release(size)
+        return size
+
+    def evict_for(self, nbytes: int) -> int:
+        """The pool's reclaimer: evict LRU entries until ``nbytes`` are freed (or the cache is empty)."""
+        freed = 0
+        with self._lock:
+            while freed < nbytes and self._lru:
+                freed += self._evict_oldest()
+        return freed
 
     def _put(self, key: tuple, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
         if size > self.budget_bytes or key in self._lru:
             return
         while self._bytes + size > self.budget_bytes and self._lru:
-            _, old = self._lru.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-            self.evictions += 1
+            self._evict_oldest()
+        if self.pool is not None and not self.pool.reserve(size):
+            return  # live requests hold the pool: keep nothing rather than exceed it
         self._lru[key] = value
         self._bytes += size
 
@@ -176,26 +208,31 @@ class PrefixCache:
         """Copy ``blocks`` into positions ``0 ..`` of ``cache``'s ``slot``; returns the positions filled."""
         b = self.block_tokens
         for i, block in enumerate(blocks):
-            for layer, (kc, vc) in enumerate(zip(cache.k, cache.v)):
-                kc[slot, :, i * b:(i + 1) * b] = block[layer, 0]
-                vc[slot, :, i * b:(i + 1) * b] = block[layer, 1]
+            cache.write_block(slot, i * b, block)
         return len(blocks) * b
 
     def store(self, keys: list[bytes], cache, slot: int, upto: int) -> None:
         """Keep the blocks of ``cache``'s ``slot`` that lie wholly below position ``upto`` (and have keys)."""
         b = self.block_tokens
         n = min(len(keys), upto // b)
-        with self._lock:
-            missing = [i for i in range(n) if ("kv", keys[i]) not in self._lru]
-        for i in missing:  # copy outside the lock; insert parents first, then touch in reverse below
-            block = torch.stack([torch.stack([kc[slot, :, i * b:(i + 1) * b], vc[slot, :, i * b:(i + 1) * b]])
-                                 for kc, vc in zip(cache.k, cache.v)]).clone()
-            with self._lock:
-                self._put(("kv", keys[i]), block)
-        with self._lock:
+        with self._lock:  # reserve, then copy: the pool never holds more than its ledger says
+            for i in range(n):  # parents first, then touch in reverse below
+                if ("kv", keys[i]) not in self._lru:
+                    self._put_block(("kv", keys[i]), cache, slot, i * b, (i + 1) * b)
             for key in reversed(keys[:n]):
                 if ("kv", key) in self._lru:
                     self._lru.move_to_end(("kv", key))
+
+    def _put_block(self, key: tuple, cache, slot: int, start: int, end: int) -> None:
+        size = (end - start) * cache.bytes_per_position
+        if size > self.budget_bytes:
+            return
+        while self._bytes + size > self.budget_bytes and self._lru:
+            self._evict_oldest()
+        if self.pool is not None and not self.pool.reserve(size):
+            return
+        self._lru[key] = cache.read_block(slot, start, end)
+        self._bytes += size
 
 
 class PrefixPlan:

@@ -1,13 +1,17 @@
 """Continuous batching: one background thread owns the model and serves many requests at once.
 
-``BatchScheduler(vlm)`` keeps one KV cache of ``max_batch_size`` slots, each ``max_model_len``
-positions long. Each loop iteration of the model thread does, in this order:
+``BatchScheduler(vlm)`` keeps one KV cache of ``max_batch_size`` slots (requests decoded together), each at
+most ``max_model_len`` positions, whose storage comes from the model's KV pool (``vlm.kv_pool``,
+``--kv-cache-gib``) when a request is admitted: ``prompt + max_tokens`` positions, given back when it ends
+(``engine.kv_slots``: a request that could never fit is refused at ``submit``, one that does not fit now
+waits in the queue; cached prefix blocks are evicted first). Each loop iteration of the model thread
+does, in this order:
 
 1. reap: requests that were cancelled or ran past their deadline finish ("cancelled" / "timeout") and
    free their slot;
-2. at most ONE prefill (or one chunk of ``prefill_chunk`` positions of it) of the oldest waiting request
-   that has a free slot, so a long prompt never stalls the running requests for more than one chunk; when
-   its prefill completes, its first token is sampled and it joins the decode batch;
+2. at most ONE prefill (or one chunk of ``prefill_chunk`` positions of it) of the oldest waiting request,
+   once a slot and its KV storage are free, so a long prompt never stalls the running requests for more
+   than one chunk; when its prefill completes, its first token is sampled and it joins the decode batch;
 3. one decode step for every running request together (one token each).
 
 Requests are prepared OUTSIDE the model thread: the caller tokenizes, decodes and encodes images
@@ -32,7 +36,7 @@ another request, and with ``prefill_chunk=None`` it is the very forward ``stream
 greedy (or seeded) request returns the same tokens alone, batched, and through ``VLM.generate``.
 Exceptions: the ``dense`` INT4 backend (CUDA, or forced) is a GEMM and is not row-invariant, and a chunked
 prefill differs from a one-shot prefill in the last bits; both can flip a near-tie.
-``batch_invariant=False`` uses the model's own ragged batched forward (faster ``lm_head`` at large batch).
+``batch_invariant=False`` runs the ``lm_head`` batched (faster at large batch; attention is per row either way).
 
 Usage counts: ``RequestHandle.prompt_tokens`` is the number of prompt POSITIONS the model computes over:
 text tokens (BOS included) plus ``patches`` positions per image (576 for LLaVA-1.5), minus the image
@@ -62,20 +66,23 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from ..errors import GraceVLMError, InputError
-from .generate import Generation, TokenStream, check_prompt_length, logits_rows, prompt_logprob_entries
+from .generate import TokenStream, check_prompt_length, logits_rows, prompt_logprob_entries
+from .kv_slots import SlotTable, check_fits
 from .prefix_cache import block_keys
 from .prepare import PreparedPrompt, prepare_chat
+from .requests import RequestHandle
 from .sampling import SamplingParams, choice_seed
+
+__all__ = ["BatchScheduler", "QueueFull", "RequestHandle", "SchedulerClosed"]
 
 log = logging.getLogger("gracevlm.scheduler")
 
@@ -88,115 +95,6 @@ class QueueFull(GraceVLMError):
 
 class SchedulerClosed(GraceVLMError):
     """The scheduler was shut down; no request is accepted or continued."""
-
-
-# -- the handle a caller holds -----------------------------------------------------------------------
-
-_END = object()
-
-
-class RequestHandle:
-    """One submitted request. Iterate it for text deltas (blocking), or poll with ``drain`` (non-blocking,
-    for event loops; pass ``waker`` to ``submit`` to be told when something arrives). ``result()`` waits
-    for the final ``Generation``; its ``finish_reason`` is "stop", "length", "cancelled" or "timeout".
-    A request that failed raises its exception from iteration, ``drain`` and ``result``.
-
-    Deltas add up to ``Generation.text``. Iteration and ``drain`` consume the same queue: use one.
-    """
-
-    def __init__(self, request_id: int, prompt_ids: list[int], prompt_tokens: int, params: SamplingParams,
-                 max_new_tokens: int, started: float, deadline: float | None,
-                 waker: Callable[[], None] | None, wake_scheduler: Callable[[], None]):
-        self.id = request_id
-        self.params = params
-        self.prompt_tokens = prompt_tokens
-        self.max_new_tokens = max_new_tokens
-        self.started = started
-        self.submitted = time.perf_counter()
-        self.deadline = deadline
-        self.queue_s = 0.0  # submit -> slot assigned
-        self.generation = Generation("", [], list(prompt_ids), "length")
-        self.error: BaseException | None = None
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._cancel = False
-        self._waker = waker
-        self._wake_scheduler = wake_scheduler
-
-    # caller side
-    def cancel(self) -> None:
-        """Ask for the request to stop; its slot is freed at the scheduler's next step."""
-        if not self._done.is_set():
-            self._cancel = True
-            self._wake_scheduler()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel
-
-    @property
-    def done(self) -> bool:
-        """True once the final ``Generation`` (or error) is set."""
-        return self._done.is_set()
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.generation.token_ids)
-
-    def set_waker(self, waker: Callable[[], None] | None) -> None:
-        """``waker()`` is called from the model thread after each new event (keep it cheap, never raise)."""
-        self._waker = waker
-        if waker is not None and not self._events.empty():
-            waker()
-
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            item = self._events.get()
-            if item is _END:
-                self._events.put(_END)  # iteration can be repeated; it ends at once
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
-
-    def drain(self) -> tuple[list[str], bool]:
-        """All deltas available now and whether the request has ended (then nothing more will come)."""
-        out, ended = [], False
-        while True:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if item is _END:
-                self._events.put(_END)
-                ended = True
-                break
-            out.append(item)
-        if ended and self.error is not None:
-            raise self.error
-        return out, ended
-
-    def result(self, timeout: float | None = None) -> Generation:
-        """Wait for the end; returns the final ``Generation`` or raises the request's error."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} still running after {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return self.generation
-
-    # model-thread side
-    def _put(self, item) -> None:
-        self._events.put(item)
-        if self._waker is not None:
-            try:
-                self._waker()
-            except Exception:  # a closed event loop must not hurt the model thread
-                pass
-
-    def _end(self, error: BaseException | None = None) -> None:
-        self.error = error
-        self._done.set()
-        self._put(_END)
 
 
 class _Seq:
@@ -257,11 +155,11 @@ class BatchScheduler:
         self.device = self.lm.lm_head.weight.device
         self.dtype = self.model.compute_dtype
         self.vocab = min(vlm.tokenizer.vocab_size, logits_rows(self.lm))
-        self.cache = self.model.new_cache(max_batch_size, max_model_len)
+        self.cache = self.model.new_cache(max_batch_size, max_model_len, pool=vlm.kv_pool)
+        self.slots = SlotTable(self.cache)
 
         self._cond = threading.Condition()
         self._pending: deque[_Seq] = deque()
-        self._free = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
         self._running: list[_Seq] = []
         self._prefilling: _Seq | None = None
         self._closed = False
@@ -309,6 +207,7 @@ class BatchScheduler:
             prompt = self.model.prompt_for(ids, features)
             prefix_keys = self._prefix_keys(ids, image_keys, features, params)
         max_new = min(params.max_new_tokens, self.max_model_len - length)
+        check_fits(self.cache, length + max_new, n)  # KVBudgetExceeded: it could never be admitted
         timeout = self.request_timeout if timeout is None else timeout
         deadline = None if timeout is None else started + timeout
         outs = [TokenStream(self.vlm.tokenizer, replace(params, seed=choice_seed(params.seed, i)), max_new, self.vocab)
@@ -362,9 +261,9 @@ class BatchScheduler:
     def stats(self) -> dict[str, Any]:
         """Queue depth, active slots and cumulative counters (for metrics)."""
         with self._cond:
-            return {"queue_depth": len(self._pending), "active_slots": self.max_batch_size - len(self._free),
+            return {"queue_depth": len(self._pending), "active_slots": self.slots.in_use,
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
-                    "max_model_len": self.max_model_len, "kv_cache_bytes": self.cache.nbytes(), **self._counts,
+                    "max_model_len": self.max_model_len, **self.slots.stats(), **self._counts,
                     **self.vlm.prefix_cache.stats()}
 
     @property
@@ -424,6 +323,10 @@ class BatchScheduler:
                     self._reap()
                     self._prefill_step()
                     self._decode_step()
+                    if not (self._running or self._prefilling):  # the queue waits for KV memory held elsewhere
+                        with self._cond:
+                            if self._pending and not self._closed:
+                                self._cond.wait(0.02)
         except BaseException as exc:  # a bug in the loop itself: fail everyone, never hang callers
             log.exception("scheduler thread crashed")
             self._closed = True
@@ -468,13 +371,15 @@ class BatchScheduler:
         seq = self._prefilling
         if seq is None:
             with self._cond:
-                if not self._pending or not self._free:
+                if not self._pending:
                     return
-                if len(self._free) < 1 + len(self._pending[0].siblings):
-                    return  # a group waits for all its slots (the oldest request goes first)
+                head = self._pending[0]  # the oldest request goes first; a group waits for all its slots
+                taken = self.slots.take(1 + len(head.siblings), head.length + head.handle.max_new_tokens)
+                if taken is None:
+                    return
                 seq = self._pending.popleft()
-                for member in (seq, *seq.siblings):
-                    member.slot = self._free.pop()
+                for member, slot in zip((seq, *seq.siblings), taken):
+                    member.slot = slot
             seq.handle.queue_s = time.perf_counter() - seq.handle.submitted
             self._prefilling = seq
         try:
@@ -508,10 +413,7 @@ class BatchScheduler:
             self._prefilling = None
             seq.prompt = None
             for sib in seq.siblings:
-                src, dst = seq.slot, sib.slot
-                for layer_k, layer_v in zip(self.cache.k, self.cache.v):
-                    layer_k[dst, :, :seq.length] = layer_k[src, :, :seq.length]
-                    layer_v[dst, :, :seq.length] = layer_v[src, :, :seq.length]
+                self.cache.copy_positions(seq.slot, sib.slot, seq.length)
                 sib.prefilled = seq.length
                 t = sib.handle.generation.timings
                 t.prefill_s, t.prefill_tokens = timings.prefill_s, timings.prefill_tokens
@@ -570,7 +472,7 @@ class BatchScheduler:
             self._running.remove(seq)
         if seq.slot >= 0:
             with self._cond:
-                self._free.append(seq.slot)
+                self.slots.give_back(seq.slot)
             seq.slot = -1
         seq.prompt = None
 

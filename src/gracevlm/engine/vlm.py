@@ -12,7 +12,9 @@ from ..models.benchmark_prompts import BenchmarkPrompts
 from ..models.images import RGBImage, decode_image
 from ..models.loader import LoadedModel, load_checkpoint
 from .devices import parse_device
+from ..models.kv_cache import KVPool
 from .generate import Generation, generate_choices, stream_generate
+from .kv_slots import default_kv_cache_bytes, parse_gib
 from .prefix_cache import DEFAULT_BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, image_key
 from .prepare import PreparedPrompt, prepare_chat, prepare_prompt, prepare_templated
 from .sampling import SamplingParams
@@ -32,13 +34,15 @@ class VLM:
     """A loaded model with its tokenizer and its family's runtime (templates, tokenization, image processing)."""
 
     def __init__(self, loaded: LoadedModel, conv_mode: str | None = None,
-                 prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB):
+                 prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB, kv_cache_gib: float | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.runtime = loaded.family.runtime(loaded, conv_mode)
         self.max_context = self.runtime.max_context
+        self.prefix_cache = None
+        self.set_kv_cache(kv_cache_gib)
         self.set_prefix_cache(prefix_cache_gib)
 
     @property
@@ -95,13 +99,28 @@ class VLM:
     # -- prefix cache ------------------------------------------------------------------------------
     def set_prefix_cache(self, gib: float | None = DEFAULT_PREFIX_CACHE_GIB,
                          block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
-        """Keep prompt-prefix KV blocks and image features across calls, up to ``gib`` GiB (0 or None: off;
-        see ``engine.prefix_cache`` for exactness). Replaces (empties) the current cache."""
+        """Keep prompt-prefix KV blocks and image features across calls, up to ``gib`` GiB within the KV pool
+        (0 or None: off; see ``engine.prefix_cache`` for exactness). Replaces (empties) the current cache."""
         if gib is None:
             gib = 0.0
         if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < 1 << 20:
             raise InputError(f"prefix cache size must be a number of GiB >= 0, got {gib!r}")
-        self.prefix_cache = PrefixCache(int(gib * (1 << 30)), block_tokens)
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
+        self.prefix_cache = PrefixCache(int(gib * (1 << 30)), block_tokens, self.kv_pool)
+
+    def set_kv_cache(self, gib: float | None = None) -> None:
+        """A new KV pool of ``gib`` GiB (None: half the memory available now; ``engine.kv_slots``) for every
+        generation and every scheduler created from now on; the prefix cache moves to it, emptied."""
+        if gib is None:
+            budget = default_kv_cache_bytes(self.model.language_model.lm_head.weight.device)
+        else:
+            budget = parse_gib(gib, "kv_cache_gib")
+            if budget == 0:
+                raise InputError("kv_cache_gib must be > 0: every request needs KV memory")
+        self.kv_pool = KVPool(budget)  # every KV byte of this model: live requests and the prefix cache
+        if self.prefix_cache is not None:
+            self.set_prefix_cache(self.prefix_cache.budget_bytes / (1 << 30), self.prefix_cache.block_tokens)
 
     def set_kv_dtype(self, dtype: "torch.dtype | str | None") -> None:
         """Store K/V in ``dtype`` ("float32", "float16", "bfloat16"; None: the compute dtype) in every cache
@@ -127,7 +146,8 @@ class VLM:
         res.prompt = prepared.prompt_text
         res.timings.image_encode_s = prepared.image_encode_s
         yield from stream_generate(self.model, self.tokenizer, prepared.prompt_ids, prepared.image_features, params,
-                                   self.max_context, res, prepared.started, self.prefix_cache, prepared.image_keys)
+                                   self.max_context, res, prepared.started, self.prefix_cache, prepared.image_keys,
+                                   self.kv_pool)
 
     def stream_chat(self, messages: list[dict], result: Generation | None = None, conv_mode: str | None = None,
                     **sampling) -> Iterator[str]:
@@ -141,7 +161,8 @@ class VLM:
             raise InputError(f"n must be a positive integer, got {n!r}")
         params = _sampling(sampling)
         gens = generate_choices(self.model, self.tokenizer, prepared.prompt_ids, prepared.image_features, params, n,
-                                self.max_context, prepared.started, self.prefix_cache, prepared.image_keys)
+                                self.max_context, prepared.started, self.prefix_cache, prepared.image_keys,
+                                self.kv_pool)
         for g in gens:
             g.prompt, g.timings.image_encode_s = prepared.prompt_text, prepared.image_encode_s
         return gens
@@ -187,8 +208,14 @@ class VLM:
 
     # -- facts ---------------------------------------------------------------------------------------
     def memory(self) -> dict:
-        """Resident bytes by component (weights only; KV caches are allocated per generation)."""
+        """Resident bytes by component (weights only; KV memory: ``kv_memory``)."""
         return dict(self.loaded.stats.bytes_by_part)
+
+    def kv_memory(self) -> dict:
+        """The KV pool now: bytes in use (live requests + cached prefixes), budget, peak, cached bytes."""
+        pool = self.kv_pool
+        return {"kv_pool_bytes": pool.in_use, "kv_pool_budget_bytes": pool.budget_bytes,
+                "kv_pool_peak_bytes": pool.peak_bytes, "prefix_cache_bytes": self.prefix_cache.nbytes}
 
     @property
     def path(self) -> Path:
@@ -198,7 +225,8 @@ class VLM:
 def load(model: str | Path, device: str = "auto", backend: str | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, conv_mode: str | None = None,
          vision_dtype: torch.dtype | str | None = None, keep_awq: bool | None = None,
-         prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB, kv_dtype: torch.dtype | str | None = None) -> VLM:
+         prefix_cache_gib: float | None = DEFAULT_PREFIX_CACHE_GIB, kv_dtype: torch.dtype | str | None = None,
+         kv_cache_gib: float | None = None) -> VLM:
     """Load a checkpoint of any supported family and format (folder or Hub id) as a ``VLM``.
 
     ``device``: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]". ``dtype`` defaults to float32
@@ -210,7 +238,9 @@ CPU without them bf16 is emulated and slower: a RuntimeWarning says so, as for `
     ``keep_awq``: keep the AWQ buffers beside the kernels' own layout (default: no; see ``load_checkpoint``).
     On CUDA every tensor is copied from the file straight to the GPU (no CPU copy of the model) and the INT4
     layers use the ``triton`` backend when triton is installed (``gracevlm doctor`` says which path runs).
-    ``prefix_cache_gib``: budget of the prefix cache kept across calls (0: off; ``engine.prefix_cache``).
+    ``prefix_cache_gib``: cap of the prefix cache kept across calls, within the KV pool (0: off;
+    ``engine.prefix_cache``). ``kv_cache_gib``: the KV pool's budget, shared by every request's KV and the
+    prefix cache (default: half the memory available after loading; ``engine.kv_slots``).
     ``kv_dtype``: dtype K/V are stored in (``VLM.set_kv_dtype``; default the compute dtype, exact).
     """
     if isinstance(vision_dtype, str):
@@ -229,7 +259,7 @@ CPU without them bf16 is emulated and slower: a RuntimeWarning says so, as for `
         dev = torch.device("cuda", torch.cuda.current_device())
     loaded = load_checkpoint(model, dtype=dtype, backend=backend, quantize=quantize, vision_dtype=vision_dtype,
                              keep_awq=bool(keep_awq), device=dev)
-    vlm = VLM(loaded, conv_mode, prefix_cache_gib)
+    vlm = VLM(loaded, conv_mode, prefix_cache_gib, kv_cache_gib)
     if kv_dtype is not None:
         vlm.set_kv_dtype(kv_dtype)
     return vlm

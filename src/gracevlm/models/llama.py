@@ -1,9 +1,10 @@
-"""LLaMA decoder with a preallocated KV cache, written for generation (prefill + batched decode).
+"""LLaMA decoder with a KV cache (``models.kv_cache``), written for generation (prefill + batched decode).
 
 Linear layers are plain attributes (``q_proj`` ...), so ``nn.Linear`` or ``Int4Linear`` fit alike.
 One forward path serves prefill, single decode and ragged batched decode: tokens carry their
 absolute positions, K/V are written into the cache at those positions, and each query attends to
-cache positions ``<= its own`` of its own sequence (slot).
+cache positions ``<= its own`` of its own sequence (slot), row by row over a contiguous view of that
+slot's storage (``cached_attention``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import Int4Linear
+from .kv_cache import KVCache, RowKV, slot_list
+
+__all__ = ["KVCache", "LlamaForCausalLM", "LlamaSpec"]
 
 
 @dataclass
@@ -57,19 +61,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class KVCache:
-    """Per-layer K and V of shape ``[slots, kv_heads, max_len, head_dim]`` allocated once."""
-
-    def __init__(self, spec: LlamaSpec, slots: int, max_len: int, dtype: torch.dtype, device="cpu"):
-        shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.slots, self.max_len = slots, max_len
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
 class Rotary(nn.Module):
     """Rotary embedding tables (LLaMA ``rotate_half`` convention), computed in float32."""
 
@@ -101,10 +92,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(spec.num_heads * hd, spec.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, slots, positions, mask,
-                alone: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """``alone``: one ``(slot, span)`` per row (one token each): attend row by row over that row's own
-        cache span, exactly as a lone sequence would, instead of over the batch's padded span with ``mask``."""
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, rows: list[RowKV] | None,
+                mask) -> torch.Tensor:
+        """``rows``: each batch row's slot, span and mask (``KVCache.rows``); ``mask`` is used only without a
+        cache: ``[B, T, T]``, the tokens attend among themselves."""
         b, t, _ = x.shape
         s = self.spec
         if hasattr(self, "qkv_proj"):
@@ -117,32 +108,28 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if cache is None:  # cache-free (training / scoring): attend within these tokens, `mask [B, T, T]`
-            keys, values = k, v
-        else:
-            kc, vc = cache.k[layer], cache.v[layer]
-            span = mask.shape[-1]
-            if isinstance(slots, slice):  # consecutive slots: work on views of the cache, no gather copy
-                kc, vc = kc[slots], vc[slots]
-                slot_idx = torch.arange(b, device=x.device).view(b, 1).expand(b, t)
-            else:
-                slot_idx = slots.view(b, 1).expand(b, t)
-            # write new K/V at (slot, position); then attend over the first `span` cache positions
-            kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
-            vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
-            rows = slice(None) if isinstance(slots, slice) else slots
-            keys = kc[rows, :, :span].to(q.dtype)
-            values = vc[rows, :, :span].to(q.dtype)
         groups = s.num_heads // s.num_kv_heads
-        if alone is not None:
-            kc, vc = cache.k[layer], cache.v[layer]
-            out = torch.cat([_attend(q[r:r + 1], kc[slot:slot + 1, :, :span].to(q.dtype),
-                                     vc[slot:slot + 1, :, :span].to(q.dtype),
-                                     torch.ones(1, 1, 1, span, dtype=torch.bool, device=q.device), groups)
-                             for r, (slot, span) in enumerate(alone)])
+        if cache is None:  # cache-free (training / scoring): attend within these tokens, `mask [B, T, T]`
+            out = _attend(q, k, v, mask.unsqueeze(1), groups)
         else:
-            out = _attend(q, keys, values, mask.unsqueeze(1), groups)
+            out = cached_attention(q, k, v, cache, layer, rows, groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+def cached_attention(q, k, v, cache: KVCache, layer: int, rows: list[RowKV], groups: int) -> torch.Tensor:
+    """Write ``k/v [B, kv_heads, T, d]`` into each row's slot at ``row.where``, then attend each row of
+    ``q [B, H, T, d]`` over positions ``0 .. row.span-1`` of its own slot (a contiguous view: no gather) with
+    ``row.mask``. One row is exactly the one-sequence computation; rows never share an SDPA
+    call, so every row's bits are those it gets alone."""
+    outs = []
+    for r, row in enumerate(rows):
+        kc, vc = cache.layer_kv(layer, row.slot)
+        kc[:, row.where] = k[r].to(kc.dtype)
+        vc[:, row.where] = v[r].to(vc.dtype)
+        keys = kc[:, :row.span].unsqueeze(0).to(q.dtype)
+        values = vc[:, :row.span].unsqueeze(0).to(q.dtype)
+        outs.append(_attend(q[r:r + 1], keys, values, row.mask, groups))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _attend(q, keys, values, mask, groups: int) -> torch.Tensor:
@@ -176,20 +163,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, slots, positions, mask, alone=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask, alone)
+    def forward(self, x, cos, sin, cache, layer, rows, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, rows, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def _slot_selector(slots: torch.Tensor | None, b: int) -> slice | torch.Tensor:
-    """Cache slots of the ``b`` rows: a slice when they are consecutive (the attention then uses views of
-    the cache), else the index tensor."""
-    if slots is None:
-        return slice(0, b)
-    ids = slots.tolist()
-    if ids == list(range(ids[0], ids[0] + b)):
-        return slice(ids[0], ids[0] + b)
-    return slots
 
 
 class LlamaForCausalLM(nn.Module):
@@ -249,26 +225,22 @@ class LlamaForCausalLM(nn.Module):
         batched, which the CPU INT4 kernels compute row by row below their GEMM crossover.
         """
         b, t, _ = embeds.shape
-        alone = None
-        if rows_alone:
-            if t != 1:
-                raise ValueError("rows_alone is for decode steps (one token per row)")
-            ids = list(range(b)) if slots is None else slots.tolist()
-            alone = [(slot, p + 1) for slot, p in zip(ids, positions[:, -1].tolist())]
-        slots = _slot_selector(slots, b)
+        if rows_alone and t != 1:
+            raise ValueError("rows_alone is for decode steps (one token per row)")
         span = int(positions.max()) + 1
         # query at position p may see cache positions 0..p of its own slot
         mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)  # [B, T, span]
+        rows = cache.rows(slot_list(slots, b), positions, mask)
         cos, sin = self.rotary(positions)
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, slots, positions, mask, alone)
+            x = layer(x, cos, sin, cache, i, rows, None)
         if logits_for == "none":
             return None
         if logits_for == "last":
             x = x[:, -1:]
         x = self.model.norm(x)
-        if alone is not None and not self.head_rows_independent(b):
+        if rows_alone and not self.head_rows_independent(b):
             logits = torch.cat([self.logits(x[r:r + 1]) for r in range(b)])
         else:
             logits = self.logits(x)
@@ -307,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
         states = [embeds] if output_hidden_states else None
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, None, i, None, positions, mask)
+            x = layer(x, cos, sin, None, i, None, mask)
             if states is not None:
                 states.append(x)
         x = self.model.norm(x)

@@ -20,7 +20,7 @@ The engine and the front ends talk to a family only through this contract, never
   training itself ``training_format`` / ``image_tokens`` / ``training_part`` / ``forward_batch``.
 
 The family's model object is what the engine drives (``engine.generate``, ``engine.scheduler``), with no
-family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``, ``new_cache(slots, max_len)``,
+family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``, ``new_cache(slots, max_len, pool=None)`` (``models.kv_cache``),
 ``language_model`` (``lm_head``, ``spec.hidden_size``), ``encode_images(preprocessed)`` -> image features,
 ``prompt_for(ids, features)`` -> a prompt with ``length``, ``embeds`` and ``decode_offset`` (rope position of
 a decode token minus its cache index: 0 for LLaVA, Qwen3-VL's M-RoPE delta), ``forward_prompt(prompt, cache,

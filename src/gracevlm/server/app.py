@@ -194,7 +194,9 @@ def create_app(config: ServerConfig, loader: Callable | None = None, ui: bool = 
     @api.get("/health")
     async def health():
         if state.ready:
-            return {"status": "ok", "model": config.model_name}
+            stats = state.scheduler.stats()
+            kv = {k: stats[k] for k in ("kv_pool_bytes", "kv_pool_budget_bytes", "kv_cache_bytes", "prefix_cache_blocks")}
+            return {"status": "ok", "model": config.model_name, "kv": kv}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)

@@ -54,9 +54,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "prompt at once, the exact computation of `gracevlm run`)")
     p.add_argument("--prefix-cache-gib", type=float, default=2.0,
                    help="KV blocks of prompt prefixes and image features kept across requests, in GiB (default 2; 0: off). Exact: with it on, prefill runs in 64-position block-aligned chunks, so a hit gives the same bits as a miss")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool in GiB: the KV of every request and the prefix cache share it; a request reserves prompt + max_tokens positions when admitted and waits in the queue while they do not fit (default: half the memory available after loading)")
     p.add_argument("--kv-dtype", choices=["float32", "float16", "bfloat16"], default=None, help="dtype K/V are stored in (default: the compute dtype, float32 on CPU, exact; half types halve KV memory, logits move ~1e-3 relative, README)")
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
-                   help="batch the lm_head and attention too (faster at large batch; a greedy answer may then "
+                   help="batch the lm_head too (faster at large batch; a greedy answer may then "
                         "differ in rare near-ties from the same request served alone)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take, queueing included (0: no limit)")
@@ -108,6 +109,8 @@ def config_from_args(args: argparse.Namespace):
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.prefix_cache_gib < 1 << 20:
         raise InputError(f"--prefix-cache-gib must be a number of GiB >= 0, got {args.prefix_cache_gib}")
+    if args.kv_cache_gib is not None and not 0 < args.kv_cache_gib < 1 << 20:
+        raise InputError(f"--kv-cache-gib must be a number of GiB > 0, got {args.kv_cache_gib}")
     if args.prefill_chunk < 0 or not args.request_timeout >= 0:
         raise InputError("--prefill-chunk and --request-timeout must be >= 0")
     if not args.shutdown_grace >= 1:
@@ -124,7 +127,7 @@ def config_from_args(args: argparse.Namespace):
         api_key=args.api_key or os.environ.get("GRACEVLM_API_KEY") or None,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,
         prefill_chunk=args.prefill_chunk or None, batch_invariant=args.batch_invariant,
-        prefix_cache_gib=args.prefix_cache_gib, kv_dtype=args.kv_dtype,
+        prefix_cache_gib=args.prefix_cache_gib, kv_dtype=args.kv_dtype, kv_cache_gib=args.kv_cache_gib,
         request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
         allowed_local_media_path=local, allow_remote_images=args.allow_remote_images,

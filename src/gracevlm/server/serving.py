@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..engine.admission import check_text_size, plan_chat, prepare_planned
 from ..engine.generate import PromptTooLong
+from ..engine.kv_slots import KVBudgetExceeded
 from ..engine.sampling import SamplingParams
 from ..engine.prepare import PreparedPrompt, prepare_ids, prepare_text
 from ..engine.scheduler import BatchScheduler, QueueFull, RequestHandle, SchedulerClosed
@@ -73,6 +74,7 @@ class ServerConfig:
     prefill_chunk: int | None = None
     prefix_cache_gib: float = 2.0
     kv_dtype: str | None = None
+    kv_cache_gib: float | None = None  # the KV pool (engine.kv_slots); None: half the memory available
     batch_invariant: bool = True
     request_timeout: float | None = 600.0
     max_body_bytes: int = 20 * 2**20
@@ -143,6 +145,8 @@ def to_api_error(exc: BaseException, param: str = "messages") -> APIError:
         return APIError(503, f"the server is shutting down ({exc})", "shutting_down")
     if isinstance(exc, PromptTooLong):
         return APIError(400, str(exc), "context_length_exceeded", param)
+    if isinstance(exc, KVBudgetExceeded):
+        return APIError(400, str(exc), "kv_cache_exceeded", "max_tokens")
     if isinstance(exc, (InputError, GraceVLMError)):
         return APIError(400, str(exc), "invalid_value")
     raise exc
@@ -185,9 +189,9 @@ class ServerState:
                                        prefill_chunk=c.prefill_chunk, batch_invariant=c.batch_invariant)
             self.vlm, self.scheduler = vlm, scheduler
             pin_mmap_threshold()  # big request buffers are returned to the OS when freed (memory.py)
-            log.info("model %s loaded in %.1f s as %r; %d slots x %d positions (KV cache %.1f MiB)", c.model,
-                     time.perf_counter() - t0, c.model_name, scheduler.max_batch_size, scheduler.max_model_len,
-                     scheduler.cache.nbytes() / 2**20)
+            log.info("model %s loaded in %.1f s as %r; %d slots of up to %d positions (KV pool %.1f MiB)",
+                     c.model, time.perf_counter() - t0, c.model_name, scheduler.max_batch_size,
+                     scheduler.max_model_len, vlm.kv_pool.budget_bytes / 2**20)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("loading the model failed: %s", self.load_error)
@@ -218,7 +222,7 @@ def _default_loader(config: ServerConfig):
 
     return load(config.model, device=config.device, backend=config.backend, quantize=config.quantize,
                 conv_mode=config.conv_mode, vision_dtype=config.vision_dtype,
-                prefix_cache_gib=config.prefix_cache_gib, kv_dtype=config.kv_dtype)
+                prefix_cache_gib=config.prefix_cache_gib, kv_dtype=config.kv_dtype, kv_cache_gib=config.kv_cache_gib)
 
 
 # -- request parsing -----------------------------------------------------------------------------------

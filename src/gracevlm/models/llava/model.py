@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from ..llama import KVCache, LlamaForCausalLM
+from ..kv_cache import KVCache, KVPool
+from ..llama import LlamaForCausalLM
 from .chat import IMAGE_TOKEN_INDEX
 
 
@@ -95,10 +96,12 @@ class LlavaModel(nn.Module):
             pieces.append(lm.embed(torch.tensor(run, device=lm.lm_head.weight.device), dtype))
         return torch.cat(pieces, dim=0)
 
-    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache in ``dtype``, else ``kv_dtype`` when set (``VLM.set_kv_dtype``), else the compute dtype."""
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None,
+                  pool: KVPool | None = None) -> KVCache:
+        """A KV cache in ``dtype``, else ``kv_dtype`` when set (``VLM.set_kv_dtype``), else the compute dtype;
+        with ``pool``, slots are allocated on demand from it (``models.kv_cache``)."""
         return KVCache(self.language_model.spec, slots, max_len, dtype or self.kv_dtype or self.compute_dtype,
-                       self.language_model.lm_head.weight.device)
+                       self.language_model.lm_head.weight.device, pool)
 
     # -- the engine's model contract (models.registry) -------------------------------------------------
     def prompt_for(self, token_ids: list[int], image_features: torch.Tensor | None) -> EmbeddedPrompt:

@@ -1,4 +1,4 @@
-"""Qwen3 decoder of Qwen3-VL with a preallocated KV cache, driven like ``model.llama.LlamaForCausalLM``.
+"""Qwen3 decoder of Qwen3-VL with a KV cache (``models.kv_cache``), driven like ``model.llama.LlamaForCausalLM``.
 
 QK-norm (RMSNorm over head_dim, before RoPE), GQA, SwiGLU, interleaved M-RoPE from 3-axis positions,
 deepstack features added after the first decoder layers at the visual positions, and a tied ``lm_head``
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..llama import MLP, KVCache, RMSNorm, _attend, _rotate_half, _slot_selector
+from ..kv_cache import KVCache, KVPool, RowKV, slot_list
+from ..llama import MLP, RMSNorm, _attend, _rotate_half, cached_attention
 from .config import Qwen3VLTextConfig
 from .rope import MRotary
 
@@ -67,10 +68,9 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps)
         self.k_norm = RMSNorm(d, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, slots, positions, mask,
-                alone: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """``alone``: one ``(slot, span)`` per row (decode, one token each): attend row by row over that row's
-        own cache span, as a lone sequence does (see ``LlamaForCausalLM.forward``'s ``rows_alone``)."""
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, rows: list[RowKV] | None,
+                mask) -> torch.Tensor:
+        """``rows``: each batch row's slot and span (``KVCache.rows``); see ``llama.cached_attention``."""
         b, t, _ = x.shape
         s = self.spec
         q = self.q_norm(self.q_proj(x).view(b, t, s.num_heads, s.head_dim)).transpose(1, 2)
@@ -79,29 +79,11 @@ class Qwen3Attention(nn.Module):
         cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if cache is None:  # cache-free: attend within these tokens with `mask [B, T, T]`
-            keys, values = k, v
-        else:
-            kc, vc = cache.k[layer], cache.v[layer]
-            if isinstance(slots, slice):
-                kc, vc = kc[slots], vc[slots]
-                slot_idx = torch.arange(b, device=x.device).view(b, 1).expand(b, t)
-            else:
-                slot_idx = slots.view(b, 1).expand(b, t)
-            kc[slot_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
-            vc[slot_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
-            rows = slice(None) if isinstance(slots, slice) else slots
-            span = mask.shape[-1]
-            keys, values = kc[rows, :, :span].to(q.dtype), vc[rows, :, :span].to(q.dtype)
         groups = s.num_heads // s.num_kv_heads
-        if alone is not None:
-            kc, vc = cache.k[layer], cache.v[layer]
-            out = torch.cat([_attend(q[r:r + 1], kc[slot:slot + 1, :, :span].to(q.dtype),
-                                     vc[slot:slot + 1, :, :span].to(q.dtype),
-                                     torch.ones(1, 1, 1, span, dtype=torch.bool, device=q.device), groups)
-                             for r, (slot, span) in enumerate(alone)])
+        if cache is None:  # cache-free: attend within these tokens with `mask [B, T, T]`
+            out = _attend(q, k, v, mask.unsqueeze(1), groups)
         else:
-            out = _attend(q, keys, values, mask.unsqueeze(1), groups)
+            out = cached_attention(q, k, v, cache, layer, rows, groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
 
@@ -113,8 +95,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, slots, positions, mask, alone=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask, alone)
+    def forward(self, x, cos, sin, cache, layer, rows, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, rows, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -139,9 +121,10 @@ class Qwen3LanguageModel(nn.Module):
         """Make ``lm_head`` compute with the embedding matrix itself (no second copy)."""
         self.lm_head.weight = self.embed_tokens.weight
 
-    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, device=None,
+                  pool: KVPool | None = None) -> KVCache:
         w = self.embed_tokens.weight
-        return KVCache(self.spec, slots, max_len, dtype or w.dtype, device or w.device)
+        return KVCache(self.spec, slots, max_len, dtype or w.dtype, device or w.device, pool)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.embed_tokens(ids).to(dtype)
@@ -155,24 +138,20 @@ class Qwen3LanguageModel(nn.Module):
         ``rows_alone`` (decode, T = 1): each row's logits are bitwise those it gets as a lone sequence
         (per-row attention span; ``lm_head`` per row unless it is row-invariant)."""
         b, t, _ = embeds.shape
-        alone = None
-        if rows_alone:
-            if t != 1 or cache is None:
-                raise ValueError("rows_alone is for cached decode steps (one token per row)")
-            ids = list(range(b)) if slots is None else slots.tolist()
-            alone = [(slot, p + 1) for slot, p in zip(ids, positions[:, -1].tolist())]
+        if rows_alone and (t != 1 or cache is None):
+            raise ValueError("rows_alone is for cached decode steps (one token per row)")
         if cache is None:
             mask = (positions.unsqueeze(-1) >= positions.unsqueeze(1))  # [B, T, T]
-            sel = None
+            rows = None
         else:
-            sel = _slot_selector(slots, b)
             span = int(positions.max()) + 1
             mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
+            rows = cache.rows(slot_list(slots, b), positions, mask)
         cos, sin = self.rotary(rope_positions if rope_positions is not None else positions)
         x = embeds
         n_inject = len(visual.features) if visual is not None else 0
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, sel, positions, mask, alone)
+            x = layer(x, cos, sin, cache, i, rows, mask)
             if i < n_inject:
                 x = x.clone()
                 x[visual.mask] = x[visual.mask] + visual.features[i].to(x.dtype)
@@ -181,7 +160,7 @@ class Qwen3LanguageModel(nn.Module):
         if logits_for == "last":
             x = x[:, -1:]
         x = self.norm(x)
-        head_alone = alone is not None and b > 1 and not (getattr(self.lm_head, "rows_independent", None)
+        head_alone = rows_alone and b > 1 and not (getattr(self.lm_head, "rows_independent", None)
                                                          and self.lm_head.rows_independent(b))
         logits = torch.cat([self.logits(x[r:r + 1]) for r in range(b)]) if head_alone else self.logits(x)
         return logits[:, -1] if logits_for == "last" else logits

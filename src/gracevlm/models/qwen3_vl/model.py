@@ -84,7 +84,10 @@ class ImageFeatures:
 
 
 class Qwen3VLModel(nn.Module):
-    """``visual`` (transformers ``model.visual.*``) + ``language_model`` (``model.language_model.*``, ``lm_head``)."""
+    """``visual`` (transformers ``model.visual.*``) + ``language_model`` (``model.language_model.*``, ``lm_head``).
+    ``kv_dtype``: dtype K/V are stored in (``VLM.set_kv_dtype``; None: the compute dtype)."""
+
+    kv_dtype: torch.dtype | None = None
 
     def __init__(self, config: Qwen3VLConfig):
         super().__init__()
@@ -101,8 +104,10 @@ class Qwen3VLModel(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.language_model.norm.weight.dtype
 
-    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None):
-        return self.language_model.new_cache(slots, max_len, dtype or self.compute_dtype)
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, pool=None):
+        """A KV cache (``models.kv_cache``); with ``pool``, slots are allocated on demand from it."""
+        return self.language_model.new_cache(slots, max_len, dtype or self.kv_dtype or self.compute_dtype,
+                                             pool=pool)
 
     @torch.inference_mode()
     def encode_images(self, pixels: ImagePixels) -> ImageFeatures:
