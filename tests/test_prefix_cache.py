@@ -121,7 +121,7 @@ def test_chunks_without_logits_fill_the_same_cache(vlm):
             if mode == "last":
                 ref_tail = tail
     assert torch.equal(tail, ref_tail)
-    assert all(torch.equal(a, b) for a, b in zip(kv_last.k + kv_last.v, kv_none.k + kv_none.v))
+    assert torch.equal(kv_last.read_block(0, 0, 40), kv_none.read_block(0, 0, 40))
 
 
 def test_two_images_same_size_never_collide(vlm):
