@@ -338,7 +338,8 @@ def run(model: str | None = None, layers: int = 32, decode_steps: int = 8, prefi
         report["kernels"] = bench_kernels(bw)
     if "model" in sections:
         report["read_files_s"] = read_files_seconds(folder)
-        m = _run_worker("model", folder, decode_steps, prefill_tokens, ",".join(map(str, batch_sizes)))
+        m = _run_worker("model", folder, decode_steps, prefill_tokens, ",".join(map(str, batch_sizes)),
+                        int(family == "llava"))
         m["bandwidth_limit_tok_s"] = bw * 1e9 / max(1, m["decode_bytes"])
         report["model"] = m
         if "kernels" in sections and family != "llava":
@@ -452,7 +453,8 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--model-worker":
         from .bench_model import model_worker
 
-        print(json.dumps(model_worker(argv[1], int(argv[2]), int(argv[3]), [int(b) for b in argv[4].split(",")])))
+        print(json.dumps(model_worker(argv[1], int(argv[2]), int(argv[3]), [int(b) for b in argv[4].split(",")],
+                                      bool(int(argv[5])) if len(argv) > 5 else True)))
         return 0
     if argv and argv[0] == "--vision-worker":
         print(json.dumps(llava_vision_worker(argv[1])))

@@ -7,8 +7,8 @@ Both run in a fresh process (``gracevlm.bench`` starts them), so peak-RSS figure
 embedding, norms; not the embedding table), then through ``prompt_for`` / ``forward_prompt`` / ``forward_decode``
 (the calls the engine makes): decode tok/s of one sequence after a 64-token context, a breakdown of one decode step
 (quantized linears, dense linears, ``lm_head``, the rest: attention, norms, rope, Python), batched decode steps,
-and prefill tok/s of one text prompt in a single chunk (plus, for INT4 models, with the approximate
-``native-bf16`` prefill GEMM).
+and prefill tok/s of one text prompt in a single chunk (plus, for INT4 models and when asked, with the
+approximate ``native-bf16`` prefill GEMM: ``gracevlm bench`` asks for LLaVA, as its report always had it).
 
 ``vision_worker``: seconds per image of the model's ``encode_images`` at its compute dtype, for a ``width x height``
 noise image (the family's own processing decides the patch grid), median of a few runs.
@@ -93,8 +93,10 @@ def quantized_shapes(lm) -> list[dict]:
     return [{"out": o, "in": i, "bits": b, "per_step": n} for (o, i, b), n in sorted(count.items())]
 
 
-def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes: list[int]) -> dict:
-    """Load, decode, batched decode and prefill of the checkpoint at ``path`` (see the module docstring)."""
+def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes: list[int],
+                 bf16_prefill: bool = True) -> dict:
+    """Load, decode, batched decode and prefill of the checkpoint at ``path`` (see the module docstring);
+    ``bf16_prefill``: also time the prompt with the approximate INT4 ``native-bf16`` GEMM."""
     import gracevlm
 
     from . import kernels
@@ -157,7 +159,7 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
         model.forward_prompt(long_prompt, cache, 0)
         res["prefill_s"] = time.perf_counter() - t
         res["prefill_tok_s"] = prefill_tokens / res["prefill_s"]
-        if any(isinstance(m, Int4Linear) for m in lm.modules()):  # the opt-in approximate INT4 bf16 GEMM
+        if bf16_prefill and any(isinstance(m, Int4Linear) for m in lm.modules()):  # opt-in approximate GEMM
             backend_before = next(m.backend for m in lm.modules() if isinstance(m, Int4Linear))
             kernels.use_backend(lm, "native-bf16")
             try:
