@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 LLAMA_SHAPES = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 11008x4096": (11008, 4096),
                 "down 4096x11008": (4096, 11008)}
+MAX_COPIES = 256  # layer copies cycled through to leave the cache (small test shapes stay in it)
 PER_LAYER = {"q/k/v/o 4096x4096": 4, "gate/up 11008x4096": 2, "down 4096x11008": 1}
 
 
@@ -77,8 +77,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def bench_kernels(bandwidth: float, rows=(1,), backends=None, working_set: int = 768 << 20) -> list[dict]:
-    """ms per call of each backend on the LLaMA-7B shapes. Fast calls (< 20 ms) cycle through copies of the
+def bench_kernels(bandwidth: float, rows=(1,), backends=None, working_set: int = 768 << 20,
+                  shapes: dict | None = None) -> list[dict]:
+    """ms per call of each INT4 backend on ``shapes`` (label -> (out, in); default the LLaMA-7B shapes). Fast calls (< 20 ms) cycle through copies of the
     layer whose packed bytes add up to ``working_set`` (beyond the last-level cache, as in a real decode step,
     where each weight is read once per token); GB/s is packed bytes read per second."""
     from . import kernels
@@ -87,7 +88,7 @@ def bench_kernels(bandwidth: float, rows=(1,), backends=None, working_set: int =
 
     gen = torch.Generator().manual_seed(0)
     out = []
-    for label, (out_f, in_f) in LLAMA_SHAPES.items():
+    for label, (out_f, in_f) in (shapes or LLAMA_SHAPES).items():
         words = torch.randint(-2**31, 2**31, (in_f, out_f // 8), dtype=torch.int64, generator=gen).to(torch.int32)
         _, qzeros = pack_awq(torch.zeros(in_f // 128, out_f, dtype=torch.uint8),
                              torch.full((in_f // 128, out_f), 8, dtype=torch.uint8))
@@ -95,7 +96,7 @@ def bench_kernels(bandwidth: float, rows=(1,), backends=None, working_set: int =
         layer = Int4Linear.from_awq(words, qzeros, scales)
         nbytes = layer.nbytes()
         copies = [layer] + [Int4Linear.from_awq(words.clone(), qzeros.clone(), scales.clone())
-                            for _ in range(max(0, working_set // nbytes - 1))]
+                            for _ in range(min(MAX_COPIES, working_set // nbytes) - 1)]
         for m in rows:
             x = torch.randn(m, in_f, generator=gen)
             base = _median_time(lambda: (x.half() @ dequantize_awq(words, qzeros, scales, 128, torch.float16)),
@@ -116,103 +117,7 @@ def bench_kernels(bandwidth: float, rows=(1,), backends=None, working_set: int =
     return out
 
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss_now_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes: list[int]) -> dict:
-    """Runs in a fresh process (clean peak-RSS numbers): load, decode, prefill, batched decode."""
-    import gracevlm
-
-    from . import kernels
-
-    res: dict = {}
-    t0 = time.perf_counter()
-    vlm = gracevlm.load(path, device="cpu")
-    lm = vlm.model.language_model
-    prepare = getattr(lm, "prepare_kernels", None)
-    if prepare is not None:
-        prepare()
-    res["load_s"] = time.perf_counter() - t0
-    res["rss_after_load"] = _rss_now_bytes()
-    res["peak_rss_load"] = _rss_peak_bytes()
-    res["bytes_by_part"] = vlm.memory()
-    res["file_bytes"] = vlm.loaded.stats.file_bytes
-    # bytes one decode step must read: every INT4 layer in the layout its kernel reads, lm_head, norms
-    # (not the embedding table: one row per token)
-    lm_ = vlm.model.language_model
-    res["decode_bytes"] = sum(
-        (m.cache_nbytes() or m.nbytes()) if hasattr(m, "kernel_cache") else
-        sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-        for name, m in lm_.named_modules() if name != "model.embed_tokens")
-    spec = lm.spec
-    gen = torch.Generator().manual_seed(0)
-    vocab = spec.vocab_size
-    with torch.inference_mode():
-        # decode: one sequence, a 64-token context, then `decode_steps` single-token steps
-        ctx = 64
-        cache = vlm.model.new_cache(max(batch_sizes), ctx + decode_steps + prefill_tokens + 8)
-        ids = torch.randint(3, vocab, (1, ctx), generator=gen)
-        lm(lm.embed(ids, torch.float32), torch.arange(ctx)[None], cache)
-        tok = torch.randint(3, vocab, (1, 1), generator=gen)
-        step_times = []
-        for i in range(decode_steps):
-            t = time.perf_counter()
-            logits = lm(lm.embed(tok, torch.float32), torch.tensor([[ctx + i]]), cache)
-            tok = logits.argmax(-1, keepdim=True)
-            step_times.append(time.perf_counter() - t)
-        step_times.sort()
-        res["decode_step_s"] = step_times[len(step_times) // 2]
-        res["decode_tok_s"] = 1.0 / res["decode_step_s"]
-        # batched decode: B sequences step together (positions past a 64-token context)
-        res["batched"] = []
-        for b in batch_sizes:
-            toks = torch.randint(3, vocab, (b, 1), generator=gen)
-            pos = torch.full((b, 1), ctx)
-            slots = torch.arange(b)
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                lm(lm.embed(toks, torch.float32), pos, cache, slots)
-                times.append(time.perf_counter() - t)
-            times.sort()
-            res["batched"].append({"batch": b, "step_s": times[1], "tok_s": b / times[1]})
-        # prefill: one prompt of `prefill_tokens` text tokens
-        ids = torch.randint(3, vocab, (1, prefill_tokens), generator=gen)
-        t = time.perf_counter()
-        lm(lm.embed(ids, torch.float32), torch.arange(prefill_tokens)[None], cache)
-        res["prefill_s"] = time.perf_counter() - t
-        res["prefill_tok_s"] = prefill_tokens / res["prefill_s"]
-        # the same prompt with the opt-in approximate bf16 GEMM for large-M layers, where the CPU has bf16
-        # instructions (elsewhere it is emulated, several times slower, and the backend warns)
-        if not kernels.cpu_has_fast_bf16():
-            res["prefill_bf16_skipped"] = "no AVX512-BF16/AMX: bf16 is emulated on this CPU"
-        else:
-            backend_before = next((m.backend for m in lm.modules() if hasattr(m, "kernel_cache")), None)
-            kernels.use_backend(lm, "native-bf16")
-            try:
-                t = time.perf_counter()
-                lm(lm.embed(ids, torch.float32), torch.arange(prefill_tokens)[None], cache)
-                res["prefill_bf16_tok_s"] = prefill_tokens / (time.perf_counter() - t)
-            except Exception as exc:  # noqa: BLE001 - e.g. native kernels unavailable
-                res["prefill_bf16_error"] = str(exc)
-            finally:
-                kernels.use_backend(lm, backend_before)
-    res["peak_rss"] = _rss_peak_bytes()
-    return res
-
-
-def vision_worker(path: str) -> dict:
+def llava_vision_worker(path: str) -> dict:
     """CLIP tower + projector time per image in fp32, fp16 and bf16 (same weights), and what each costs in
     accuracy: relative L2 error of the image features and of the next-token logits of an image prompt
     (language model in fp32) against the fp32 tower, and whether the top token stays the same."""
@@ -260,6 +165,53 @@ def _run_worker(kind: str, *args) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_int8_kernels(bandwidth: float, shapes: dict, rows: int = 1, working_set: int = 768 << 20) -> list[dict]:
+    """ms per call of each INT8 backend (``kernels.native_int8.INT8_BACKENDS`` but the slow reference) on
+    ``shapes`` (label -> (out, in)) with random W8G128 codes; cycling through copies as ``bench_kernels`` does;
+    GB/s is codes + scales read per second. ``speedup`` is against the ``dense`` backend (exact fp32 tiles)."""
+    from .kernels.native_int8 import INT8_BACKENDS
+    from .nn import Int8Linear
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for label, (out_f, in_f) in shapes.items():
+        q = torch.randint(-128, 128, (out_f, in_f), dtype=torch.int8, generator=gen)
+        s = torch.rand(out_f, in_f // 128, generator=gen) * 1e-3 + 1e-4
+        layers = [Int8Linear(q, s)]
+        layers += [Int8Linear(q.clone(), s.clone())
+                   for _ in range(min(MAX_COPIES, working_set // layers[0].nbytes()) - 1)]
+        nbytes, x = layers[0].nbytes(), torch.randn(rows, in_f, generator=gen)
+        base = None
+        for name in ("dense", "native", "native-i16"):
+            backend = INT8_BACKENDS[name]
+            if not backend.available(x.device):
+                continue
+            sec = _median_time(lambda: backend.matmul(layers[0], x))
+            if sec < 0.02:
+                sec = _median_time(lambda: [backend.matmul(c, x) for c in layers]) / len(layers)
+            base = base or sec
+            out.append(dict(shape=label, rows=rows, method=f"int8 {name}", ms=sec * 1e3, gbps=nbytes / sec / 1e9,
+                            of_bandwidth=nbytes / sec / 1e9 / bandwidth, speedup=base / sec))
+    return out
+
+
+def model_kernel_rows(bandwidth: float, shapes: list[dict]) -> list[dict]:
+    """Kernel rows (M = 1) on a model's own quantized shapes (``linear_shapes`` from the model worker)."""
+    rows = []
+    for bits in (4, 8):
+        chosen = {f"{d['out']}x{d['in']} ({d['per_step']}/step)": (d["out"], d["in"]) for d in shapes if d["bits"] == bits}
+        if chosen:
+            rows += bench_kernels(bandwidth, shapes=chosen) if bits == 4 else bench_int8_kernels(bandwidth, chosen)
+    return rows
+
+
+def checkpoint_family(folder: Path) -> str:
+    """The family name of the checkpoint in ``folder`` (from its config.json)."""
+    from .models.registry import family_for_config
+
+    return family_for_config(json.loads((Path(folder) / "config.json").read_text())).name
 
 
 def read_files_seconds(folder: Path) -> float:
@@ -371,30 +323,39 @@ def ensure_checkpoint(model: str | None, layers: int) -> Path:
 
 def run(model: str | None = None, layers: int = 32, decode_steps: int = 8, prefill_tokens: int = 512,
         batch_sizes=(1, 2, 4, 8, 16), sections=("bandwidth", "kernels", "model", "vision", "ttft", "llama.cpp"),
-        prefix_block_tokens: int = 64) -> dict:
+        prefix_block_tokens: int = 64, image_size: tuple[int, int] = (640, 480)) -> dict:
+    """The report dict. LLaVA checkpoints: kernel rows on the LLaMA-7B INT4 shapes, CLIP in three dtypes, llama.cpp.
+    Other families (Qwen3-VL): kernel rows on the model's own quantized shapes and bits (after the model section),
+    the vision tower's seconds per ``image_size`` image, llama.cpp "n/a"."""
     report: dict = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                                 "torch": torch.__version__, "python": platform.python_version()}}
     bw = measure_bandwidth()
     report["bandwidth_gbps"] = bw
-    if "kernels" in sections:
-        report["kernels"] = bench_kernels(bw)
     folder = ensure_checkpoint(model, layers) if {"model", "vision", "ttft", "llama.cpp"} & set(sections) else None
+    family = checkpoint_family(folder) if folder is not None else "llava"
+    report["family"] = family
+    if "kernels" in sections and family == "llava":
+        report["kernels"] = bench_kernels(bw)
     if "model" in sections:
         report["read_files_s"] = read_files_seconds(folder)
-        m = _run_worker("model", folder, decode_steps, prefill_tokens, ",".join(map(str, batch_sizes)))
-        m["layers"] = layers
+        m = _run_worker("model", folder, decode_steps, prefill_tokens, ",".join(map(str, batch_sizes)),
+                        int(family == "llava"))
         m["bandwidth_limit_tok_s"] = bw * 1e9 / max(1, m["decode_bytes"])
         report["model"] = m
-        if "kernels" in sections:
+        if "kernels" in sections and family != "llava":
+            report["kernels"] = model_kernel_rows(bw, m["linear_shapes"])
+        if "kernels" in sections and family == "llava":  # from the LLaMA-7B shapes' per-matrix times
             per_layer = sum(PER_LAYER[r["shape"]] * r["ms"] for r in report["kernels"]
                             if r["method"] == "grace-baseline" and r["rows"] == 1) / 1e3
-            report["grace_baseline_decode_tok_s"] = 1.0 / (per_layer * layers)
+            report["grace_baseline_decode_tok_s"] = 1.0 / (per_layer * m["layers"])
     if "vision" in sections:
-        report["vision"] = _run_worker("vision", folder)
+        report["vision"] = (_run_worker("vision", folder) if family == "llava" else
+                            _run_worker("image", folder, *image_size))
     if "ttft" in sections:
         report["ttft"] = _run_worker("ttft", folder, prefix_block_tokens)
     if "llama.cpp" in sections:
-        report["llama.cpp"] = _llamacpp_section(folder, decode_steps, prefill_tokens)
+        report["llama.cpp"] = (_llamacpp_section(folder, decode_steps, prefill_tokens) if family == "llava" else
+                               {"skipped": f"n/a for {family} (the comparison covers LLaVA's LLaMA shapes)"})
     return report
 
 
@@ -418,26 +379,36 @@ def format_report(r: dict) -> str:
     lines = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}, "
              f"{r['machine']['threads']} threads", f"memory read bandwidth: {r['bandwidth_gbps']:.1f} GB/s", ""]
     if "kernels" in r:
-        lines.append(f"{'INT4 matmul, M=1':<22}{'method':<16}{'ms':>9}{'GB/s':>8}{'of bw':>7}{'vs GRACE':>10}")
+        lines.append(f"{'matmul, M=1':<22}{'method':<16}{'ms':>9}{'GB/s':>8}{'of bw':>7}{'speedup':>10}")
         for k in r["kernels"]:
             lines.append(f"{k['shape']:<22}{k['method']:<16}{k['ms']:9.2f}{k['gbps']:8.2f}"
                          f"{k['of_bandwidth']:7.0%}{k['speedup']:9.1f}x")
+        lines.append("  (speedup: INT4 vs the GRACE-style dequantize-every-call path, INT8 vs the dense backend)")
         lines.append("")
     if "model" in r:
         m = r["model"]
         gib = 2**30
-        lines += [f"model: llava-1.5-7b shapes, {m['layers']} layers (synthesized GRACE AWQ checkpoint)",
+        kinds = m.get("decode_bytes_by_kind", {})
+        head = m.get("lm_head", {})
+        lines += [f"model: {m.get('family', 'llava')} {m.get('format', '')}, {m['layers']} layers",
                   f"  load {m['load_s']:.1f} s (reading the files once: {r['read_files_s']:.1f} s); peak RSS during "
                   f"load {m['peak_rss_load'] / gib:.2f} GiB, resident after load {m['rss_after_load'] / gib:.2f} GiB "
-                  f"(ratio {m['peak_rss_load'] / max(1, m['rss_after_load']):.2f})",
-                  f"  decode   {m['decode_tok_s']:.2f} tok/s  (bandwidth limit: {m['decode_bytes'] / 1e9:.2f} GB read "
+                  f"(ratio {m['peak_rss_load'] / max(1, m['rss_after_load']):.2f}); peak RSS of the whole run "
+                  f"{m['peak_rss'] / gib:.2f} GiB",
+                  f"  decode   {m['decode_tok_s']:.2f} tok/s  (bandwidth limit: {m['decode_bytes'] / 1e9:.3f} GB read "
                   f"per token -> {m['bandwidth_limit_tok_s']:.2f} tok/s; "
                   f"{m['decode_tok_s'] / m['bandwidth_limit_tok_s']:.0%} of it)",
-                  f"  prefill  {m['prefill_tok_s']:.2f} tok/s  ({m['prefill_s']:.1f} s for the prompt)"
-                  + (f"; with the approximate bf16 GEMM (native-bf16): {m['prefill_bf16_tok_s']:.2f} tok/s"
-                     if "prefill_bf16_tok_s" in m else "")
-                  + (f"; native-bf16 not measured ({m['prefill_bf16_skipped']})"
-                     if "prefill_bf16_skipped" in m else "")]
+                  "  bytes per decode step: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in kinds.items() if v),
+                  f"  lm_head: {head.get('class')} {head.get('dtype')} {head.get('shape')}, shares the embedding "
+                  f"matrix: {head.get('shares_embedding')}, native row kernel: {head.get('row_kernel')}"]
+        if "decode_breakdown" in m:
+            b = m["decode_breakdown"]
+            lines.append("  one decode step: " + ", ".join(
+                f"{k[:-2]} {v * 1e3:.1f} ms" for k, v in b.items() if k != "step_s" and v > 0)
+                + f" (of {b['step_s'] * 1e3:.1f} ms)")
+        lines.append(f"  prefill  {m['prefill_tok_s']:.2f} tok/s  ({m['prefill_s']:.1f} s for the prompt)"
+                     + (f"; with the approximate bf16 GEMM (native-bf16): {m['prefill_bf16_tok_s']:.2f} tok/s"
+                        if "prefill_bf16_tok_s" in m else ""))
         if "grace_baseline_decode_tok_s" in r:
             lines.append(f"  GRACE-style dequantize-every-call decode (estimated from per-matrix times): "
                          f"{r['grace_baseline_decode_tok_s']:.4f} tok/s -> ours is "
@@ -446,7 +417,11 @@ def format_report(r: dict) -> str:
         lines.append("  batched decode: " + ", ".join(
             f"M={b['batch']}: {b['step_s'] * 1e3:.0f} ms/step ({b['step_s'] / one:.2f}x of M=1, {b['tok_s']:.1f} tok/s)"
             for b in m["batched"]))
-    if "vision" in r:
+    if "vision" in r and "s" in r["vision"]:
+        v = r["vision"]
+        lines.append(f"vision tower per image ({v['image'][0]}x{v['image'][1]} -> {v['tokens']} tokens, {v['dtype']}): "
+                     f"{v['s']:.2f} s (median of {v['runs']}; preprocessing {v['preprocess_s'] * 1e3:.0f} ms)")
+    elif "vision" in r:
         v = r["vision"]
         lines.append("vision tower + projector per image: " + ", ".join(
             f"{name} {v[name]['s']:.2f} s" for name in ("float32", "float16", "bfloat16")))
@@ -476,10 +451,18 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--model-worker":
-        print(json.dumps(model_worker(argv[1], int(argv[2]), int(argv[3]), [int(b) for b in argv[4].split(",")])))
+        from .bench_model import model_worker
+
+        print(json.dumps(model_worker(argv[1], int(argv[2]), int(argv[3]), [int(b) for b in argv[4].split(",")],
+                                      bool(int(argv[5])) if len(argv) > 5 else True)))
         return 0
     if argv and argv[0] == "--vision-worker":
-        print(json.dumps(vision_worker(argv[1])))
+        print(json.dumps(llava_vision_worker(argv[1])))
+        return 0
+    if argv and argv[0] == "--image-worker":
+        from .bench_model import vision_worker
+
+        print(json.dumps(vision_worker(argv[1], int(argv[2]), int(argv[3]))))
         return 0
     if argv and argv[0] == "--ttft-worker":
         from .bench_ttft import ttft_worker

@@ -166,13 +166,16 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    from .errors import InputError
     from .synth.checkpoint import synthesize
     from .synth.qwen3_vl import QWEN_PRESETS, synthesize_qwen3_vl
 
     if args.preset in QWEN_PRESETS:
         out = synthesize_qwen3_vl(args.out, args.preset, args.format, seed=args.seed, force=args.force,
-                                  layers=args.layers)
+                                  layers=args.layers, bits=args.bits)
     else:
+        if args.bits != 4:
+            raise InputError(f"--bits {args.bits}: LLaVA presets are W4 only")
         out = synthesize(args.out, args.preset, args.format, seed=args.seed, force=args.force, layers=args.layers)
     print(out)
     return 0
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of LLM layers")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8],
+                   help="quantized bits (8: Qwen3-VL --format qat only, GRACE W8G128)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_synth)
 

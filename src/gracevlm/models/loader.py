@@ -209,11 +209,60 @@ def return_freed_memory() -> None:
 
 
 def language_bytes(lm: nn.Module) -> dict[str, int]:
-    """Resident bytes of a language model by part: packed INT4 tensors, kernel layouts, the rest."""
+    """Resident bytes of a language model by part: packed INT4 tensors, kernel layouts, INT8 codes + scales
+    (only when there are INT8 layers), the rest."""
     int4 = [m for m in lm.modules() if isinstance(m, Int4Linear)]
-    return {"int4_linears": sum(m.nbytes() for m in int4 if not m.awq_released),
-            "int4_kernel_layouts": sum(m.cache_nbytes() for m in int4),
-            "language_dense": module_nbytes(lm) - sum(module_nbytes(m) for m in int4)}
+    int8 = [m for m in lm.modules() if isinstance(m, Int8Linear)]
+    out = {"int4_linears": sum(m.nbytes() for m in int4 if not m.awq_released),
+           "int4_kernel_layouts": sum(m.cache_nbytes() for m in int4),
+           "language_dense": module_nbytes(lm) - sum(module_nbytes(m) for m in int4 + int8)}
+    if int8:
+        out["int8_linears"] = sum(module_nbytes(m) for m in int8)
+    return out
+
+
+def decode_read_bytes(lm: nn.Module, embedding: nn.Module) -> dict:
+    """The weight bytes one decode step of ``lm`` reads (one token per row), by kind, and what its head is.
+
+    ``bytes``: ``quantized_linears`` (INT4 in the layout the decode kernel reads, else its packed tensors; INT8
+    codes + scales + bias), ``dense_linears`` (``nn.Linear`` weights and biases), ``lm_head`` (its matrix once,
+    also when it is the embedding table itself), ``other`` (norms and any remaining parameters). The embedding
+    table is not counted (a step reads one row per token) unless it is the head's matrix. Tensors shared
+    between modules count once. ``lm_head``: the head's class and weight dtype, whether it shares the embedding
+    matrix (same storage), and whether the CPU half kernel computes it row by row (``rows_independent(1)``:
+    the native ``gv_matmul_half`` GEMV, not a tiled fp32 conversion)."""
+    head = lm.lm_head
+    seen: set[int] = set()
+    out = {"quantized_linears": 0, "dense_linears": 0, "lm_head": 0, "other": 0}
+
+    def add(kind: str, t: torch.Tensor | None) -> None:
+        if t is None or t.is_meta or t.data_ptr() in seen:
+            return
+        seen.add(t.data_ptr())
+        out[kind] += t.numel() * t.element_size()
+
+    for t in list(head.parameters()) + list(head.buffers()):
+        add("lm_head", t)
+    embed_ptrs = {t.data_ptr() for t in embedding.parameters()}
+    for module in lm.modules():
+        if module is head or module is embedding:
+            continue
+        if isinstance(module, Int4Linear):
+            out["quantized_linears"] += module.cache_nbytes() or module.nbytes()
+            continue
+        if isinstance(module, Int8Linear):
+            out["quantized_linears"] += module.nbytes()
+            continue
+        kind = "dense_linears" if isinstance(module, nn.Linear) else "other"
+        for t in module.parameters(recurse=False):
+            if t.data_ptr() not in embed_ptrs:
+                add(kind, t)
+    shares = head.weight.data_ptr() in embed_ptrs
+    row_kernel = getattr(head, "rows_independent", None)
+    return {"bytes": out, "total": sum(out.values()),
+            "lm_head": {"class": type(head).__name__, "dtype": str(head.weight.dtype).replace("torch.", ""),
+                        "shape": list(head.weight.shape), "shares_embedding": shares,
+                        "row_kernel": bool(row_kernel(1)) if row_kernel is not None else False}}
 
 
 # -- the entry point -----------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ family test in the engine: ``vision_tower`` (None: no images), ``compute_dtype``
 a decode token minus its cache index: 0 for LLaVA, Qwen3-VL's M-RoPE delta), ``forward_prompt(prompt, cache,
 slot, start, end, logits_for)`` -> logits of one prefill chunk ("last", "all", or "none": the cache only), and
 ``forward_decode(tokens, cache_positions, offsets, cache, slots, rows_alone)`` -> one token per row with each
-row's own offset.
+row's own offset. For ``gracevlm bench``:
+``decode_read_bytes()`` -> the weight bytes one decode step reads, by kind (``models.loader.decode_read_bytes``).
 
 Packages are imported only when a checkpoint asks for them.
 """

@@ -4,9 +4,9 @@
 generation_config.json (eos list), model.safetensors (shards for big presets; transformers key names, tied ``lm_head``
 omitted), a trained byte-level BPE tokenizer.json with the Qwen special tokens + tokenizer_config.json (with a
 Qwen3-VL style chat template), chat_template.jinja and preprocessor_config.json. ``fmt``: ``bf16`` (dense), ``qat``
-(GRACE QAT W4G128: the decoder linears baked as ``bf16(q * s)`` plus ``qat_quantized_weights.bin``), ``qat8`` (GRACE
-QAT W8G128: int8 codes in [-127, 127], ``s = exp(log_scale)`` in fp32, baked ``bf16(q * s)``) or ``awq`` (GRACE AWQ
-W4G128: the W4 linears packed exactly as ``gracevlm pack`` packs the QAT form).
+(GRACE QAT W4G128, or W8G128 with ``bits=8`` or ``fmt="qat8"``: the decoder linears baked as ``bf16(q * s)``,
+``s = exp(log_scale)``, plus ``qat_quantized_weights.bin``) or ``awq`` (GRACE AWQ W4G128: those linears packed
+exactly as ``gracevlm pack`` packs the QAT form).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _train_tokenizer(folder: Path, vocab: int) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIALS}
 
 
-def qwen3_vl_config(p: QwenPreset, ids: dict[str, int], fmt: str) -> dict:
+def qwen3_vl_config(p: QwenPreset, ids: dict[str, int], fmt: str, bits: int = 4) -> dict:
     """config.json of a transformers ``Qwen3VLForConditionalGeneration`` (+ GRACE ``qat`` / ``awq_packing``)."""
     text = {"model_type": "qwen3_vl_text", "vocab_size": p.vocab, "hidden_size": p.hidden,
             "intermediate_size": p.intermediate, "num_hidden_layers": p.layers, "num_attention_heads": p.heads,
@@ -130,8 +130,8 @@ def qwen3_vl_config(p: QwenPreset, ids: dict[str, int], fmt: str) -> dict:
            "vision_config": vision, "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
            "tie_word_embeddings": True, "dtype": "bfloat16"}
-    if fmt in ("qat", "qat8", "awq"):
-        cfg["qat"] = {"bits": 8 if fmt == "qat8" else 4, "group_size": GROUP, "skip_keywords": ["visual", "merger", "lm_head", "embed_tokens"],
+    if fmt in ("qat", "awq"):
+        cfg["qat"] = {"bits": bits, "group_size": GROUP, "skip_keywords": ["visual", "merger", "lm_head", "embed_tokens"],
                       "num_replaced": 7 * p.layers}
     if fmt == "awq":
         cfg["awq_packing"] = {"bits": 4, "group_size": GROUP, "zero_point": 8, "version": "gemm"}
@@ -157,16 +157,31 @@ def _random(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Te
     return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
 
 
+def _w8_layer(out_f: int, in_f: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GRACE QAT W8G128 linear: codes uniform in [-128, 127] (std ~74), ``s = exp(log_scale)`` giving weights of
+    std ~1/sqrt(in), baked ``W_q = bf16(q * s)`` (fp32 product). bf16 keeps 8 significant bits, so
+    ``round(W_q / s)`` recovers every code (error <= 128 * 2^-9 = 0.25 of a code)."""
+    log_scale = torch.log((torch.rand(out_f * (in_f // GROUP), generator=gen) + 0.5) / (74.0 * math.sqrt(in_f)))
+    s = torch.exp(log_scale).view(out_f, in_f // GROUP)
+    q = torch.randint(-128, 128, (out_f, in_f), generator=gen).float()
+    return (q * s.repeat_interleave(GROUP, dim=1)).to(torch.bfloat16), log_scale
+
+
 def synthesize_qwen3_vl(out_dir: str | os.PathLike, preset: str = "qwen3-vl-tiny", fmt: str = "awq", seed: int = 0,
-                        force: bool = False, progress: bool = True, layers: int | None = None) -> Path:
-    """Write a random-weight Qwen3-VL checkpoint (atomic: a temporary folder renamed into place); returns it."""
+                        force: bool = False, progress: bool = True, layers: int | None = None, bits: int = 4) -> Path:
+    """Write a random-weight Qwen3-VL checkpoint (atomic: a temporary folder renamed into place); returns it.
+    ``bits``: 4, or 8 for a W8 QAT folder (``fmt="qat"`` only: GRACE AWQ is 4-bit)."""
     from ..models.qwen3_vl.config import Qwen3VLConfig
     from ..models.qwen3_vl.model import Qwen3VLModel
 
     if preset not in QWEN_PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {sorted(QWEN_PRESETS)}")
+    if fmt == "qat8":  # the CLI's name for W8 QAT
+        fmt, bits = "qat", 8
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r} for Qwen3-VL; choose one of {FORMATS}")
+    if bits not in (4, 8) or (bits == 8 and fmt != "qat"):
+        raise InputError(f"bits={bits} with format {fmt!r}: Qwen3-VL synth writes W4 (qat, awq) or W8 (qat only)")
     p = QWEN_PRESETS[preset]
     if layers is not None:
         if layers < 1:
@@ -180,7 +195,7 @@ def synthesize_qwen3_vl(out_dir: str | os.PathLike, preset: str = "qwen3-vl-tiny
     try:
         gen = torch.Generator().manual_seed(seed)
         ids = _train_tokenizer(tmp, p.tokenizer_vocab)
-        cfg = qwen3_vl_config(p, ids, fmt)
+        cfg = qwen3_vl_config(p, ids, fmt, bits)
         write_json_atomic(tmp / "config.json", cfg)
         write_json_atomic(tmp / "generation_config.json", {
             "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"],
@@ -195,18 +210,14 @@ def synthesize_qwen3_vl(out_dir: str | os.PathLike, preset: str = "qwen3-vl-tiny
             shapes = {n: tuple(t.shape) for n, t in Qwen3VLModel(Qwen3VLConfig.from_dict(cfg)).named_parameters()}
         writer = ShardWriter(tmp, max_shard_bytes=2 * 1024**3 if p.hidden >= 1024 else 64 * 1024**2)
         sidecar, modules = {}, []
-        for name, shape in tqdm(shapes.items(), desc=f"synth {preset} ({fmt})", disable=not progress, unit="tensor"):
+        for name, shape in tqdm(shapes.items(), desc=f"synth {preset} ({fmt} W{bits})", disable=not progress, unit="tensor"):
             key = _checkpoint_key(name)
             module, _, leaf = key.rpartition(".")
             if fmt != "bf16" and leaf == "weight" and module.startswith("model.language_model.layers.") and \
                     module.endswith(LINEARS):
                 out_f, in_f = shape
-                if fmt == "qat8":  # codes uniform in [-127, 127] (std ~73); s = exp(log_scale) exactly as read back
-                    log_scale = torch.log((torch.rand(out_f * (in_f // GROUP), generator=gen) + 0.5) /
-                                          (73.0 * math.sqrt(in_f)))
-                    s = torch.exp(log_scale).view(out_f, in_f // GROUP)
-                    q = torch.randint(-127, 128, (out_f, in_f), generator=gen).float()
-                    wq = (q * s.repeat_interleave(GROUP, dim=1)).to(torch.bfloat16)
+                if bits == 8:
+                    wq, log_scale = _w8_layer(out_f, in_f, gen)
                     writer.add(key, wq)
                     sidecar[f"{module}.weight"], sidecar[f"{module}.log_scale"] = wq, log_scale
                     modules.append(module)

@@ -103,6 +103,13 @@ class LlavaModel(nn.Module):
         return KVCache(self.language_model.spec, slots, max_len, dtype or self.kv_dtype or self.compute_dtype,
                        self.language_model.lm_head.weight.device, pool)
 
+    def decode_read_bytes(self) -> dict:
+        """Weight bytes one decode step reads (``models.loader.decode_read_bytes``): the decoder linears in
+        their kernels' layout, ``lm_head``, norms; not the embedding rows."""
+        from ..loader import decode_read_bytes
+
+        return decode_read_bytes(self.language_model, self.language_model.model.embed_tokens)
+
     # -- the engine's model contract (models.registry) -------------------------------------------------
     def prompt_for(self, token_ids: list[int], image_features: torch.Tensor | None) -> EmbeddedPrompt:
         return EmbeddedPrompt(self.embed_prompt(token_ids, image_features))

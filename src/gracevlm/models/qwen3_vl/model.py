@@ -109,6 +109,13 @@ class Qwen3VLModel(nn.Module):
         return self.language_model.new_cache(slots, max_len, dtype or self.kv_dtype or self.compute_dtype,
                                              pool=pool)
 
+    def decode_read_bytes(self) -> dict:
+        """Weight bytes one decode step reads (``models.loader.decode_read_bytes``): the 7 decoder linears of
+        every layer, the tied ``lm_head`` (the embedding matrix, read once), norms; not the embedding rows."""
+        from ..loader import decode_read_bytes
+
+        return decode_read_bytes(self.language_model, self.language_model.embed_tokens)
+
     @torch.inference_mode()
     def encode_images(self, pixels: ImagePixels) -> ImageFeatures:
         grids = [tuple(int(v) for v in g) for g in pixels.grid_thw.reshape(-1, 3).tolist()]
