@@ -92,8 +92,8 @@ def use_backend(model: torch.nn.Module, backend: str | None) -> None:
     """Make every INT4 layer of ``model`` use ``backend`` (None or "auto": automatic; warns as
     ``backend_choice``)."""
     name = backend_choice(backend) if backend not in (None, "auto") else None
-    for module in model.modules():
-        if hasattr(module, "kernel_cache") and hasattr(module, "backend"):
+    for module in model.modules():  # INT4 layers only: Int8Linear (kernel_bits 8) has its own backends
+        if hasattr(module, "kernel_cache") and hasattr(module, "backend") and getattr(module, "kernel_bits", 4) == 4:
             module.backend = name
 
 

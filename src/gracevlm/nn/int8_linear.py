@@ -20,6 +20,8 @@ class Int8Linear(nn.Module):
     default: ``native`` on CPU when its library loads, else ``dense``.
     """
 
+    kernel_bits = 8  # kernels.use_backend switches INT4 layers only
+
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                  group_size: int = 128, log_scale: torch.Tensor | None = None, backend: str | None = None,
                  name: str = "Int8Linear"):
