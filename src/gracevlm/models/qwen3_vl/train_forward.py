@@ -59,7 +59,7 @@ def forward_train(model: Qwen3VLModel, embeds: torch.Tensor, rope_positions: tor
     n_inject = len(visual.features) if visual is not None else 0
     x = embeds
     for i, layer in enumerate(lm.layers):
-        x = layer(x, cos, sin, None, i, None, positions, mask)
+        x = layer(x, cos, sin, None, i, None, mask)
         if states is not None:
             states.append(x)
         if i < n_inject:
