@@ -163,8 +163,8 @@ class Family(ABC):
         return None
 
     def export_dtype(self, fmt: str) -> str:
-        """The dense dtype an export of ``fmt`` gets by default."""
-        return "float16"
+        """The dense dtype an export of ``fmt`` gets by default: the family's release dtype, else float16."""
+        return self.release_dtype or "float16"
 
     def export_card(self, fmt: str, out: str, source: str) -> dict | None:
         """The model card's family parts: ``{"what": "<one phrase: what the folder is>", "usage": "<markdown after

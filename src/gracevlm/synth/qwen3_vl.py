@@ -138,15 +138,6 @@ def qwen3_vl_config(p: QwenPreset, ids: dict[str, int], fmt: str, bits: int = 4)
     return cfg
 
 
-def _checkpoint_key(ours: str) -> str:
-    """``Qwen3VLModel`` parameter name -> transformers on-disk key (inverse of ``weights.hf_to_ours``)."""
-    if ours == "language_model.lm_head.weight":
-        return "lm_head.weight"
-    if ours.startswith("visual.patch_embed."):
-        return "model.visual.patch_embed.proj." + ours[len("visual.patch_embed."):]
-    return "model." + ours
-
-
 def _random(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     if name.endswith("bias"):
         return 0.01 * torch.randn(shape, generator=gen)
@@ -173,6 +164,7 @@ def synthesize_qwen3_vl(out_dir: str | os.PathLike, preset: str = "qwen3-vl-tiny
     ``bits``: 4, or 8 for a W8 QAT folder (``fmt="qat"`` only: GRACE AWQ is 4-bit)."""
     from ..models.qwen3_vl.config import Qwen3VLConfig
     from ..models.qwen3_vl.model import Qwen3VLModel
+    from ..models.qwen3_vl.weights import ours_to_hf
 
     if preset not in QWEN_PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {sorted(QWEN_PRESETS)}")
@@ -206,12 +198,13 @@ def synthesize_qwen3_vl(out_dir: str | os.PathLike, preset: str = "qwen3-vl-tiny
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16,
             "temporal_patch_size": 2, "merge_size": 2,
             "size": {"shortest_edge": p.min_pixels, "longest_edge": p.max_pixels}})
+        config = Qwen3VLConfig.from_dict(cfg)
         with torch.device("meta"):
-            shapes = {n: tuple(t.shape) for n, t in Qwen3VLModel(Qwen3VLConfig.from_dict(cfg)).named_parameters()}
+            shapes = {n: tuple(t.shape) for n, t in Qwen3VLModel(config).named_parameters()}
         writer = ShardWriter(tmp, max_shard_bytes=2 * 1024**3 if p.hidden >= 1024 else 64 * 1024**2)
         sidecar, modules = {}, []
         for name, shape in tqdm(shapes.items(), desc=f"synth {preset} ({fmt} W{bits})", disable=not progress, unit="tensor"):
-            key = _checkpoint_key(name)
+            key = ours_to_hf(name, config)
             module, _, leaf = key.rpartition(".")
             if fmt != "bf16" and leaf == "weight" and module.startswith("model.language_model.layers.") and \
                     module.endswith(LINEARS):

@@ -169,9 +169,6 @@ class Qwen3VLFamily(Family):
     def export_writer(self, fmt: str):
         return write_qwen3_vl_export
 
-    def export_dtype(self, fmt: str) -> str:
-        return "bfloat16"
-
     def export_card(self, fmt: str, out: str, source: str) -> dict:
         from .card import card_sections
 
