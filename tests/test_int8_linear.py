@@ -268,3 +268,19 @@ def test_compile_on_first_use_and_stale_builds(tmp_path, monkeypatch):
     assert lib.gv8_source_hash().decode() == native_int8.source_hash()
     built = list((tmp_path / "gracevlm").glob("gv_int8-*.so"))
     assert built and native_int8._try_load(built[0], "0" * 16) is None
+
+
+def test_concat_is_the_parts_side_by_side():
+    """``Int8Linear.concat`` (the loader's q/k/v and gate/up fusion): codes, scales, biases and log_scales
+    concatenate along the outputs, and each output equals the part's own, bitwise."""
+    parts = [random_layer(256, o, 64, True, seed=i) for i, o in enumerate((16, 8, 8))]
+    for p in parts:
+        p.register_buffer("log_scale", p.scales.log().reshape(-1))
+    fused = Int8Linear.concat(parts)
+    assert fused.out_features == 32 and torch.equal(fused.log_scale, torch.cat([p.log_scale for p in parts]))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    with pytest.raises(ValueError, match="bias"):
+        Int8Linear.concat([parts[0], random_layer(256, 8, 64, False)])
+    with pytest.raises(ValueError, match="in_features"):
+        Int8Linear.concat([parts[0], random_layer(128, 8, 64, True)])

@@ -168,7 +168,9 @@ def test_quantized_layers_and_tied_head(folders, loaded):
         assert isinstance(lm.layers[2].mlp.down_proj, Int4Linear)
         assert lm.lm_head.weight is lm.embed_tokens.weight  # one copy (a HalfLinear over the bf16 table, or tied)
     dense = loaded["dense"].model.language_model
-    assert type(dense.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(dense.layers[0].self_attn.qkv_proj) is torch.nn.Linear  # fused at load (exact concatenation)
+    assert isinstance(lm.layers[0].self_attn.qkv_proj, Int4Linear) and isinstance(lm.layers[0].mlp.gate_up_proj,
+                                                                                   Int4Linear)
     assert dense.lm_head.weight is dense.embed_tokens.weight
     trained = load_checkpoint(folders["dense"][1], half_lm_head=False).model.language_model
     assert trained.embed_tokens.weight.dtype == torch.float32 and trained.lm_head.weight is trained.embed_tokens.weight

@@ -66,7 +66,7 @@ def ws(tmp_path_factory):
 def _format(folder):
     from gracevlm.models.loader import load_checkpoint
 
-    loaded = load_checkpoint(folder, dtype=torch.float32, half_lm_head=False)
+    loaded = load_checkpoint(folder, dtype=torch.float32, half_lm_head=False, fuse=False)
     return loaded, loaded.family.training_format(loaded)
 
 
@@ -301,7 +301,7 @@ def test_cli_grace_end_to_end_and_qat_export(ws, tmp_path, bits):
     assert sorted(k[: -len(".log_scale")] for k in sidecar if k.endswith(".log_scale")) == \
         sorted("model." + n for n in trained)
 
-    ours = load_checkpoint(qat, dtype=torch.float32)  # GRACE QAT: codes recovered from the baked weights
+    ours = load_checkpoint(qat, dtype=torch.float32, fuse=False)  # GRACE QAT: codes recovered from the baked weights
     assert ours.stats.format == "grace-qat"
     hf = Qwen3VLForConditionalGeneration.from_pretrained(qat, dtype=torch.bfloat16).state_dict()
     for name, (q, s) in trained.items():
@@ -318,7 +318,7 @@ def test_cli_grace_end_to_end_and_qat_export(ws, tmp_path, bits):
     if bits == 4:  # the trainer's pack (= gracevlm pack) gives the GRACE AWQ folder: same codes, same tokens
         awq = tmp_path / "run" / "awq"
         assert json.loads((awq / "config.json").read_text())["awq_packing"]["zero_point"] == 8
-        packed = load_checkpoint(awq, dtype=torch.float32)
+        packed = load_checkpoint(awq, dtype=torch.float32, fuse=False)
         assert packed.stats.format == "grace-awq"
         for name, (q, _) in trained.items():
             assert torch.equal(_loaded_codes(packed.model.get_submodule(name), 4), q), name

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import Int4Linear
+from ..nn import Int4Linear, Int8Linear
 from .kv_cache import KVCache, RowKV, slot_list
 
 __all__ = ["KVCache", "LlamaForCausalLM", "LlamaSpec"]
@@ -41,12 +41,34 @@ class LlamaSpec:
 def _concat_linears(parts: list[nn.Module]) -> nn.Module:
     if all(isinstance(p, Int4Linear) for p in parts):
         return Int4Linear.concat(parts)
+    if all(isinstance(p, Int8Linear) for p in parts):
+        return Int8Linear.concat(parts)
     if all(type(p) is nn.Linear and p.bias is None for p in parts):
         fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False,
                           device=parts[0].weight.device, dtype=parts[0].weight.dtype)
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         return fused
     raise TypeError(f"cannot fuse {[type(p).__name__ for p in parts]}")
+
+
+def fuse_decoder_projections(layers) -> int:
+    """In each decoder layer, replace ``self_attn.{q,k,v}_proj`` by ``qkv_proj`` (with ``qkv_sizes``) and
+    ``mlp.{gate,up}_proj`` by ``gate_up_proj``; returns how many groups were fused. Exact: the fused weights
+    are the concatenated originals, and each output element is computed as before."""
+    fused = 0
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not hasattr(attn, "qkv_proj"):
+            parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+            attn.qkv_sizes = [p.out_features for p in parts]
+            attn.qkv_proj = _concat_linears(parts)
+            del attn.q_proj, attn.k_proj, attn.v_proj
+            fused += 1
+        if not hasattr(mlp, "gate_up_proj"):
+            mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+            del mlp.gate_proj, mlp.up_proj
+            fused += 1
+    return fused
 
 
 class RMSNorm(nn.Module):
@@ -134,10 +156,14 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, rows: list[RowKV], gro
 
 def _attend(q, keys, values, mask, groups: int) -> torch.Tensor:
     """SDPA of ``q [B, H, T, d]`` over ``keys/values [B, H/groups, S, d]`` with boolean ``mask [B, 1, T, S]``."""
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    # grouped queries: the `groups` heads sharing a K/V head become extra query rows of that head (no copy of
+    # K/V); head h reads K/V head h // groups, as with repeat_interleave
+    b, h, t, d = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(b, h // groups, groups * t, d), keys, values,
+                                         attn_mask=mask.repeat(1, 1, groups, 1))
+    return out.view(b, h, t, d)
 
 
 class MLP(nn.Module):
@@ -188,20 +214,7 @@ class LlamaForCausalLM(nn.Module):
     def fuse_projections(self) -> int:
         """Replace q/k/v and gate/up by single fused linears (fewer, larger matmuls); returns how many
         groups were fused. Exact: the fused weights are the concatenated originals."""
-        fused = 0
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if not hasattr(attn, "qkv_proj"):
-                parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-                attn.qkv_sizes = [p.out_features for p in parts]
-                attn.qkv_proj = _concat_linears(parts)
-                del attn.q_proj, attn.k_proj, attn.v_proj
-                fused += 1
-            if not hasattr(mlp, "gate_up_proj"):
-                mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
-                del mlp.gate_proj, mlp.up_proj
-                fused += 1
-        return fused
+        return fuse_decoder_projections(self.model.layers)
 
     def prepare_kernels(self, release_awq: bool = False) -> int:
         """Let each packed linear's decode backend build its layout now instead of on the first token;

@@ -54,6 +54,19 @@ class Int8Linear(nn.Module):
         (``formats.w8.qat_to_int8``)."""
         return cls.from_codes(qat_to_int8(weight, log_scale, bias, group_size, name), backend, name)
 
+    @classmethod
+    def concat(cls, layers: list["Int8Linear"]) -> "Int8Linear":
+        """One layer computing all of ``layers`` (same input, outputs concatenated in order). Exact: codes,
+        scales, biases and the flat ``[O, I/g]``-ordered log_scales are concatenated along the outputs."""
+        first = layers[0]
+        if any(l.in_features != first.in_features or l.group_size != first.group_size for l in layers):
+            raise ValueError("Int8Linear.concat needs layers with equal in_features and group_size")
+        for name in ("bias", "log_scale"):
+            if len({getattr(l, name) is None for l in layers}) > 1:
+                raise ValueError(f"Int8Linear.concat needs all layers with a {name} or none")
+        cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(l, name) for l in layers])  # noqa: E731
+        return cls(cat("qweight"), cat("scales"), cat("bias"), first.group_size, cat("log_scale"), first.backend)
+
     def to_codes(self) -> Int8Codes:
         """The codes, scales, log_scale and bias (clones; bit-exact)."""
         clone = lambda t: None if t is None else t.clone()  # noqa: E731

@@ -153,6 +153,8 @@ def build_qwen3_vl(opened: OpenedCheckpoint, options: LoadOptions) -> LoadedMode
             lm.lm_head.weight = embed
         else:
             lm.tie_lm_head()
+    if options.fuse:
+        lm.fuse_projections()
     prepare_int4_kernels(lm, release_awq=not options.keep_awq)
     model.eval()
     stats = LoadStats(opened.format)

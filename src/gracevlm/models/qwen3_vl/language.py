@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..kv_cache import KVCache, KVPool, RowKV, slot_list
-from ..llama import MLP, RMSNorm, _attend, _rotate_half, cached_attention
+from ..llama import MLP, RMSNorm, _attend, _rotate_half, cached_attention, fuse_decoder_projections
 from .config import Qwen3VLTextConfig
 from .rope import MRotary
 
@@ -73,9 +73,13 @@ class Qwen3Attention(nn.Module):
         """``rows``: each batch row's slot and span (``KVCache.rows``); see ``llama.cached_attention``."""
         b, t, _ = x.shape
         s = self.spec
-        q = self.q_norm(self.q_proj(x).view(b, t, s.num_heads, s.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # fused by fuse_decoder_projections
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.reshape(b, t, s.num_heads, s.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.reshape(b, t, s.num_kv_heads, s.head_dim)).transpose(1, 2)
+        v = v.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -120,6 +124,10 @@ class Qwen3LanguageModel(nn.Module):
     def tie_lm_head(self) -> None:
         """Make ``lm_head`` compute with the embedding matrix itself (no second copy)."""
         self.lm_head.weight = self.embed_tokens.weight
+
+    def fuse_projections(self) -> int:
+        """q/k/v and gate/up as single fused linears (``llama.fuse_decoder_projections``; exact)."""
+        return fuse_decoder_projections(self.layers)
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, device=None,
                   pool: KVPool | None = None) -> KVCache:
