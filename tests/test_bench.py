@@ -51,7 +51,7 @@ def test_bench_qwen3_vl_through_the_family_contract(tmp_path, capsys):
                     "row_kernel": True}
     # independent count: int8 codes + fp32 scales of the 7 linears of 2 layers, the bf16 head once, the norms
     lm = gracevlm.load(folder, device="cpu").model.language_model
-    linears = [lm.layers[i].self_attn.q_proj for i in range(2)]
+    linears = [lm.layers[i].self_attn.qkv_proj for i in range(2)]  # q/k/v fused at load
     assert type(linears[0]).__name__ == "Int8Linear"
     s = lm.spec
     outs_ins = [(s.num_heads * s.head_dim, s.hidden_size), (s.num_kv_heads * s.head_dim, s.hidden_size),
