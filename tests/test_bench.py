@@ -66,8 +66,10 @@ def test_bench_qwen3_vl_through_the_family_contract(tmp_path, capsys):
     b = m["decode_breakdown"]
     assert b["quantized_linears_s"] > 0 and b["lm_head_s"] > 0 and b["dense_linears_s"] == 0
     assert [x["batch"] for x in m["batched"]] == [1, 2] and "prefill_bf16_tok_s" not in m
-    assert {(d["out"], d["in"], d["bits"]) for d in m["linear_shapes"]} == {(o, i, 8) for o, i in outs_ins}
-    assert sum(d["per_step"] for d in m["linear_shapes"]) == 14
+    q, kv, o, f = outs_ins[0][0], outs_ins[1][0], s.hidden_size, s.intermediate_size  # q/k/v, gate/up fused
+    fused = {(q + 2 * kv, s.hidden_size), (o, q), (2 * f, s.hidden_size), (s.hidden_size, f)}
+    assert {(d["out"], d["in"], d["bits"]) for d in m["linear_shapes"]} == {(a, b, 8) for a, b in fused}
+    assert sum(d["per_step"] for d in m["linear_shapes"]) == 8
     methods = {k["method"] for k in r["kernels"]}
     assert {"int8 dense", "int8 native"} <= methods and all(k["gbps"] > 0 for k in r["kernels"])
     v = r["vision"]
