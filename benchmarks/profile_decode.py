@@ -37,8 +37,13 @@ def timed(name, fn):
     return wrapper
 
 
+def decoder(lm):
+    """The module holding ``layers`` and the final ``norm`` (LLaVA's ``lm.model``, Qwen3-VL's ``lm`` itself)."""
+    return lm.model if hasattr(lm, "model") else lm
+
+
 def instrument(lm) -> None:
-    for layer in lm.model.layers:
+    for layer in decoder(lm).layers:
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
             if hasattr(attn, name):
@@ -46,11 +51,14 @@ def instrument(lm) -> None:
         for name in ("gate_up_proj", "gate_proj", "up_proj", "down_proj"):
             if hasattr(mlp, name):
                 getattr(mlp, name).forward = timed(name, getattr(mlp, name).forward)
+        for name in ("q_norm", "k_norm"):  # Qwen3's QK-norm, inside the attention
+            if hasattr(attn, name):
+                getattr(attn, name).forward = timed("qk-norm", getattr(attn, name).forward)
         attn.forward = timed("attention (incl. projections)", attn.forward)
         mlp.forward = timed("mlp (incl. projections)", mlp.forward)
         layer.input_layernorm.forward = timed("rmsnorm", layer.input_layernorm.forward)
         layer.post_attention_layernorm.forward = timed("rmsnorm", layer.post_attention_layernorm.forward)
-    lm.model.norm.forward = timed("rmsnorm", lm.model.norm.forward)
+    decoder(lm).norm.forward = timed("rmsnorm", decoder(lm).norm.forward)
     lm.lm_head.forward = timed("lm_head", lm.lm_head.forward)
 
 
@@ -59,7 +67,9 @@ def breakdown(t: dict[str, float], total: float) -> dict[str, float]:
     mproj = ["gate_up_proj", "gate_proj", "up_proj", "down_proj"]
     parts = {k: t[k] for k in proj + mproj if k in t}
     parts["attention core (rotary, KV write, SDPA)"] = t["attention (incl. projections)"] - sum(
-        t.get(k, 0) for k in proj)
+        t.get(k, 0) for k in proj) - t.get("qk-norm", 0)
+    if "qk-norm" in t:
+        parts["qk-norm"] = t["qk-norm"]
     parts["mlp silu*up"] = t["mlp (incl. projections)"] - sum(t.get(k, 0) for k in mproj)
     parts["rmsnorm"] = t["rmsnorm"]
     parts["lm_head"] = t["lm_head"]
@@ -74,7 +84,8 @@ def profile_prefill(args) -> int:
     times; per-part seconds of each (the fastest run of each)."""
     vlm = gracevlm.load(args.model, device="cpu")
     lm = vlm.model.language_model
-    lm.prepare_kernels()
+    if hasattr(lm, "prepare_kernels"):  # Qwen3-VL's loader prepares them itself
+        lm.prepare_kernels()
     instrument(lm)
     n = args.prefill
     gen = torch.Generator().manual_seed(0)
@@ -119,7 +130,8 @@ def main() -> int:
     bw = measure_bandwidth()
     vlm = gracevlm.load(args.model, device="cpu")
     lm = vlm.model.language_model
-    lm.prepare_kernels()
+    if hasattr(lm, "prepare_kernels"):  # Qwen3-VL's loader prepares them itself
+        lm.prepare_kernels()
     decode_bytes = sum((m.cache_nbytes() or m.nbytes()) if hasattr(m, "kernel_cache") else
                        sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
                        for name, m in lm.named_modules() if name != "model.embed_tokens")

@@ -1,4 +1,5 @@
-"""Native integer kernels of the second C library (``csrc/gv_int8.c`` + ``csrc/gv_igemm.c``) and the INT8 backends.
+"""Native kernels of the second C library (``csrc/gv_int8.c``, ``csrc/gv_igemm.c``, ``csrc/gv_attn.c``) and the INT8
+backends (the decode attention of ``gv_attn.c`` is wrapped by ``kernels.attention``).
 
 INT8 layers (``nn.Int8Linear``: codes ``qweight`` int8 [O, I], fp32 ``scales`` [O, I/g], optional ``bias``;
 W = q * s in fp32) are computed by one of ``INT8_BACKENDS``:
@@ -30,7 +31,7 @@ import torch
 from ..errors import InputError
 from . import native
 
-SOURCES = (native._HERE / "csrc" / "gv_int8.c", native._HERE / "csrc" / "gv_igemm.c")
+SOURCES = (native._HERE / "csrc" / "gv_int8.c", native._HERE / "csrc" / "gv_igemm.c", native._HERE / "csrc" / "gv_attn.c")
 LIB_STEM = "_gv_int8"
 
 _lock = threading.Lock()
@@ -59,7 +60,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv8_dequant.argtypes = [vp, vp, c_int, c_int, c_int, c_int, c_int, vp, c_i64, c_int]
     lib.gv_igemm4.argtypes = [vp, c_i64, c_i64, c_i64, c_int, c_int, c_int, c_int, vp, c_i64, c_int, vp, vp, c_int]
     lib.gv_igemm8.argtypes = [vp, vp, c_int, c_int, c_int, vp, c_i64, c_int, vp, vp, c_int]
-    for fn in (lib.gv8_matmul, lib.gv8_dequant, lib.gv_igemm4, lib.gv_igemm8):
+    lib.gv_attn_decode.argtypes = [vp, c_int, c_int, c_int, vp, vp, c_i64, c_i64, c_int, c_int, ctypes.c_float,
+                                   vp, c_int]
+    for fn in (lib.gv8_matmul, lib.gv8_dequant, lib.gv_igemm4, lib.gv_igemm8, lib.gv_attn_decode):
         fn.restype = c_int
     return lib
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.attention import decode_attention
 from ..nn import Int4Linear, Int8Linear
 from .kv_cache import KVCache, RowKV, slot_list
 
@@ -148,6 +149,12 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, rows: list[RowKV], gro
         kc, vc = cache.layer_kv(layer, row.slot)
         kc[:, row.where] = k[r].to(kc.dtype)
         vc[:, row.where] = v[r].to(vc.dtype)
+        if q.shape[2] == 1 and isinstance(row.where, slice) and row.where.start == row.span - 1:
+            # a decode step at the end of its prefix sees every position: the native kernel reads K/V in place
+            out = decode_attention(q if len(rows) == 1 else q[r:r + 1], kc, vc, row.span, groups)
+            if out is not None:
+                outs.append(out.to(q.dtype))
+                continue
         keys = kc[:, :row.span].unsqueeze(0).to(q.dtype)
         values = vc[:, :row.span].unsqueeze(0).to(q.dtype)
         outs.append(_attend(q[r:r + 1], keys, values, row.mask, groups))
