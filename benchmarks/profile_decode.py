@@ -134,7 +134,7 @@ def main() -> int:
         lm.prepare_kernels()
     decode_bytes = sum((m.cache_nbytes() or m.nbytes()) if hasattr(m, "kernel_cache") else
                        sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-                       for name, m in lm.named_modules() if name != "model.embed_tokens")
+                       for name, m in lm.named_modules() if not name.endswith("embed_tokens"))  # a tied head counts once
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         cache = vlm.model.new_cache(1, args.context + 2 * args.steps + 8)
