@@ -284,3 +284,27 @@ def test_concat_is_the_parts_side_by_side():
         Int8Linear.concat([parts[0], random_layer(256, 8, 64, False)])
     with pytest.raises(ValueError, match="in_features"):
         Int8Linear.concat([parts[0], random_layer(128, 8, 64, True)])
+
+
+@needs_lib
+@pytest.mark.parametrize("args", [(2048, 1001, 128, True), (4096, 66, 128, False), (6144, 40, 128, True),
+                                  (640, 37, 32, False), (1024, 72, 256, True), (256, 9, 64, False)])
+def test_avx512_path_gives_the_avx2_bits(args, monkeypatch):
+    """With AVX-512 VNNI, M = 1 runs vpdpwssd over several weight rows at once: bitwise the AVX2 result,
+    whatever the row count per task (1001 rows: tasks that are not a multiple of 4) and the threads."""
+    best = LIB.gv8_set_isa(-1)
+    if best != 3:
+        pytest.skip("this CPU has no AVX-512 VNNI path")
+    layer = random_layer(*args)
+    x = torch.randn(1, layer.in_features)
+    out = {}
+    try:
+        for level in (2, 3):
+            assert LIB.gv8_set_isa(level) == level
+            for threads in ("1", "2"):
+                monkeypatch.setenv("GRACEVLM_NUM_THREADS", threads)
+                out[level, threads] = kernel_only().matmul(layer, x)
+    finally:
+        assert LIB.gv8_set_isa(-1) == best
+    assert all(torch.equal(out[2, "1"], y) for y in out.values())
+    assert rel_err(out[3, "2"], exact(layer, x)) <= 2e-6

@@ -91,6 +91,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv_isa.restype = c_int
     lib.gv_set_isa.argtypes = [c_int]
     lib.gv_set_isa.restype = c_int
+    lib.gv_set_multi_row.argtypes = [c_int]
+    lib.gv_set_multi_row.restype = c_int
     lib.gv_has_openmp.restype = c_int
     lib.gv_layout.argtypes = [c_int, c_int, c_int, ctypes.POINTER(c_i64)]
     lib.gv_repack.argtypes = [vp, vp, vp, c_int, c_int, c_int, c_int, vp, c_int]

@@ -12,9 +12,10 @@
  * as a = 256 * hi + lo with hi in [-32768, 32767] and lo in [0, 255] (both int16). The integer dot products
  * run on AVX2 vpmaddwd (16 multiply-adds per instruction: int8 codes widened to int16 times hi, and times lo);
  * the one rounding is that of the activations, |x - d*a| <= d/2, at the level of fp32 itself (2e-7..3e-7 measured
- * relative). AVX-512 VNNI is not written: the development machine (AMD EPYC, AVX2 only) cannot test it.
- * On a given code path (AVX2 or scalar) an output row is computed by the same operations whatever M, the
- * row's place among them and the thread count: y[m] is bitwise the result for x[m] alone.
+ * relative). With AVX-512 VNNI, M = 1 runs vpdpwssd over several weight rows at once and gives the AVX2
+ * path's very bits (see rows8_512_m1). On a given code path (AVX2/AVX-512 or scalar) an output row is
+ * computed by the same operations whatever M, the row's place among them and the thread count: y[m] is
+ * bitwise the result for x[m] alone.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -55,7 +56,7 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Runtime dispatch (shared with gv_igemm.c)                                                   */
 
-int gv8_isa_level = -1; /* 2: AVX2+FMA+F16C, 0: scalar */
+int gv8_isa_level = -1; /* 3: AVX-512 VNNI (the M = 1 matmul) on top of 2, 2: AVX2+FMA+F16C, 0: scalar */
 
 static int detect_isa(void) {
 #ifdef GV_X86
@@ -64,7 +65,13 @@ static int detect_isa(void) {
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_F16C) || !(c & bit_OSXSAVE)) return 0;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return (lo & 0x6) == 0x6 ? 2 : 0;
+    if ((lo & 0x6) != 0x6) return 0;
+#ifndef GV_NO_AVX512
+    if ((lo & 0xE6) == 0xE6 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return 3;
+#endif
+    return 2;
 #else
     return 0;
 #endif
@@ -75,13 +82,13 @@ int gv8_isa(void) {
     return gv8_isa_level;
 }
 
-/* The code path in use: 2 = AVX2/FMA, 0 = portable scalar. */
+/* The code path in use: 3 = AVX-512 VNNI, 2 = AVX2/FMA, 0 = portable scalar. */
 GV_API int gv8_get_isa(void) { return gv8_isa(); }
 
-/* Use code path `level` (0 or 2) if this CPU has it, else the best it has; level < 0: detect. Returns it. */
+/* Use code path `level` (0, 2 or 3) if this CPU has it, else the best it has; level < 0: detect. Returns it. */
 GV_API int gv8_set_isa(int level) {
     const int best = detect_isa();
-    gv8_isa_level = level < 0 || level > best ? best : level >= 2 ? 2 : 0;
+    gv8_isa_level = level < 0 || level > best ? best : level >= 3 ? 3 : level >= 2 ? 2 : 0;
     return gv8_isa_level;
 }
 
@@ -245,6 +252,68 @@ static GV_AVX2 void dequant8_rows_avx2(const int8_t *q, const float *s, int I, i
         }
     }
 }
+
+#ifndef GV_NO_AVX512
+#define GV8_HAVE_AVX512 1
+#define GV8_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* tile8_avx2 for one activation row m and NR <= 4 weight rows from o, on AVX-512 VNNI: vpdpwssd over 32
+ * inputs per instruction, the activation loads shared by the NR rows. Lane L of a 512-bit sum holds inputs
+ * 2L and 2L+1 of every 32; lanes L and L + 8 together are exactly lane L of the AVX2 kernel's two vpmaddwd,
+ * so adding the halves (integers: exact) before the same fp32 steps gives the AVX2 path's very bits. LIN:
+ * prefetch the next NR rows in address order (short rows), else one stream per row. */
+GV_INLINE GV8_AVX512 void rows8_512_m1(const int8_t *q, const float *s, int I, int g, const acts8_t *A, int m,
+                                       int o, int NR, int LIN, const float *bias, float *y, int O) {
+    const int G = I / g;
+    const int16_t *hi = A->hi + (size_t)m * I, *lo = A->lo + (size_t)m * I;
+    const float *dm = A->d + (size_t)m * G;
+    const int8_t *rows[4];
+    const float *srow[4];
+    for (int r = 0; r < NR; r++) {
+        rows[r] = q + (size_t)(o + r) * I;
+        srow[r] = s + (size_t)(o + r) * G;
+    }
+    const size_t ahead = (size_t)NR * I;
+    const __m256 c256 = _mm256_set1_ps(256.f);
+    __m256 tot[4];
+    for (int r = 0; r < NR; r++) tot[r] = _mm256_setzero_ps();
+    for (int gi = 0, k = 0; gi < G; gi++) {
+        __m512i ah[4], al[4];
+        for (int r = 0; r < NR; r++) ah[r] = al[r] = _mm512_setzero_si512();
+        for (const int e = k + g; k < e; k += 32) {
+            const __m512i h = _mm512_loadu_si512((const void *)(hi + k)), l = _mm512_loadu_si512((const void *)(lo + k));
+            for (int r = 0; r < NR; r++) {
+                _mm_prefetch((const char *)(LIN ? rows[0] + ahead + (size_t)NR * k + 32 * r : rows[r] + k + ahead),
+                             _MM_HINT_T0);
+                const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(rows[r] + k)));
+                ah[r] = _mm512_dpwssd_epi32(ah[r], w, h);
+                al[r] = _mm512_dpwssd_epi32(al[r], w, l);
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            const __m256i h8 = _mm256_add_epi32(_mm512_castsi512_si256(ah[r]), _mm512_extracti64x4_epi64(ah[r], 1));
+            const __m256i l8 = _mm256_add_epi32(_mm512_castsi512_si256(al[r]), _mm512_extracti64x4_epi64(al[r], 1));
+            const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h8), c256, _mm256_cvtepi32_ps(l8));
+            tot[r] = _mm256_fmadd_ps(v, _mm256_set1_ps(srow[r][gi] * dm[gi]), tot[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) y[(size_t)m * O + o + r] = hsum8(tot[r]) + (bias ? bias[o + r] : 0.f);
+}
+
+/* Output rows o0..o1 of activation row m (M = 1). Rows per pass and prefetching as in gv_int4.c's
+ * rows_512_m1 (measured there): ~4 KiB of short rows read ahead in address order, long rows 4 streams. */
+static GV8_AVX512 void rows8_avx512(const int8_t *q, const float *s, int I, int O, int g, const acts8_t *A,
+                                    int m, const float *bias, float *y, int o0, int o1) {
+    const int lin = 4 * I <= 5120 ? 4 : 2 * I <= 5120 ? 2 : 0, step = lin ? lin : 4;
+    for (int o = o0; o < o1; o += step) {
+        const int NR = o1 - o < step ? o1 - o : step;
+        if (NR == 4 && lin) rows8_512_m1(q, s, I, g, A, m, o, 4, 1, bias, y, O);
+        else if (NR == 4) rows8_512_m1(q, s, I, g, A, m, o, 4, 0, bias, y, O);
+        else if (NR == 2 && lin) rows8_512_m1(q, s, I, g, A, m, o, 2, 1, bias, y, O);
+        else rows8_512_m1(q, s, I, g, A, m, o, NR, lin != 0, bias, y, O);
+    }
+}
+#endif /* GV_NO_AVX512 */
 #endif /* GV_X86 */
 
 /* Portable path: exact int64 sums per group, fp32 accumulation over groups. */
@@ -281,8 +350,9 @@ GV_API int gv8_matmul(const int8_t *q, const float *s, int I, int O, int g, cons
     float *mem = NULL;
     if (posix_memalign((void **)&mem, 64, nd * sizeof(float) + (size_t)M * I * 4)) return -2;
     acts8_t A = {(int16_t *)(mem + nd), (int16_t *)(mem + nd) + (size_t)M * I, mem};
-    const int avx2 = gv8_isa() >= 2;
+    const int avx2 = gv8_isa() >= 2, avx512 = gv8_isa() == 3 && M == 1; /* same bits as AVX2 */
     (void)avx2;
+    (void)avx512;
     GV_OMP(omp parallel num_threads(nthreads))
     {
         GV_OMP(omp for schedule(static))
@@ -299,6 +369,10 @@ GV_API int gv8_matmul(const int8_t *q, const float *s, int I, int O, int g, cons
         for (int t = 0; t < ntasks; t++) {
             const int o0 = t * R, o1 = o0 + R < O ? o0 + R : O;
 #ifdef GV_X86
+#ifdef GV8_HAVE_AVX512
+            if (avx512) rows8_avx512(q, s, I, O, g, &A, 0, bias, y, o0, o1);
+            else
+#endif
             if (avx2) rows8_avx2(q, s, I, O, g, &A, M, bias, y, o0, o1);
             else
 #endif
