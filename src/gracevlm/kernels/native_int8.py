@@ -31,7 +31,7 @@ import torch
 from ..errors import InputError
 from . import native
 
-SOURCES = (native._HERE / "csrc" / "gv_int8.c", native._HERE / "csrc" / "gv_igemm.c", native._HERE / "csrc" / "gv_attn.c")
+SOURCES = tuple(native._HERE / "csrc" / name for name in ("gv_int8.c", "gv_igemm.c", "gv_attn.c", "gv_norm.c"))
 LIB_STEM = "_gv_int8"
 
 _lock = threading.Lock()
@@ -62,7 +62,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv_igemm8.argtypes = [vp, vp, c_int, c_int, c_int, vp, c_i64, c_int, vp, vp, c_int]
     lib.gv_attn_decode.argtypes = [vp, c_int, c_int, c_int, vp, vp, c_i64, c_i64, c_int, c_int, ctypes.c_float,
                                    vp, c_int]
-    for fn in (lib.gv8_matmul, lib.gv8_dequant, lib.gv_igemm4, lib.gv_igemm8, lib.gv_attn_decode):
+    lib.gv_rms_norm.argtypes = [vp, c_i64, vp, vp, c_i64, c_int, c_int, ctypes.c_double]
+    lib.gv_rope.argtypes = [vp, c_i64, vp, vp, vp, c_int, c_int, c_int]
+    for fn in (lib.gv8_matmul, lib.gv8_dequant, lib.gv_igemm4, lib.gv_igemm8, lib.gv_attn_decode, lib.gv_rms_norm,
+               lib.gv_rope):
         fn.restype = c_int
     return lib
 

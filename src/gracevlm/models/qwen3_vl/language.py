@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..kv_cache import KVCache, KVPool, RowKV, slot_list
-from ..llama import MLP, RMSNorm, _attend, _rotate_half, cached_attention, fuse_decoder_projections
+from ..llama import MLP, RMSNorm, _attend, cached_attention, fuse_decoder_projections, rotate_heads
 from .config import Qwen3VLTextConfig
 from .rope import MRotary
 
@@ -77,12 +77,9 @@ class Qwen3Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.q_norm(q.reshape(b, t, s.num_heads, s.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.reshape(b, t, s.num_kv_heads, s.head_dim)).transpose(1, 2)
+        q = rotate_heads(self.q_norm(q.reshape(b, t, s.num_heads, s.head_dim)), cos, sin)
+        k = rotate_heads(self.k_norm(k.reshape(b, t, s.num_kv_heads, s.head_dim)), cos, sin)
         v = v.reshape(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
         groups = s.num_heads // s.num_kv_heads
         if cache is None:  # cache-free: attend within these tokens with `mask [B, T, T]`
             out = _attend(q, k, v, mask.unsqueeze(1), groups)
