@@ -51,5 +51,5 @@ def test_falls_back_where_it_does_not_apply():
         assert norm_rope.rms_norm(x, w.detach(), 1e-6) is None
     finally:
         norm_rope.set_enabled(old)
-    assert torch.allclose(F.rms_norm(x, (8,), w.detach(), 1e-6), norm_rope.rms_norm(x, w.detach(), 1e-6) if LIB else
-                          F.rms_norm(x, (8,), w.detach(), 1e-6))
+    if LIB is not None:  # where it applies it agrees with torch's own RMSNorm up to rounding
+        assert torch.allclose(norm_rope.rms_norm(x, w.detach(), 1e-6), F.rms_norm(x, (8,), w.detach(), 1e-6))
