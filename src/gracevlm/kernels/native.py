@@ -207,6 +207,47 @@ def half_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+class RowPlan:
+    """A layer's small-M kernel call with its arguments bound, for decode steps (``Int4Linear`` and
+    ``Int8Linear`` keep one in ``kernel_cache["row_plan"]``). ``run(x2)`` takes fp32 CPU rows ``x2 [M, I]``
+    (last stride 1, rows not overlapping) and returns fp32 ``[M, O]``: the same call, so the same bits, as
+    ``backend.matmul`` makes for the ``M`` that ``takes(M)`` accepts, with about a quarter of its Python.
+    ``fn(*head, x, x_row_stride, M, bias, y, [mode,] threads)`` is the C entry point's argument order."""
+
+    __slots__ = ("backend", "fn", "head", "bias_ptr", "out_f", "keep", "row_limit")
+
+    def __init__(self, backend, fn, head: tuple, bias, out_f: int, keep: tuple, row_limit):
+        self.backend, self.fn, self.head = backend, fn, head
+        self.bias_ptr = None if bias is None else bias.data_ptr()
+        self.out_f, self.keep, self.row_limit = out_f, keep + (bias,), row_limit  # keep: the tensors pointed to
+
+    def takes(self, rows: int) -> bool:
+        """Whether ``backend.matmul`` runs the small-M kernel for ``rows`` rows (``row_limit()``: its crossover now)."""
+        return 0 < rows < self.row_limit()
+
+    def run(self, x2: torch.Tensor) -> torch.Tensor:
+        rows = x2.shape[0]
+        y = torch.empty(rows, self.out_f, dtype=torch.float32)
+        tail = (self.backend.mode,) if self.backend.kernel_mode_arg else ()
+        rc = self.fn(*self.head, x2.data_ptr(), x2.stride(0), rows, self.bias_ptr, y.data_ptr(), *tail,
+                     num_threads())
+        if rc != 0:
+            raise RuntimeError(f"{self.fn.__name__} failed with code {rc}")
+        return y
+
+
+class NoRowPlan:
+    """``backend`` has no bound kernel for the layer (so the layer does not ask it again)."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def takes(self, rows: int) -> bool:
+        return False
+
+
 class NativeBackend:
     """Our C kernels (csrc/gv_int4.c) on a repacked copy of the weights, made once per layer in
     ``kernel_cache["native"]`` (the AWQ buffers stay untouched, so ``to_awq()`` stays exact).
@@ -251,6 +292,18 @@ class NativeBackend:
         avx512 = (lib is not None and lib.gv_isa() == 3 and self.mode != MODE_F32
                   and layer.group_size % 128 == 0)
         return self.gemm_min_rows_avx512 if avx512 else self.gemm_min_rows_avx2
+
+    kernel_mode_arg = True  # gv_matmul takes the mode after y (RowPlan)
+
+    def row_plan(self, layer) -> RowPlan | None:
+        """``layer``'s small-M kernel bound (``RowPlan``), or None where this backend would not run it."""
+        lib = load_library()
+        if lib is None or not self.supports(layer) or layer.device.type != "cpu":
+            return None
+        st = self._prepare(layer, lib)
+        head = (st["packed"].data_ptr(), layer.in_features, layer.out_features, layer.group_size, st["ss"])
+        return RowPlan(self, lib.gv_matmul, head, st["bias"], layer.out_features, (st["packed"],),
+                       lambda: self.min_gemm_rows(layer))
 
     def available(self, device: torch.device) -> bool:
         return device.type == "cpu" and load_library() is not None

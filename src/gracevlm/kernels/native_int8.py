@@ -63,9 +63,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv_attn_decode.argtypes = [vp, c_int, c_int, c_int, vp, vp, c_i64, c_i64, c_int, c_int, ctypes.c_float,
                                    vp, c_int]
     lib.gv_rms_norm.argtypes = [vp, c_i64, vp, vp, c_i64, c_int, c_int, ctypes.c_double]
+    lib.gv_attn_block_decode.argtypes = [vp, c_int, c_int, c_int, vp, vp, ctypes.c_double, vp, vp, vp, vp, c_i64,
+                                         c_i64, c_int, c_int, ctypes.c_float, vp, c_int]
     lib.gv_rope.argtypes = [vp, c_i64, vp, vp, vp, c_int, c_int, c_int]
-    for fn in (lib.gv8_matmul, lib.gv8_dequant, lib.gv_igemm4, lib.gv_igemm8, lib.gv_attn_decode, lib.gv_rms_norm,
-               lib.gv_rope):
+    for fn in (lib.gv8_matmul, lib.gv8_dequant, lib.gv_igemm4, lib.gv_igemm8, lib.gv_attn_decode,
+               lib.gv_attn_block_decode, lib.gv_rms_norm, lib.gv_rope):
         fn.restype = c_int
     return lib
 
@@ -209,9 +211,20 @@ class Int8NativeBackend:
     # kernel vs dense for 2048->6144, 6144->2048, 2048->2048): M=24: 144 vs 172, 153 vs 173, 12.6 vs 19.8;
     # M=32: 225 vs 212, 231 vs 167, 25.5 vs 22.3; M=48: 517 vs 401, 355 vs 160, 36.7 vs 27.1.
     gemm_min_rows = 32
+    kernel_mode_arg = False  # gv8_matmul has no mode argument (native.RowPlan)
 
     def available(self, device: torch.device) -> bool:
         return device.type == "cpu" and load_library() is not None
+
+    def row_plan(self, layer) -> native.RowPlan | None:
+        """``gv8_matmul`` bound to ``layer``'s tensors (``native.RowPlan``; ``keep[0]`` is its qweight)."""
+        lib = load_library()
+        if lib is None or layer.qweight.device.type != "cpu" or not native_int8_supports(layer):
+            return None
+        head = (layer.qweight.data_ptr(), layer.scales.data_ptr(), layer.in_features, layer.out_features,
+                layer.group_size)
+        return native.RowPlan(self, lib.gv8_matmul, head, _bias32(layer), layer.out_features,
+                              (layer.qweight, layer.scales), lambda: self.gemm_min_rows)
 
     def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
         lib = load_library()

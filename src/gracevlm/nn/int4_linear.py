@@ -7,6 +7,7 @@ from torch import nn
 from .. import kernels
 from ..formats.awq import check_awq, is_symmetric_grace
 from ..formats.qat import AwqTensors
+from ..kernels.native import NoRowPlan
 
 
 class Int4Linear(nn.Module):
@@ -170,9 +171,15 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = kernels.select_backend(x.device, x2.shape[0], self.backend)
+        plan = self.kernel_cache.get("row_plan")
+        if (plan is not None and plan.backend is backend and plan.takes(x2.shape[0]) and x2.dtype == torch.float32
+                and x2.stride(-1) == 1 and not (x2.requires_grad and torch.is_grad_enabled())):
+            return plan.run(x2).reshape(*lead, self.out_features)  # decode steps: the same call, arguments bound
         if self._rebuild is not None and not getattr(backend, "reads_own_layout", False):
             self.restore_awq()  # this backend computes from the AWQ tensors: bring them back once
         y = backend.matmul(self, x2)
+        if (plan is None or plan.backend is not backend) and hasattr(backend, "row_plan"):
+            self.kernel_cache["row_plan"] = backend.row_plan(self) or NoRowPlan(backend)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

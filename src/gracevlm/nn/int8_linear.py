@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import FormatError
 from ..formats.w8 import Int8Codes, int8_to_qat, qat_to_int8
 from ..kernels import native_int8
+from ..kernels.native import NoRowPlan
 
 
 class Int8Linear(nn.Module):
@@ -105,7 +106,15 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = native_int8.select_int8_backend(x.device, self.backend).matmul(self, x2)
+        backend = native_int8.select_int8_backend(x.device, self.backend)
+        plan = self.kernel_cache.get("row_plan")
+        if (plan is not None and plan.backend is backend and plan.takes(x2.shape[0]) and plan.keep[0] is self.qweight
+                and plan.keep[1] is self.scales and x2.dtype == torch.float32 and x2.stride(-1) == 1
+                and not (x2.requires_grad and torch.is_grad_enabled())):
+            return plan.run(x2).reshape(*lead, self.out_features)  # decode steps: the same call, arguments bound
+        y = backend.matmul(self, x2)
+        if (plan is None or plan.backend is not backend) and hasattr(backend, "row_plan"):
+            self.kernel_cache["row_plan"] = backend.row_plan(self) or NoRowPlan(backend)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
