@@ -90,12 +90,15 @@ def test_decode_steps_with_and_without_the_kernel(tmp_path, monkeypatch):
 
     taken = []
 
-    def counted(*args):
-        out = attention.decode_attention(*args)
-        taken.append(out is not None)
-        return out
+    def counted(fn):
+        def call(*args):
+            out = fn(*args)
+            taken.append(out is not None)
+            return out
+        return call
 
-    monkeypatch.setattr(llama, "decode_attention", counted)
+    monkeypatch.setattr(llama, "decode_attention", counted(attention.decode_attention))
+    monkeypatch.setattr(llama, "decode_block", counted(attention.decode_block))
     from gracevlm.synth.qwen3_vl import synthesize_qwen3_vl
 
     path = synthesize_qwen3_vl(tmp_path / "m", "qwen3-vl-tiny", fmt="awq", seed=0, progress=False)
@@ -123,3 +126,92 @@ def test_decode_steps_with_and_without_the_kernel(tmp_path, monkeypatch):
         attention.set_enabled(old)
     assert torch.equal(on.argmax(-1), off.argmax(-1))
     assert (on - off).abs().max().item() < 1e-5
+
+
+def separate_steps(qkv, heads, kv_heads, qw, kw, eps, cos, sin, keys, values, span):
+    """What the models run without ``decode_block``: QK-norm, rotary, cache writes, ``decode_attention``."""
+    from gracevlm.kernels import norm_rope
+
+    d = keys.shape[-1]
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.reshape(1, 1, heads, d), k.reshape(1, 1, kv_heads, d)
+    if qw is not None:
+        q, k = norm_rope.rms_norm(q, qw, eps), norm_rope.rms_norm(k, kw, eps)
+    q, k = norm_rope.rotary(q, cos, sin).transpose(1, 2), norm_rope.rotary(k, cos, sin).transpose(1, 2)
+    keys[:, span - 1:span] = k[0].to(keys.dtype)
+    values[:, span - 1:span] = v.reshape(1, 1, kv_heads, d).transpose(1, 2)[0].to(values.dtype)
+    return attention.decode_attention(q.contiguous(), keys, values, span, heads // kv_heads).reshape(1, 1, -1)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,d,span", [(16, 8, 128, 1), (16, 8, 128, 37), (4, 1, 32, 9), (6, 6, 24, 5)])
+def test_decode_block_is_bitwise_the_separate_steps(kv_dtype, qk_norm, heads, kv_heads, d, span):
+    gen = torch.Generator().manual_seed(span + d)
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * d, generator=gen) * 2
+    qw, kw = (torch.randn(d, generator=gen), torch.randn(d, generator=gen)) if qk_norm else (None, None)
+    cos, sin = torch.randn(1, 1, d, generator=gen), torch.randn(1, 1, d, generator=gen)
+    cache = torch.randn(2, kv_heads, span + 4, d, generator=gen).to(kv_dtype)
+    ref_k, ref_v = cache[0].clone(), cache[1].clone()
+    ref = separate_steps(qkv, heads, kv_heads, qw, kw, 1e-6, cos, sin, ref_k, ref_v, span)
+    keys, values = cache[0], cache[1]  # views with the layout of a KV cache layer
+    out = attention.decode_block(qkv, heads, kv_heads, qw, kw, 1e-6, cos, sin, keys, values, span)
+    assert out is not None and out.shape == (1, 1, heads * d)
+    assert torch.equal(out, ref)
+    assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)  # the new position written, nothing else
+
+
+def test_decode_block_refuses_what_it_cannot_take():
+    qkv, cs = torch.randn(1, 1, 4 * 16), torch.randn(1, 1, 16)
+    keys = values = torch.zeros(1, 8, 16)
+    args = (2, 1, None, None, 1e-6, cs, cs)
+    assert attention.decode_block(qkv, *args, keys, values, 8) is not None
+    assert attention.decode_block(qkv, *args, keys.half(), values.half(), 8) is None  # fp32 and bf16 caches only
+    assert attention.decode_block(qkv.double(), *args, keys, values, 8) is None
+    assert attention.decode_block(torch.randn(1, 1, 5 * 16), *args, keys, values, 8) is None  # sizes disagree
+    assert attention.decode_block(qkv, *args, keys, values, 9) is None  # span beyond the capacity
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["qwen3-vl", "llava"])
+def test_models_decode_the_same_bits_with_the_fused_block(tmp_path, monkeypatch, family, kv_dtype):
+    """Decode steps of a tiny Qwen3-VL (QK-norm, GQA) and a tiny LLaVA give bitwise the same logits and KV cache
+    with ``decode_block`` and with the separate steps it replaces."""
+    import gracevlm
+    from gracevlm.models import llama
+
+    if family == "qwen3-vl":
+        from gracevlm.synth.qwen3_vl import synthesize_qwen3_vl
+        path = synthesize_qwen3_vl(tmp_path / "m", "qwen3-vl-tiny", fmt="awq", seed=0, progress=False)
+    else:
+        from gracevlm.synth.checkpoint import synthesize
+        path = synthesize(tmp_path / "m", "tiny", fmt="awq", seed=0, progress=False)
+    vlm = gracevlm.load(path, device="cpu")
+    lm = vlm.model.language_model
+    ids = torch.arange(3, 30).view(1, -1)
+    used = []
+
+    def run():
+        with torch.inference_mode():
+            cache = vlm.model.new_cache(1, 64, kv_dtype)
+            logits = [lm(lm.embed(ids, torch.float32), torch.arange(ids.shape[1])[None], cache)]
+            for i in range(6):
+                tok = logits[-1].argmax(-1, keepdim=True)
+                logits.append(lm(lm.embed(tok, torch.float32), torch.tensor([[ids.shape[1] + i]]), cache))
+            return torch.cat(logits), cache
+
+    def block(*args):
+        out = attention.decode_block(*args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(llama, "decode_block", block)
+    fused, fused_cache = run()
+    assert used and all(used)
+    monkeypatch.setattr(llama, "decode_block", lambda *args: None)
+    separate, separate_cache = run()
+    assert torch.equal(fused, separate)
+    assert fused_cache.dtype == kv_dtype
+    for layer in range(len(lm.layers) if hasattr(lm, "layers") else len(lm.model.layers)):
+        for a, b in zip(fused_cache.layer_kv(layer, 0), separate_cache.layer_kv(layer, 0)):
+            assert torch.equal(a, b)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import native, native_int8
+from . import native, native_int8, norm_rope
 
 _KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _enabled = os.environ.get("GRACEVLM_NATIVE_ATTENTION", "1") != "0"
@@ -52,4 +52,41 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = torch.empty(1, h, 1, d, dtype=torch.float32)
     rc = lib.gv_attn_decode(q.data_ptr(), h, kvh, d, keys.data_ptr(), values.data_ptr(), hs, ps, span, dt,
                             d ** -0.5, out.data_ptr(), native.num_threads())
+    return out if rc == 0 else None
+
+
+def decode_block(qkv: torch.Tensor, heads: int, kv_heads: int, q_norm: torch.Tensor | None,
+                 k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, span: int) -> torch.Tensor | None:
+    """One sequence's decode-step attention in one native call (``gv_attn_block_decode``): ``qkv [1, 1, (H +
+    2 KVH) d]`` fp32 (a fused projection's output) -> QK-norm with ``q_norm/k_norm [d]`` (None: none), rotary
+    with ``cos/sin [1, 1, d]``, the key and value heads written at position ``span - 1`` of ``keys/values
+    [KVH, >= span, d]`` (fp32 or bf16 KV cache views), attention over positions ``0 .. span-1``. Returns fp32
+    ``[1, 1, H d]``, bitwise what ``norm_rope.rms_norm``, ``norm_rope.rotary``, the cache writes (torch's
+    rounding to bf16) and ``decode_attention`` give one after the other; or None where that path does not
+    apply (then nothing was written)."""
+    if not _enabled or not norm_rope.enabled():
+        return None
+    dt = _KV_DTYPES.get(keys.dtype)
+    d = keys.shape[-1]
+    hs, ps, inner = keys.stride()
+    small = [qkv, cos, sin] + [w for w in (q_norm, k_norm) if w is not None]
+    if (dt not in (0, 1) or values.dtype != keys.dtype or not keys.is_cpu or not values.is_cpu
+            or any(t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous() for t in small)
+            or torch.is_grad_enabled() and any(t.requires_grad for t in small)):
+        return None
+    if (qkv.numel() != (heads + 2 * kv_heads) * d or cos.numel() != d or sin.numel() != d
+            or keys.shape[0] != kv_heads or heads % kv_heads or heads // kv_heads > 64 or d > 512 or d % 2
+            or values.shape != keys.shape or values.stride() != (hs, ps, inner) or inner != 1
+            or not 0 < span <= keys.shape[1] or any(w.shape != (d,) for w in small[3:])):
+        return None
+    lib = native_int8.load_library()
+    if lib is None:
+        return None
+    out = torch.empty(1, 1, heads * d, dtype=torch.float32)
+    rc = lib.gv_attn_block_decode(qkv.data_ptr(), heads, kv_heads, d,
+                                  None if q_norm is None else q_norm.data_ptr(),
+                                  None if k_norm is None else k_norm.data_ptr(), float(eps), cos.data_ptr(),
+                                  sin.data_ptr(), keys.data_ptr(), values.data_ptr(), hs, ps, span, dt, d ** -0.5,
+                                  out.data_ptr(), native.num_threads())
     return out if rc == 0 else None

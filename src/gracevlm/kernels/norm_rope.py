@@ -34,10 +34,21 @@ def set_enabled(on: bool) -> bool:
 def _usable(*tensors: torch.Tensor) -> bool:
     if not _enabled:
         return False
+    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()):
+        if t.dtype != torch.float32 or not t.is_cpu or (grad and t.requires_grad):
             return False
     return True
+
+
+_lib = None
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        _lib = native_int8.load_library()
+    return _lib
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -48,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     rows = x.reshape(-1, d)  # a view where the layout allows it
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    lib = native_int8.load_library()
+    lib = _library()
     if lib is None:
         return None
     out = torch.empty(rows.shape, dtype=torch.float32)
@@ -70,7 +81,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    lib = native_int8.load_library()
+    lib = _library()
     if lib is None:
         return None
     out = torch.empty(b, t, h, d, dtype=torch.float32)

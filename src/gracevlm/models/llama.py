@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import norm_rope
-from ..kernels.attention import decode_attention
+from ..kernels.attention import decode_attention, decode_block
 from ..nn import Int4Linear, Int8Linear
 from .kv_cache import KVCache, RowKV, slot_list
 
@@ -140,7 +140,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         s = self.spec
         if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            qkv = self.qkv_proj(x)
+            out = fused_decode_attention(s, qkv, cos, sin, cache, layer, rows)
+            if out is not None:
+                return self.o_proj(out)
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = rotate_heads(q.view(b, t, s.num_heads, s.head_dim), cos, sin)
@@ -152,6 +156,24 @@ class Attention(nn.Module):
         else:
             out = cached_attention(q, k, v, cache, layer, rows, groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+def fused_decode_attention(spec, qkv, cos, sin, cache: KVCache | None, layer: int, rows: list[RowKV] | None,
+                           q_norm: "RMSNorm | None" = None, k_norm: "RMSNorm | None" = None) -> torch.Tensor | None:
+    """A one-sequence decode step's attention from the fused ``qkv [1, 1, (H + 2 KVH) d]`` in one native call
+    (``kernels.attention.decode_block``: optional QK-norm, rotary, cache write, attention): ``[1, 1, H d]``,
+    bitwise the separate steps' result; or None where it does not apply (then the caller runs those steps)."""
+    if cache is None or len(rows) != 1 or qkv.shape[0] != 1 or qkv.shape[1] != 1:
+        return None
+    row = rows[0]
+    if not (isinstance(row.where, slice) and row.where.start == row.span - 1):
+        return None
+    kc, vc = cache.layer_kv(layer, row.slot)
+    eps = q_norm.eps if q_norm is not None else 0.0
+    if q_norm is not None and (k_norm is None or k_norm.eps != eps):
+        return None
+    return decode_block(qkv, spec.num_heads, spec.num_kv_heads, None if q_norm is None else q_norm.weight,
+                        None if k_norm is None else k_norm.weight, eps, cos, sin, kc, vc, row.span)
 
 
 def cached_attention(q, k, v, cache: KVCache, layer: int, rows: list[RowKV], groups: int) -> torch.Tensor:

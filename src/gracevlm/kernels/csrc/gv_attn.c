@@ -286,3 +286,56 @@ GV_API int gv_attn_decode(const float *q, int H, int KVH, int d, const void *k, 
     free(scratch);
     return 0;
 }
+
+int gv_rms_norm(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy, int rows, int d, double eps);
+int gv_rope(const float *x, int64_t ldx, const float *c, const float *s, float *y, int n, int H, int d);
+
+/* fp32 -> bf16 bits as torch rounds them: to nearest, ties to even; NaN -> 0x7FC0. */
+static uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Write d values at dst (fp32 or bf16 cache). */
+static void put_kv(void *dst, const float *src, int d, int dt) {
+    if (dt == KV_F32) {
+        memcpy(dst, src, (size_t)d * sizeof(float));
+        return;
+    }
+    uint16_t *o = (uint16_t *)dst;
+    for (int c = 0; c < d; c++) o[c] = bf16_bits(src[c]);
+}
+
+/* A decode step's attention for one sequence: the per-layer sequence of separate calls in one.
+ * qkv: [(H + 2*KVH) * d], the H query heads, then KVH key heads, then KVH value heads (a fused projection's
+ * output row). Query and key heads go through gv_rms_norm with qw / kw (QK-norm; NULL: none), then gv_rope with
+ * this position's tables c, s [d]; the key and value heads are written at position S-1 of the caches k, v (fp32
+ * or bf16, dt as gv_attn_decode; strides hs, ps in elements), and gv_attn_decode attends over positions 0..S-1
+ * into out [H * d]. The same functions in the same order as the separate calls, so the same bits. Returns 0, -1
+ * for bad arguments (nothing written), -2 when out of memory. */
+GV_API int gv_attn_block_decode(const float *qkv, int H, int KVH, int d, const float *qw, const float *kw,
+                                double eps, const float *c, const float *s, void *k, void *v, int64_t hs,
+                                int64_t ps, int S, int dt, float scale, float *out, int nthreads) {
+    if (H <= 0 || KVH <= 0 || H % KVH || H / KVH > 64 || d <= 0 || d > D_MAX || d % 2 || S <= 0 || ps < d ||
+        (dt != KV_F32 && dt != KV_BF16) || !(eps >= 0))
+        return -1;
+    float *buf = NULL; /* normed q heads, then normed k heads; rotated q; rotated k */
+    if (posix_memalign((void **)&buf, 64, (size_t)2 * (H + KVH) * d * sizeof(float))) return -2;
+    float *normed = buf, *rq = buf + (size_t)(H + KVH) * d, *rk = rq + (size_t)H * d;
+    const float *q_in = qkv, *k_in = qkv + (size_t)H * d, *v_in = k_in + (size_t)KVH * d;
+    if (qw) gv_rms_norm(q_in, d, qw, normed, d, H, d, eps);
+    if (kw) gv_rms_norm(k_in, d, kw, normed + (size_t)H * d, d, KVH, d, eps);
+    gv_rope(qw ? normed : q_in, (int64_t)H * d, c, s, rq, 1, H, d);
+    gv_rope(kw ? normed + (size_t)H * d : k_in, (int64_t)KVH * d, c, s, rk, 1, KVH, d);
+    const size_t esize = dt == KV_F32 ? 4 : 2;
+    for (int h = 0; h < KVH; h++) {
+        const size_t at = ((size_t)h * hs + (size_t)(S - 1) * ps) * esize;
+        put_kv((char *)k + at, rk + (size_t)h * d, d, dt);
+        put_kv((char *)v + at, v_in + (size_t)h * d, d, dt);
+    }
+    const int rc = gv_attn_decode(rq, H, KVH, d, k, v, hs, ps, S, dt, scale, out, nthreads);
+    free(buf);
+    return rc;
+}

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..kv_cache import KVCache, KVPool, RowKV, slot_list
-from ..llama import MLP, RMSNorm, _attend, cached_attention, fuse_decoder_projections, rotate_heads
+from ..llama import (MLP, RMSNorm, _attend, cached_attention, fuse_decoder_projections, fused_decode_attention,
+                     rotate_heads)
 from .config import Qwen3VLTextConfig
 from .rope import MRotary
 
@@ -74,7 +75,11 @@ class Qwen3Attention(nn.Module):
         b, t, _ = x.shape
         s = self.spec
         if hasattr(self, "qkv_proj"):  # fused by fuse_decoder_projections
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            qkv = self.qkv_proj(x)
+            out = fused_decode_attention(s, qkv, cos, sin, cache, layer, rows, self.q_norm, self.k_norm)
+            if out is not None:
+                return self.o_proj(out)
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = rotate_heads(self.q_norm(q.reshape(b, t, s.num_heads, s.head_dim)), cos, sin)
