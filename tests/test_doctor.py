@@ -70,3 +70,15 @@ def test_dense_on_cuda_without_triton(monkeypatch):
     monkeypatch.setattr(triton_w4a16, "triton_version", lambda: None)
     name, why = doctor._int4_path(torch.device("cuda"), 1)
     assert name == "dense" and "triton is not installed" in why
+
+
+def test_cpu_paths_name_what_select_backend_runs():
+    for rows in (1, 512):
+        name, why = doctor._int4_path(torch.device("cpu"), rows)
+        assert name == kernels.select_backend(torch.device("cpu"), rows).name
+        if native.load_library() is None:
+            assert "not loaded" in why
+        elif rows == 1:
+            assert "small-M kernel" in why
+        else:  # the prefill GEMM it runs: integer (native-igemm) or exact fp32 tiles (native)
+            assert ("integer GEMM" in why) == (name == "native-igemm") and "not loaded" not in why

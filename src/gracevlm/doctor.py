@@ -94,9 +94,12 @@ def _int4_path(device: torch.device, rows: int) -> tuple[str, str]:
         return forced, "forced by GRACEVLM_BACKEND"
     name = kernels.select_backend(device, rows).name
     if device.type == "cpu":
-        if name == "native":
+        if name in ("native", "native-igemm"):
             probe = SimpleNamespace(group_size=128)  # LLaVA's group size
-            cut = kernels.get_backend("native").min_gemm_rows(probe)
+            cut = kernels.get_backend(name).min_gemm_rows(probe)
+            if rows >= cut and name == "native-igemm":
+                return name, (f"native C integer GEMM: exact codes x activations in 16-bit fixed point "
+                              f"(rows >= {cut} at group 128; ~2.5e-5 relative error)")
             if rows >= cut:
                 return name, f"native C: exact fp32 weight tiles + torch GEMM (rows >= {cut} at group 128)"
             return name, "native C small-M kernel (weights exact, activations in 24-bit fixed point)"

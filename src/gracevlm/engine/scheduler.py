@@ -29,9 +29,9 @@ lone request would. Attention runs per row over that row's own cache span with t
 ``LlamaForCausalLM`` uses for one sequence (batched SDPA with a padding mask sums in a different order),
 and the ``lm_head`` runs batched only where that is row-invariant (``HalfLinear``'s kernel below its
 GEMM crossover), else one row at a time (a dense GEMM's per-row results depend on the number of rows).
-The INT4 projections run batched: the CPU kernels (``native`` below its GEMM crossover,
-``NativeBackend.min_gemm_rows``: 16 or 48 rows by code path; ``int4pack``) give every row the bits it gets
-alone. Prefill of a request is never batched with
+The INT4 projections run batched: the CPU kernels (the small-M kernel of ``native``/``native-igemm`` below
+their GEMM crossover, ``NativeBackend.min_gemm_rows``: 12 rows on the AVX2 path, 48 with AVX-512 VNNI;
+``int4pack``) give every row the bits it gets alone. Prefill of a request is never batched with
 another request, and with ``prefill_chunk=None`` it is the very forward ``stream_generate`` runs. So a
 greedy (or seeded) request returns the same tokens alone, batched, and through ``VLM.generate``.
 Exceptions: the ``dense`` INT4 backend (CUDA, or forced) is a GEMM and is not row-invariant, and a chunked
