@@ -87,3 +87,23 @@ def test_int8_plan_not_used_after_the_weights_are_replaced():
         layer.scales = other.scales.clone()
         expected = Int8Linear(other.qweight, other.scales, layer.bias, 128)  # the replaced weights, the same bias
         assert torch.equal(layer(x), native_int8.INT8_BACKENDS["native"].matmul(expected, x))
+
+
+def test_copied_and_pickled_layers_bind_their_own_tensors():
+    import copy
+    import io
+
+    layer = random_int4_layer(256, 48, 128, True, False, torch.Generator().manual_seed(5))
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        y = layer(x)
+        twin = copy.deepcopy(layer)
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (twin, loaded):
+            assert not isinstance(other.kernel_cache["row_plan"], RowPlan)
+            assert torch.equal(other(x), y)
+            plan = other.kernel_cache["row_plan"]
+            assert isinstance(plan, RowPlan) and plan.keep[0] is other.kernel_cache["native"]["packed"]

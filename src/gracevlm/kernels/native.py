@@ -225,6 +225,10 @@ class RowPlan:
         """Whether ``backend.matmul`` runs the small-M kernel for ``rows`` rows (``row_limit()``: its crossover now)."""
         return 0 < rows < self.row_limit()
 
+    def __reduce__(self):
+        # a copied or pickled layer binds its own tensors again on its first call (raw pointers don't travel)
+        return NoRowPlan, (None,)
+
     def run(self, x2: torch.Tensor) -> torch.Tensor:
         rows = x2.shape[0]
         y = torch.empty(rows, self.out_f, dtype=torch.float32)
