@@ -9,26 +9,13 @@ values); results do not depend on the thread count.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import native, native_int8, norm_rope
 
 _KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_enabled = os.environ.get("GRACEVLM_NATIVE_ATTENTION", "1") != "0"
-
-
-def enabled() -> bool:
-    """Whether ``decode_attention`` uses the native kernel (off with ``GRACEVLM_NATIVE_ATTENTION=0`` at import)."""
-    return _enabled
-
-
-def set_enabled(on: bool) -> bool:
-    """Switch the native kernel on or off (A/B comparisons, tests); returns the previous setting."""
-    global _enabled
-    old, _enabled = _enabled, bool(on)
-    return old
+_switch = native.NativeSwitch("GRACEVLM_NATIVE_ATTENTION")  # off with GRACEVLM_NATIVE_ATTENTION=0 at import
+enabled, set_enabled = _switch.enabled, _switch.set_enabled
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, span: int,
@@ -36,7 +23,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """``q [1, H, 1, d]`` fp32 contiguous; ``keys/values [H/groups, >= span, d]`` (a KV cache layer's views,
     same strides, the ``d`` values of a position contiguous), of which positions ``0 .. span-1`` are attended.
     Returns fp32 ``[1, H, 1, d]``, or None where the native kernel cannot take the call."""
-    if not _enabled or q.dtype != torch.float32 or q.device.type != "cpu" or not q.is_contiguous():
+    if not _switch.on or q.dtype != torch.float32 or q.device.type != "cpu" or not q.is_contiguous():
         return None
     dt = _KV_DTYPES.get(keys.dtype)
     kvh, cap, d = keys.shape
@@ -65,7 +52,7 @@ def decode_block(qkv: torch.Tensor, heads: int, kv_heads: int, q_norm: torch.Ten
     ``[1, 1, H d]``, bitwise what ``norm_rope.rms_norm``, ``norm_rope.rotary``, the cache writes (torch's
     rounding to bf16) and ``decode_attention`` give one after the other; or None where that path does not
     apply (then nothing was written)."""
-    if not _enabled or not norm_rope.enabled():
+    if not _switch.on or not norm_rope.enabled():
         return None
     dt = _KV_DTYPES.get(keys.dtype)
     d = keys.shape[-1]

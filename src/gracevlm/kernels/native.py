@@ -207,6 +207,24 @@ def half_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+class NativeSwitch:
+    """On/off for one native path (``kernels.norm_rope``, ``kernels.attention``): read from the environment
+    variable ``env`` at import (``0``: off), switchable at run time for A/B comparisons and tests."""
+
+    __slots__ = ("on",)
+
+    def __init__(self, env: str):
+        self.on = os.environ.get(env, "1") != "0"
+
+    def enabled(self) -> bool:
+        return self.on
+
+    def set_enabled(self, on: bool) -> bool:
+        """Switch the path on or off; returns the previous setting."""
+        old, self.on = self.on, bool(on)
+        return old
+
+
 class RowPlan:
     """A layer's small-M kernel call with its arguments bound, for decode steps (``Int4Linear`` and
     ``Int8Linear`` keep one in ``kernel_cache["row_plan"]``). ``run(x2)`` takes fp32 CPU rows ``x2 [M, I]``

@@ -11,44 +11,22 @@ compute the same formula with torch ops.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import native_int8
+from . import native, native_int8
 
-_enabled = os.environ.get("GRACEVLM_NATIVE_NORM", "1") != "0"
-
-
-def enabled() -> bool:
-    return _enabled
-
-
-def set_enabled(on: bool) -> bool:
-    """Switch the native path on or off (A/B comparisons, tests); returns the previous setting."""
-    global _enabled
-    old, _enabled = _enabled, bool(on)
-    return old
+_switch = native.NativeSwitch("GRACEVLM_NATIVE_NORM")
+enabled, set_enabled = _switch.enabled, _switch.set_enabled
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    if not _enabled:
+    if not _switch.on:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t.dtype != torch.float32 or not t.is_cpu or (grad and t.requires_grad):
             return False
     return True
-
-
-_lib = None
-
-
-def _library():
-    global _lib
-    if _lib is None:
-        _lib = native_int8.load_library()
-    return _lib
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -59,7 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     rows = x.reshape(-1, d)  # a view where the layout allows it
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    lib = _library()
+    lib = native_int8.load_library()
     if lib is None:
         return None
     out = torch.empty(rows.shape, dtype=torch.float32)
@@ -81,7 +59,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    lib = _library()
+    lib = native_int8.load_library()
     if lib is None:
         return None
     out = torch.empty(b, t, h, d, dtype=torch.float32)
