@@ -30,6 +30,19 @@ def test_world_is_deterministic(tmp_path):
     assert len(first["conversations"]) == 8 and first["conversations"][0]["value"].startswith("<image>\n")
 
 
+def test_training_records_without_the_description_turn_keep_their_questions(tmp_path):
+    full = generate_split("train", 40, seed=5, questions_per_image=8)
+    short = generate_split("train", 40, seed=5, questions_per_image=8, describe_turn=False)
+    assert [s for _, s in full] == [s for _, s in short]
+    for (a, _), (b, _) in zip(full, short):
+        assert a["types"][-1] == "describe" and "describe" not in b["types"]
+        assert b["types"] == a["types"][:-1] and b["conversations"] == a["conversations"][:-2]
+    assert max(len(r["types"]) for r, _ in short) == 8
+    write_split(tmp_path, "train", 6, seed=5, questions_per_image=8, describe_turn=False)
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert [r["types"] for r in records] == [r["types"] for r, _ in short[:6]]
+
+
 def test_answers_match_the_scene():
     rng = random.Random(0)
     for _ in range(200):

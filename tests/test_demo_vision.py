@@ -89,3 +89,43 @@ def test_vision_stage_writes_a_llava_checkpoint(tmp_path):
     assert any(not torch.equal(v, init.model.state_dict()[k]) for k, v in tower.items())
     assert torch.equal(loaded.model.language_model.lm_head.weight, init.model.language_model.lm_head.weight)
     assert vision_stage(cfg, paths, force=False) == out  # done already: skipped
+
+
+def test_patch_quadrants_follow_the_grid_halves_at_every_padded_view():
+    from gracevlm.demo.vision_pretrain import patch_quadrants
+
+    assert patch_quadrants(4).tolist() == [0, 1, 2, 3]
+    assert patch_quadrants(16).tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
+    with pytest.raises(ValueError):
+        patch_quadrants(9)
+    # LLaVA's symmetric padding keeps a picture's midlines on the square's: every object's pixels fall in the
+    # patches patch_quadrants gives its quadrant, for square and non-square views alike
+    spec = ImageSpec(size=64, aspect="pad")
+    quad = patch_quadrants(16).view(4, 4)
+    rng = random.Random(2)
+    for view in ((64, 64), (200, 150), (150, 200), (256, 192)):
+        for _ in range(10):
+            scene = make_scene(rng)
+            pixels = preprocess_image(draw_scene(scene, *view), spec)
+            blank = preprocess_image(draw_scene(type(scene)(scene.background, ()), *view), spec)
+            changed = (pixels - blank).abs().amax(0) > 0.3  # [64, 64] where an object is drawn
+            for q in set(quad[torch.nonzero(changed)[:, 0] // 16, torch.nonzero(changed)[:, 1] // 16].tolist()):
+                assert q in {o.quadrant for o in scene.objects}
+
+
+def test_dense_loss_targets_each_patch_with_its_quadrants_object():
+    from gracevlm.demo.vision_pretrain import PatchHead, dense_loss, patch_quadrants
+
+    targets = scene_targets(make_scene(random.Random(4))).unsqueeze(0)  # [1, 3, 4]
+    quad = patch_quadrants(16)
+    # logits that put all mass on each patch's quadrant class give ~0 loss; on class 0 everywhere, more
+    perfect = [torch.nn.functional.one_hot(targets[0, i][quad], CLASSES[t]).float().unsqueeze(0) * 50
+               for i, t in enumerate(("shape", "color", "size"))]
+    wrong = [torch.zeros_like(lg) for lg in perfect]
+    assert float(dense_loss(perfect, targets)) < 1e-6 < float(dense_loss(wrong, targets))
+    logits = PatchHead(32)(torch.randn(2, 16, 32))
+    assert [tuple(lg.shape) for lg in logits] == [(2, 16, CLASSES[t]) for t in ("shape", "color", "size")]
+    model = build_model(MICRO, seed=0)
+    log = pretrain_vision(model, _preprocess, steps=2, batch_size=2, lr=1e-3, seed=0, warmup=1, log_every=1,
+                          progress=False, dense_weight=1.0)
+    assert len(log) == 2 and log[-1]["loss"] > 0

@@ -51,6 +51,38 @@ class QuadrantHead(nn.Module):
         return [c(pooled) for c in self.classifiers]
 
 
+class PatchHead(nn.Module):
+    """Linear classifiers on every patch row: the shape / colour / size of the object in that patch's quadrant.
+
+    LLaVA's pad-to-square is symmetric, so a picture's midlines are the square's and the quadrant of a patch is
+    its half of the grid in each direction at every view. Dense targets make each patch row carry its quadrant's
+    object linearly, which is what the language model reads."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.classifiers = nn.ModuleList(nn.Linear(dim, CLASSES[t]) for t in TARGETS)
+
+    def forward(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        """``[B, P, D]`` -> per target ``[B, P, classes]`` logits."""
+        return [c(feats) for c in self.classifiers]
+
+
+def patch_quadrants(n_patches: int) -> torch.Tensor:
+    """``[P]`` quadrant (0 top left, 1 top right, 2 bottom left, 3 bottom right) of each row-major patch."""
+    grid = math.isqrt(n_patches)
+    if grid * grid != n_patches or grid % 2:
+        raise ValueError(f"{n_patches} patches do not form an even square grid")
+    rows, cols = torch.arange(n_patches) // grid, torch.arange(n_patches) % grid
+    return (rows >= grid // 2).long() * 2 + (cols >= grid // 2).long()
+
+
+def dense_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``PatchHead`` logits against each patch's quadrant targets (``targets [B, 3, 4]``)."""
+    quad = patch_quadrants(logits[0].shape[1])
+    return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[:, i][:, quad].reshape(-1))
+               for i, lg in enumerate(logits))
+
+
 def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """The tower rows the projector sees: hidden state ``select_layer``, CLS dropped for ``patch``."""
     feats = model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.select_layer]
@@ -81,15 +113,19 @@ def head_accuracy(model, head: QuadrantHead, pixels: torch.Tensor, targets: torc
 
 
 def pretrain_vision(model, preprocess, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                    warmup: int = 30, log_every: int = 50, progress: bool = True) -> list[dict]:
+                    warmup: int = 30, log_every: int = 50, progress: bool = True, dense_weight: float = 0.0) -> list[dict]:
     """Train ``model.vision_tower`` (in place) with a fresh ``QuadrantHead`` for ``steps`` AdamW steps
     (linear warm-up, cosine decay); ``preprocess``: PIL image -> ``[3, S, S]`` (the checkpoint's own
-    preprocessing). Returns the log: loss per ``log_every`` steps and the head's accuracy on 256 held-back
-    scenes (a stream of their own) at the end. Deterministic for a seed and thread count."""
+    preprocessing). ``dense_weight`` > 0 adds a ``PatchHead`` loss with that weight. Returns the log: loss per
+    ``log_every`` steps and the head's accuracy on 256 held-back scenes (a stream of their own) at the end.
+    Deterministic for a seed and thread count."""
     torch.manual_seed(seed)
     tower = model.vision_tower.train().requires_grad_(True)
     head = QuadrantHead(tower.config.hidden_size)
+    patch_head = PatchHead(tower.config.hidden_size) if dense_weight > 0 else None
     params = list(tower.parameters()) + list(head.parameters())
+    if patch_head is not None:
+        params += list(patch_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng, check = random.Random(seed * 7919 + 11), random.Random(seed * 7919 + 13)
     check_pixels, check_targets = draw_batch(check, 256, preprocess)
@@ -100,7 +136,10 @@ def pretrain_vision(model, preprocess, steps: int, batch_size: int = 64, lr: flo
         for group in opt.param_groups:
             group["lr"] = lr * mult
         pixels, targets = draw_batch(rng, batch_size, preprocess)
-        loss = head_loss(head(tower_features(model, pixels)), targets)
+        feats = tower_features(model, pixels)
+        loss = head_loss(head(feats), targets)
+        if patch_head is not None:
+            loss = loss + dense_weight * dense_loss(patch_head(feats), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -208,10 +208,10 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image: int | None = None,
-                   varied_sizes: bool = False) -> list[tuple[dict, Scene]]:
-    """``n_images`` (record, scene) pairs. ``train`` records hold 3 questions per image followed by a
-    description of all objects (dense supervision that speeds up learning to see); ``heldout`` records hold
-    one short-answer question (override the count with ``questions_per_image``). Image paths are
+                   varied_sizes: bool = False, describe_turn: bool = True) -> list[tuple[dict, Scene]]:
+    """``n_images`` (record, scene) pairs. ``train`` records hold 3 questions per image followed (with
+    ``describe_turn``) by a description of all objects; ``heldout`` records hold one short-answer question
+    (override the count with ``questions_per_image``). Image paths are
     ``{split}/{index:06d}.png``. With ``varied_sizes`` training records also name the picture's ``size``
     [width, height] (drawn from ``train_view`` with a stream of its own, so the scenes and questions do not
     depend on it)."""
@@ -224,7 +224,7 @@ def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image
     for i in range(n_images):
         scene = make_scene(rng)
         qas = questions(scene, rng, per)
-        if split == "train":
+        if split == "train" and describe_turn:
             qas.append(describe(scene))
         record = _record(f"{split}-{i:06d}", f"{split}/{i:06d}.png", qas)
         if split == "train" and varied_sizes:
@@ -235,13 +235,13 @@ def generate_split(split: str, n_images: int, seed: int = 0, questions_per_image
 
 def write_split(out_dir: str | os.PathLike, split: str, n_images: int, seed: int = 0,
                 image_size: int = IMAGE_SIZE, questions_per_image: int | None = None,
-                varied_sizes: bool = False) -> Path:
+                varied_sizes: bool = False, describe_turn: bool = True) -> Path:
     """Draw a split into ``out_dir/{split}/*.png`` (at the record's ``size`` if it has one, else
     ``image_size`` square) and write ``out_dir/{split}.json``; returns the JSON path."""
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
     records = []
-    for record, scene in generate_split(split, n_images, seed, questions_per_image, varied_sizes):
+    for record, scene in generate_split(split, n_images, seed, questions_per_image, varied_sizes, describe_turn):
         width, height = record.get("size", (image_size, image_size))
         draw_scene(scene, width, height).save(out / record["image"], optimize=False, compress_level=1)
         records.append(record)
