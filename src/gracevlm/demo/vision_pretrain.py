@@ -113,7 +113,8 @@ def head_accuracy(model, head: QuadrantHead, pixels: torch.Tensor, targets: torc
 
 
 def pretrain_vision(model, preprocess, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                    warmup: int = 30, log_every: int = 50, progress: bool = True, dense_weight: float = 0.0) -> list[dict]:
+                    warmup: int = 30, log_every: int = 50, progress: bool = True,
+                    dense_weight: float = 0.0) -> list[dict]:
     """Train ``model.vision_tower`` (in place) with a fresh ``QuadrantHead`` for ``steps`` AdamW steps
     (linear warm-up, cosine decay); ``preprocess``: PIL image -> ``[3, S, S]`` (the checkpoint's own
     preprocessing). ``dense_weight`` > 0 adds a ``PatchHead`` loss with that weight. Returns the log: loss per
