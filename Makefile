@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py requirements/dev.txt src/gracevlm/kernels/csrc/gv_int4.c src/gracevlm/kernels/csrc/gv_int8.c src/gracevlm/kernels/csrc/gv_igemm.c src/gracevlm/kernels/csrc/gv_attn.c src/gracevlm/kernels/csrc/gv_norm.c
+$(STAMP): pyproject.toml setup.py requirements/dev.txt src/gracevlm/kernels/csrc/gv_int4.c src/gracevlm/kernels/csrc/gv_int8.c src/gracevlm/kernels/csrc/gv_igemm.c src/gracevlm/kernels/csrc/gv_attn.c src/gracevlm/kernels/csrc/gv_norm.c src/gracevlm/kernels/csrc/gv_layer.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt

@@ -1,7 +1,7 @@
 """Build hook for the native CPU kernels (metadata lives in pyproject.toml).
 
 Compiles ``src/gracevlm/kernels/csrc/gv_int4.c`` into ``gracevlm/kernels/_gv_int4<EXT_SUFFIX>`` and
-``csrc/gv_int8.c`` + ``csrc/gv_igemm.c`` + ``csrc/gv_attn.c`` + ``csrc/gv_norm.c`` into ``gracevlm/kernels/_gv_int8<EXT_SUFFIX>``, plain C shared
+``csrc/gv_int8.c`` + ``csrc/gv_igemm.c`` + ``csrc/gv_attn.c`` + ``csrc/gv_norm.c`` + ``csrc/gv_layer.c`` into ``gracevlm/kernels/_gv_int8<EXT_SUFFIX>``, plain C shared
 libraries that gracevlm loads with ctypes (they have no Python module init). Baseline flags only; the
 AVX2/FMA code paths carry their own target attributes and are chosen at run time. A failed compile does
 not fail the install: gracevlm then compiles the library on first use, or falls back to torch kernels.
@@ -55,7 +55,8 @@ native = Extension(
 )
 
 SOURCES8 = [Path("src/gracevlm/kernels/csrc/gv_int8.c"), Path("src/gracevlm/kernels/csrc/gv_igemm.c"),
-            Path("src/gracevlm/kernels/csrc/gv_attn.c"), Path("src/gracevlm/kernels/csrc/gv_norm.c")]
+            Path("src/gracevlm/kernels/csrc/gv_attn.c"), Path("src/gracevlm/kernels/csrc/gv_norm.c"),
+            Path("src/gracevlm/kernels/csrc/gv_layer.c")]
 digest8 = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES8)).hexdigest()[:16]  # as native_int8.source_hash
 native8 = Extension(
     "gracevlm.kernels._gv_int8",

@@ -4,7 +4,7 @@ and a model's decode steps with the kernel on and off."""
 import pytest
 import torch
 
-from gracevlm.kernels import attention, native_int8
+from gracevlm.kernels import attention, decode_layers, native_int8
 from gracevlm.models.llama import _attend
 
 pytestmark = pytest.mark.skipif(native_int8.load_library() is None, reason="native library not built")
@@ -97,6 +97,7 @@ def test_decode_steps_with_and_without_the_kernel(tmp_path, monkeypatch):
             return out
         return call
 
+    monkeypatch.setattr(decode_layers._switch, "on", False)  # the layer-by-layer path (test_decode_stack: the one call)
     monkeypatch.setattr(llama, "decode_attention", counted(attention.decode_attention))
     monkeypatch.setattr(llama, "decode_block", counted(attention.decode_block))
     from gracevlm.synth.qwen3_vl import synthesize_qwen3_vl
@@ -190,6 +191,7 @@ def test_models_decode_the_same_bits_with_the_fused_block(tmp_path, monkeypatch,
     lm = vlm.model.language_model
     ids = torch.arange(3, 30).view(1, -1)
     used = []
+    monkeypatch.setattr(decode_layers._switch, "on", False)  # the layer-by-layer path (test_decode_stack: the one call)
 
     def run():
         with torch.inference_mode():

@@ -403,9 +403,11 @@ def format_report(r: dict) -> str:
                   f"matrix: {head.get('shares_embedding')}, native row kernel: {head.get('row_kernel')}"]
         if "decode_breakdown" in m:
             b = m["decode_breakdown"]
-            lines.append("  one decode step: " + ", ".join(
+            one_call = (f"; the decode step above, all layers in one native call: {m['decode_step_s'] * 1e3:.1f} ms"
+                        if m.get("decode_one_call") else "")
+            lines.append("  one decode step, layer by layer (timed by hooks): " + ", ".join(
                 f"{k[:-2]} {v * 1e3:.1f} ms" for k, v in b.items() if k != "step_s" and v > 0)
-                + f" (of {b['step_s'] * 1e3:.1f} ms)")
+                + f" (of {b['step_s'] * 1e3:.1f} ms{one_call})")
         lines.append(f"  prefill  {m['prefill_tok_s']:.2f} tok/s  ({m['prefill_s']:.1f} s for the prompt)"
                      + (f"; with the approximate bf16 GEMM (native-bf16): {m['prefill_bf16_tok_s']:.2f} tok/s"
                         if "prefill_bf16_tok_s" in m else ""))

@@ -51,7 +51,8 @@ def _median(times: list[float]) -> float:
 def step_breakdown(model, step) -> dict:
     """Seconds of one decode step (``step()``) spent in each kind of linear, timed by forward hooks (the CPU
     kernels run synchronously in the calling thread); ``rest_s`` is the remainder (attention, norms, rope,
-    elementwise ops and Python)."""
+    elementwise ops and Python). The hooks make the step run layer by layer (``models.decode_stack`` steps
+    aside for them), so this is the breakdown of that path."""
     from .nn import HalfLinear, Int4Linear, Int8Linear
 
     head = model.language_model.lm_head
@@ -100,6 +101,7 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
     import gracevlm
 
     from . import kernels
+    from .models import decode_stack
     from .nn import Int4Linear
 
     res: dict = {}
@@ -138,6 +140,7 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
             tok = logits.argmax(-1)
             step_times.append(time.perf_counter() - t)
         res["decode_step_s"] = _median(step_times)
+        res["decode_one_call"] = decode_stack.in_use(lm)
         res["decode_tok_s"] = 1.0 / res["decode_step_s"]
         pos = ctx + decode_steps
         res["decode_breakdown"] = step_breakdown(

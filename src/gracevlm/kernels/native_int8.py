@@ -31,7 +31,8 @@ import torch
 from ..errors import InputError
 from . import native
 
-SOURCES = tuple(native._HERE / "csrc" / name for name in ("gv_int8.c", "gv_igemm.c", "gv_attn.c", "gv_norm.c"))
+SOURCES = tuple(native._HERE / "csrc" / name
+                for name in ("gv_int8.c", "gv_igemm.c", "gv_attn.c", "gv_norm.c", "gv_layer.c"))
 LIB_STEM = "_gv_int8"
 
 _lock = threading.Lock()
@@ -66,8 +67,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gv_attn_block_decode.argtypes = [vp, c_int, c_int, c_int, vp, vp, ctypes.c_double, vp, vp, vp, vp, c_i64,
                                          c_i64, c_int, c_int, ctypes.c_float, vp, c_int]
     lib.gv_rope.argtypes = [vp, c_i64, vp, vp, vp, c_int, c_int, c_int]
+    lib.gv_silu_mul.argtypes = [vp, c_i64, vp, c_i64, vp, c_i64, c_int, c_int]
+    lib.gv_decode_layers.argtypes = [vp, c_int, c_int, c_int, c_int, c_int, c_int, ctypes.c_double, ctypes.c_double,
+                                     vp, vp, vp, vp, c_i64, c_i64, c_i64, c_i64, c_int, c_int, ctypes.c_float, vp,
+                                     c_int]
     for fn in (lib.gv8_matmul, lib.gv8_dequant, lib.gv_igemm4, lib.gv_igemm8, lib.gv_attn_decode,
-               lib.gv_attn_block_decode, lib.gv_rms_norm, lib.gv_rope):
+               lib.gv_attn_block_decode, lib.gv_rms_norm, lib.gv_rope, lib.gv_silu_mul, lib.gv_decode_layers):
         fn.restype = c_int
     return lib
 

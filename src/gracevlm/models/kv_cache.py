@@ -188,6 +188,10 @@ class KVCache:
             out.append(RowKV(slot, span, where, mask[r:r + 1, :, :span].unsqueeze(1)))
         return out
 
+    def slot_store(self, slot: int) -> torch.Tensor | None:
+        """The slot's whole KV storage ``[layers, 2, kv_heads, capacity, head_dim]`` (None: not allocated)."""
+        return self._store[slot]
+
     def layer_kv(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's K and V of ``layer``: ``[kv_heads, capacity, head_dim]`` views."""
         t = self._store[slot]

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import norm_rope
+from ..kernels import decode_layers, norm_rope
 from ..kernels.attention import decode_attention, decode_block
 from ..nn import Int4Linear, Int8Linear
+from .decode_stack import decode_all_layers
 from .kv_cache import KVCache, RowKV, slot_list
 
 __all__ = ["KVCache", "LlamaForCausalLM", "LlamaSpec"]
@@ -222,7 +223,8 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        act = decode_layers.silu_mul(gate, up)  # fp32 inference on CPU: one native call
+        return self.down_proj(act if act is not None else F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -289,9 +291,11 @@ class LlamaForCausalLM(nn.Module):
         mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)  # [B, T, span]
         rows = cache.rows(slot_list(slots, b), positions, mask)
         cos, sin = self.rotary(positions)
-        x = embeds
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, rows, None)
+        x = decode_all_layers(self, self.model.layers, self.spec, embeds, cos, sin, cache, rows)
+        if x is None:
+            x = embeds
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, cache, i, rows, None)
         if logits_for == "none":
             return None
         if logits_for == "last":

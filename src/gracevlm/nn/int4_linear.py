@@ -165,6 +165,12 @@ class Int4Linear(nn.Module):
         self.kernel_cache = {}
         return super()._apply(fn, recurse)
 
+    def row_plan_for(self, rows: int):
+        """The bound kernel (``kernels.native.RowPlan``) ``forward`` runs for ``rows`` fp32 CPU rows now, or None."""
+        plan = self.kernel_cache.get("row_plan")
+        backend = kernels.select_backend(self.device, rows, self.backend)
+        return plan if plan is not None and plan.backend is backend and plan.takes(rows) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int4Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")

@@ -101,6 +101,16 @@ class Int8Linear(nn.Module):
             self._buffers[n] = t.to(self.qweight.device)
         return out
 
+    def _plan_current(self, plan, backend, rows: int) -> bool:
+        return (plan is not None and plan.backend is backend and plan.takes(rows) and plan.keep[0] is self.qweight
+                and plan.keep[1] is self.scales)
+
+    def row_plan_for(self, rows: int):
+        """The bound kernel (``kernels.native.RowPlan``) ``forward`` runs for ``rows`` fp32 CPU rows now, or None."""
+        plan = self.kernel_cache.get("row_plan")
+        return plan if self._plan_current(plan, native_int8.select_int8_backend(self.qweight.device, self.backend),
+                                          rows) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")
@@ -108,8 +118,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         backend = native_int8.select_int8_backend(x.device, self.backend)
         plan = self.kernel_cache.get("row_plan")
-        if (plan is not None and plan.backend is backend and plan.takes(x2.shape[0]) and plan.keep[0] is self.qweight
-                and plan.keep[1] is self.scales and x2.dtype == torch.float32 and x2.stride(-1) == 1
+        if (self._plan_current(plan, backend, x2.shape[0]) and x2.dtype == torch.float32 and x2.stride(-1) == 1
                 and not (x2.requires_grad and torch.is_grad_enabled())):
             return plan.run(x2).reshape(*lead, self.out_features)  # decode steps: the same call, arguments bound
         y = backend.matmul(self, x2)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..decode_stack import decode_all_layers
 from ..kv_cache import KVCache, KVPool, RowKV, slot_list
 from ..llama import (MLP, RMSNorm, _attend, cached_attention, fuse_decoder_projections, fused_decode_attention,
                      rotate_heads)
@@ -158,13 +159,15 @@ class Qwen3LanguageModel(nn.Module):
             mask = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
             rows = cache.rows(slot_list(slots, b), positions, mask)
         cos, sin = self.rotary(rope_positions if rope_positions is not None else positions)
-        x = embeds
         n_inject = len(visual.features) if visual is not None else 0
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, rows, mask)
-            if i < n_inject:
-                x = x.clone()
-                x[visual.mask] = x[visual.mask] + visual.features[i].to(x.dtype)
+        x = None if n_inject else decode_all_layers(self, self.layers, self.spec, embeds, cos, sin, cache, rows)
+        if x is None:
+            x = embeds
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, cache, i, rows, mask)
+                if i < n_inject:
+                    x = x.clone()
+                    x[visual.mask] = x[visual.mask] + visual.features[i].to(x.dtype)
         if logits_for == "none":  # only the cache is filled (LlamaForCausalLM.forward)
             return None
         if logits_for == "last":
