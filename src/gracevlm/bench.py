@@ -61,6 +61,10 @@ def measure_bandwidth(gib: float = 1.0) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -398,6 +402,9 @@ def format_report(r: dict) -> str:
                   f"  decode   {m['decode_tok_s']:.2f} tok/s  (bandwidth limit: {m['decode_bytes'] / 1e9:.3f} GB read "
                   f"per token -> {m['bandwidth_limit_tok_s']:.2f} tok/s; "
                   f"{m['decode_tok_s'] / m['bandwidth_limit_tok_s']:.0%} of it)",
+                  *([f"  decode paired with the bandwidth (a read of up to 256 MB of weights before each step): median "
+                     f"{_median(m['decode_paired_shares']):.0%} of it (steps {min(m['decode_paired_shares']):.0%}-"
+                     f"{max(m['decode_paired_shares']):.0%})"] if m.get("decode_paired_shares") else []),
                   "  bytes per decode step: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in kinds.items() if v),
                   f"  lm_head: {head.get('class')} {head.get('dtype')} {head.get('shape')}, shares the embedding "
                   f"matrix: {head.get('shares_embedding')}, native row kernel: {head.get('row_kernel')}"]

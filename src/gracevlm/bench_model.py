@@ -6,7 +6,8 @@ Both run in a fresh process (``gracevlm.bench`` starts them), so peak-RSS figure
 ``decode_read_bytes``: quantized linears in their kernels' layout, ``lm_head`` once even when tied to the
 embedding, norms; not the embedding table), then through ``prompt_for`` / ``forward_prompt`` / ``forward_decode``
 (the calls the engine makes): decode tok/s of one sequence after a 64-token context, a breakdown of one decode step
-(quantized linears, dense linears, ``lm_head``, the rest: attention, norms, rope, Python), batched decode steps,
+(quantized linears, dense linears, ``lm_head``, the rest: attention, norms, rope, Python), each decode step's
+share of the read bandwidth measured just before it (``paired_decode_shares``), batched decode steps,
 and prefill tok/s of one text prompt in a single chunk (plus, for INT4 models and when asked, with the
 approximate ``native-bf16`` prefill GEMM: ``gracevlm bench`` asks for LLaVA, as its report always had it).
 
@@ -82,6 +83,37 @@ def step_breakdown(model, step) -> dict:
     return {"step_s": total, **spent, "rest_s": total - sum(spent.values())}
 
 
+def _largest_tensor(module) -> torch.Tensor:
+    """The module's largest CPU parameter or buffer (e.g. the embedding or ``lm_head`` matrix)."""
+    return max((t for t in list(module.parameters()) + list(module.buffers()) if t.is_cpu),
+               key=lambda t: t.numel() * t.element_size())
+
+
+def paired_decode_shares(step, steps: int, decode_bytes: int, probe: torch.Tensor,
+                         window: int = 256 << 20) -> list[float]:
+    """Each decode step's share of the read bandwidth measured just before it: ``steps`` times, a streaming read
+    of up to ``window`` bytes of ``probe`` (a weight tensor larger than the caches: no extra memory) then
+    ``step(i)``; share = (``decode_bytes`` / step seconds) / (bytes read / read seconds). On a shared machine
+    whose bandwidth swings within seconds this pairs each step with the bandwidth of its moment. [] without the
+    native library."""
+    from .kernels import native
+
+    lib = native.load_library()
+    if lib is None:
+        return []
+    n = min(window, probe.numel() * probe.element_size()) // 64 * 64
+    shares = []
+    for i in range(steps):
+        t = time.perf_counter()
+        lib.gv_stream_read(probe.data_ptr(), n, native.num_threads())
+        read_s = time.perf_counter() - t
+        t = time.perf_counter()
+        step(i)
+        step_s = time.perf_counter() - t
+        shares.append((decode_bytes / step_s) / (n / read_s))
+    return shares
+
+
 def quantized_shapes(lm) -> list[dict]:
     """The quantized linears' distinct (out, in, bits) and how many of each a decode step runs."""
     from .nn import Int4Linear, Int8Linear
@@ -127,7 +159,7 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
     vocab, marker = lm.spec.vocab_size, vlm.runtime.image_marker
     ctx = 64
     with torch.inference_mode():
-        cache = model.new_cache(max(batch_sizes), max(ctx + decode_steps + 8, prefill_tokens + 1))
+        cache = model.new_cache(max(batch_sizes), max(ctx + 2 * decode_steps + 8, prefill_tokens + 1))
         prompt = model.prompt_for(_random_ids(ctx, vocab, marker, gen), None)
         offset = prompt.decode_offset
         model.forward_prompt(prompt, cache, 0)
@@ -142,7 +174,12 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
         res["decode_step_s"] = _median(step_times)
         res["decode_one_call"] = decode_stack.in_use(lm)
         res["decode_tok_s"] = 1.0 / res["decode_step_s"]
-        pos = ctx + decode_steps
+        paired = paired_decode_shares(lambda i: model.forward_decode(tok, torch.tensor([ctx + decode_steps + i]),
+                                                                      [offset], cache, slot0),
+                                      decode_steps, res["decode_bytes"], _largest_tensor(lm))
+        if paired:
+            res["decode_paired_shares"] = paired
+        pos = ctx + 2 * decode_steps
         res["decode_breakdown"] = step_breakdown(
             model, lambda: model.forward_decode(tok, torch.tensor([pos]), [offset], cache, slot0))
         # batched decode: B sequences step together (rows past the 64-token context of slot 0's length)
