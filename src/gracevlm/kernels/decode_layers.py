@@ -122,7 +122,8 @@ class LayerStack:
                 setattr(dst, name, src[name].struct)
         self.scratch_numel = 2 * hidden + (2 * heads + 2 * kv_heads) * head_dim + 3 * inter
 
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: torch.Tensor, span: int) -> torch.Tensor:
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: torch.Tensor,
+            span: int) -> torch.Tensor:
         """``x [D]`` fp32 (updated in place and returned); ``cos/sin [d]`` fp32 contiguous; ``store [layers, 2,
         KVH, capacity, d]`` the sequence's KV (fp32 or bf16, ``KV_DTYPE_CODES``; last stride 1), of which this
         token writes position ``span - 1`` and attends ``0 .. span - 1``. The caller has checked the shapes."""
