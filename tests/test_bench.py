@@ -63,8 +63,11 @@ def test_bench_qwen3_vl_through_the_family_contract(tmp_path, capsys):
     assert m["decode_bytes_by_kind"] == {"quantized_linears": codes, "dense_linears": 0,
                                          "lm_head": 2 * s.vocab_size * s.hidden_size, "other": norms}
     assert m["decode_bytes"] == codes + 2 * s.vocab_size * s.hidden_size + norms
-    b = m["decode_breakdown"]
+    b = m["decode_breakdown"]  # timed by hooks: the layer-by-layer path, so the linears are seen
     assert b["quantized_linears_s"] > 0 and b["lm_head_s"] > 0 and b["dense_linears_s"] == 0
+    # the timed decode steps ran all layers in one native call; each was paired with a bandwidth sample
+    assert m["decode_one_call"] is True
+    assert len(m["decode_paired_shares"]) == 2 and all(x > 0 for x in m["decode_paired_shares"])
     assert [x["batch"] for x in m["batched"]] == [1, 2] and "prefill_bf16_tok_s" not in m
     q, kv, o, f = outs_ins[0][0], outs_ins[1][0], s.hidden_size, s.intermediate_size  # q/k/v, gate/up fused
     fused = {(q + 2 * kv, s.hidden_size), (o, q), (2 * f, s.hidden_size), (s.hidden_size, f)}
@@ -78,3 +81,4 @@ def test_bench_qwen3_vl_through_the_family_contract(tmp_path, capsys):
     text = bench.format_report(r)
     assert "decode" in text and "lm_head: HalfLinear" in text and "vision tower per image" in text
     assert "int8 native" in text and "llama.cpp: skipped (n/a" in text
+    assert "decode paired with the bandwidth" in text and "all layers in one native call" in text
