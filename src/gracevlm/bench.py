@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .bench_model import upper_median
+
 LLAMA_SHAPES = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 11008x4096": (11008, 4096),
                 "down 4096x11008": (4096, 11008)}
 MAX_COPIES = 256  # layer copies cycled through to leave the cache (small test shapes stay in it)
@@ -59,10 +61,6 @@ def measure_bandwidth(gib: float = 1.0) -> float:
         best = min(best, min(_timed(lambda: lib.gv_stream_read(x.data_ptr(), n, native.num_threads()))
                              for _ in range(5)))
     return x.numel() * 4 / best / 1e9
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def _timed(fn) -> float:
@@ -403,7 +401,7 @@ def format_report(r: dict) -> str:
                   f"per token -> {m['bandwidth_limit_tok_s']:.2f} tok/s; "
                   f"{m['decode_tok_s'] / m['bandwidth_limit_tok_s']:.0%} of it)",
                   *([f"  decode paired with the bandwidth (a read of up to 256 MB of weights before each step): median "
-                     f"{_median(m['decode_paired_shares']):.0%} of it (steps {min(m['decode_paired_shares']):.0%}-"
+                     f"{upper_median(m['decode_paired_shares']):.0%} of it (steps {min(m['decode_paired_shares']):.0%}-"
                      f"{max(m['decode_paired_shares']):.0%})"] if m.get("decode_paired_shares") else []),
                   "  bytes per decode step: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in kinds.items() if v),
                   f"  lm_head: {head.get('class')} {head.get('dtype')} {head.get('shape')}, shares the embedding "

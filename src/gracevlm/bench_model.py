@@ -44,7 +44,8 @@ def _random_ids(n: int, vocab: int, marker: int, gen: torch.Generator) -> list[i
     return ids.tolist()
 
 
-def _median(times: list[float]) -> float:
+def upper_median(times: list[float]) -> float:
+    """The middle value (the upper of the two middle ones for an even count): always one of the measurements."""
     times = sorted(times)
     return times[len(times) // 2]
 
@@ -171,7 +172,7 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
             logits = model.forward_decode(tok, torch.tensor([ctx + i]), [offset], cache, slot0)
             tok = logits.argmax(-1)
             step_times.append(time.perf_counter() - t)
-        res["decode_step_s"] = _median(step_times)
+        res["decode_step_s"] = upper_median(step_times)
         res["decode_one_call"] = decode_stack.in_use(lm)
         res["decode_tok_s"] = 1.0 / res["decode_step_s"]
         paired = paired_decode_shares(lambda i: model.forward_decode(tok, torch.tensor([ctx + decode_steps + i]),
@@ -191,7 +192,7 @@ def model_worker(path: str, decode_steps: int, prefill_tokens: int, batch_sizes:
                 t = time.perf_counter()
                 model.forward_decode(toks, torch.full((b,), ctx), [offset] * b, cache, torch.arange(b))
                 times.append(time.perf_counter() - t)
-            step = _median(times)
+            step = upper_median(times)
             res["batched"].append({"batch": b, "step_s": step, "tok_s": b / step})
         # prefill: one text prompt of `prefill_tokens` tokens, one chunk
         long_prompt = model.prompt_for(_random_ids(prefill_tokens, vocab, marker, gen), None)
@@ -241,4 +242,4 @@ def vision_worker(path: str, width: int = 640, height: int = 480, repeats: int =
     if positions is None:  # a plain feature tensor [images, tokens, D] or [tokens, D]
         positions = feats.shape[-2]
     return {"image": [width, height], "tokens": int(positions), "preprocess_s": preprocess_s,
-            "dtype": str(vlm.model.compute_dtype).replace("torch.", ""), "s": _median(times), "runs": len(times)}
+            "dtype": str(vlm.model.compute_dtype).replace("torch.", ""), "s": upper_median(times), "runs": len(times)}

@@ -130,7 +130,7 @@ def build_stack(layers, spec) -> _Bound | None:
                 return None
             e[name] = call
         entries.append(e)
-    if any(e["q_norm"] is None for e in entries) != all(e["q_norm"] is None for e in entries):
+    if len({e["q_norm"] is None for e in entries}) > 1:
         return None  # QK-norm in some layers only: not a decoder this call describes
     stack = LayerStack(entries, hidden, heads, kvh, d, inter, eps, qk_eps or 0.0)
     return _Bound(stack, layers, checks, _auto_backends())
