@@ -411,21 +411,22 @@ def test_backend_reading_awq_tensors_restores_a_released_layer_once():
 @pytest.mark.parametrize("args", [(1024, 1000, 128, True, False), (2048, 264, 128, False, True),
                                   (4096, 136, 128, True, False), (6144, 72, 128, False, True), (2560, 24, 128, True, False)])
 def test_avx512_multi_row_path_gives_the_one_row_bits(args, mode, monkeypatch):
-    """AVX-512, M = 1: the loop over 2 or 4 weight rows at once (its prefetch chosen by row length; tasks of
-    rows that are not a multiple of 4) gives bitwise what the one-row loop gives, on 1 and 2 threads."""
+    """AVX-512, M = 1: the loops over several weight rows at once (2 or 4 adjacent rows, their prefetch chosen
+    by row length; 4 rows from the 4 quarters of a task; tasks of rows that are not a multiple of 4) give
+    bitwise what the one-row loop gives, on 1 and 2 threads."""
     if LIB.gv_isa() != 3:
         pytest.skip("this CPU has no AVX-512 VNNI path")
     layer = make_layer(*args)
     x = torch.randn(1, layer.in_features)
     out = {}
     try:
-        for on in (0, 1):
-            assert LIB.gv_set_multi_row(on) in (0, 1)
+        for on in (0, 1, 2):
+            assert LIB.gv_set_multi_row(on) in (0, 1, 2)
             for threads in ("1", "2"):
                 monkeypatch.setenv("GRACEVLM_NUM_THREADS", threads)
                 out[on, threads] = small_m(MODES[mode][0]).matmul(layer, x)
     finally:
-        LIB.gv_set_multi_row(1)
+        LIB.gv_set_multi_row(2)
     assert all(torch.equal(out[0, "1"], y) for y in out.values())
-    assert rel_err(out[1, "2"], reference(layer, x)) <= MODES[mode][1]
-    assert LIB.gv_set_multi_row(7) == 1 and LIB.gv_set_multi_row(-1) == 1  # other values change nothing
+    assert rel_err(out[2, "2"], reference(layer, x)) <= MODES[mode][1]
+    assert LIB.gv_set_multi_row(7) == 2 and LIB.gv_set_multi_row(-1) == 2  # other values change nothing

@@ -123,13 +123,14 @@ GV_API int gv_set_isa(int level) {
     return g_isa;
 }
 
-static int g_multi_row = 1;
+static int g_multi_row = 2;
 
-/* Turns the AVX-512 path's several-rows M = 1 loop (rows_512_m1) on (1) or off (0: one row at a time, the same bits); returns the
- * previous setting, changing nothing for other values. For tests and A/B timing. */
+/* The AVX-512 path's M = 1 loop: 2 (default) four rows from the four quarters of a task (rows_512_m1), 1 two or four
+ * adjacent rows, 0 one row at a time; all give the same bits. Returns the previous setting, changing nothing for
+ * other values. For tests and A/B timing. */
 GV_API int gv_set_multi_row(int on) {
     const int prev = g_multi_row;
-    if (on == 0 || on == 1) g_multi_row = on;
+    if (on >= 0 && on <= 2) g_multi_row = on;
     return prev;
 }
 
@@ -880,8 +881,8 @@ GV_INLINE GV_AVX512 void row_int_512(const layout_t *L, const uint8_t *row, int 
  * block: +3-8% where the loop is compute-bound), and joining the digit planes in int32 gives exactly the value
  * the fp32 join gives (one rounding of the same integer; |sum| <= 15360 * 65793 < 2^31), so a row's bits do
  * not depend on M. */
-GV_INLINE GV_AVX512 void rows_int_512_m1(const layout_t *L, const uint8_t *row0, const acts_t *A, int m,
-                                         int NR, int P, int LIN, __m512 *tot, __m512 *zt) {
+GV_INLINE GV_AVX512 void rows_int_512_m1(const layout_t *L, const uint8_t *row0, size_t rstep, const acts_t *A,
+                                         int m, int NR, int P, int LIN, int PF, __m512 *tot, __m512 *zt) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int G = L->G;
     const size_t bs = 128 * (size_t)P;
@@ -889,7 +890,7 @@ GV_INLINE GV_AVX512 void rows_int_512_m1(const layout_t *L, const uint8_t *row0,
     const float *d = A->d + (size_t)m * G, *xs = A->xsum + (size_t)m * G;
     const uint8_t *rows[4], *codes[4];
     for (int r = 0; r < NR; r++) {
-        rows[r] = row0 + (size_t)r * L->stride;
+        rows[r] = row0 + (size_t)r * rstep;
         codes[r] = rows[r] + L->coff;
     }
         const size_t ahead = (size_t)NR * L->stride; /* the next NR rows */
@@ -914,8 +915,9 @@ GV_INLINE GV_AVX512 void rows_int_512_m1(const layout_t *L, const uint8_t *row0,
             }
             for (int r = 0; r < NR; r++) {
                 const __m512i w = _mm512_loadu_si512((const void *)(codes[r] + 64 * b));
-                _mm_prefetch((const char *)(LIN ? row0 + ahead + 64 * (NR * b + r) : codes[r] + 64 * b + ahead),
-                             _MM_HINT_T0);
+                if (PF)
+                    _mm_prefetch((const char *)(LIN ? row0 + ahead + 64 * (NR * b + r) : codes[r] + 64 * b + ahead),
+                                 _MM_HINT_T0);
                 const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
                 __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa[P - 1]), hi, xb[P - 1]);
                 for (int p = P - 2; p >= 0; p--)
@@ -926,22 +928,45 @@ GV_INLINE GV_AVX512 void rows_int_512_m1(const layout_t *L, const uint8_t *row0,
     }
 }
 
-/* rows_512_tile for MT = 1 and g == 128, several weight rows at a time. Prefetching (measured out of cache,
- * 2 threads, Zen 4): for short rows, 2 or 4 rows of ~4 KiB together, the next such span read ahead in
- * address order (+15-20% over one row at a time); for long rows, 4 rows with one prefetch stream each,
- * 4 rows ahead (+30-50%). */
+/* rows_512_tile for MT = 1 and g == 128, several weight rows at a time, their activation loads shared.
+ * Default (g_multi_row 2): rows o0 + i + k * q (k = 0..3, q = a quarter of the task) together, so each thread
+ * reads four long sequential streams, which the hardware prefetcher follows without software prefetches. A raw
+ * read in that pattern (Zen 4, out of cache, alternated in one run) got ~22 GB/s on one thread against ~13 for
+ * four adjacent ~2 KiB rows, and 28-30 against 24-25 GB/s on two; whole decode steps, alternated in one
+ * process (benchmarks/bench_decode_layers.py --row-orders), took 0.79-0.96x the time on LLaVA-7B W4 (median
+ * 0.91x of 7 rounds) and 0.76-1.01x on Qwen3-VL-2B W4 (median 0.87x of 6), the same bits. The same order in
+ * gv_int8.c's M = 1 loop measured no gain (9 rounds on Qwen3-VL-2B W8, +-20% either way), so it is not there.
+ * g_multi_row 1: 2 or 4 adjacent rows; for short rows (~4 KiB together) the next such span read ahead in
+ * address order (+15-20% over one row at a time), for long rows 4 rows with one prefetch stream each, 4 rows
+ * ahead (+30-50%). */
 GV_INLINE GV_AVX512 void rows_512_m1(const layout_t *L, const acts_t *A, const float *bias, float *y,
                                      int o0, int o1, int m, int P) {
     const int lin = 4 * L->stride <= 5120 ? 4 : 2 * L->stride <= 5120 ? 2 : 0, step = lin ? lin : 4;
-    for (int o = o0; o < o1; o += step) {
+    const size_t stride = L->stride;
+    int o = o0;
+    if (g_multi_row == 2) {
+        /* each row's operations are those of the other loops: only the order of the rows changes */
+        const int q = (o1 - o0) / 4;
+        for (int i = 0; i < q; i++) {
+            __m512 tot[4], zt[4];
+            for (int r = 0; r < 4; r++) tot[r] = zt[r] = _mm512_setzero_ps();
+            rows_int_512_m1(L, L->base + (size_t)(o0 + i) * stride, (size_t)q * stride, A, m, 4, P, 0, 0, tot, zt);
+            for (int r = 0; r < 4; r++) {
+                const int oi = o0 + i + r * q;
+                y[(size_t)m * L->O + oi] = _mm512_reduce_add_ps(_mm512_sub_ps(tot[r], zt[r])) + (bias ? bias[oi] : 0.f);
+            }
+        }
+        o = o0 + 4 * q;
+    }
+    for (; o < o1; o += step) {
         const int NR = o1 - o < step ? o1 - o : step;
         __m512 tot[4], zt[4];
         for (int r = 0; r < 4; r++) tot[r] = zt[r] = _mm512_setzero_ps();
-        const uint8_t *row0 = L->base + (size_t)o * L->stride;
-        if (NR == 4 && lin) rows_int_512_m1(L, row0, A, m, 4, P, 1, tot, zt);
-        else if (NR == 4) rows_int_512_m1(L, row0, A, m, 4, P, 0, tot, zt);
-        else if (NR == 2 && lin) rows_int_512_m1(L, row0, A, m, 2, P, 1, tot, zt);
-        else rows_int_512_m1(L, row0, A, m, NR, P, lin != 0, tot, zt);
+        const uint8_t *row0 = L->base + (size_t)o * stride;
+        if (NR == 4 && lin) rows_int_512_m1(L, row0, stride, A, m, 4, P, 1, 1, tot, zt);
+        else if (NR == 4) rows_int_512_m1(L, row0, stride, A, m, 4, P, 0, 1, tot, zt);
+        else if (NR == 2 && lin) rows_int_512_m1(L, row0, stride, A, m, 2, P, 1, 1, tot, zt);
+        else rows_int_512_m1(L, row0, stride, A, m, NR, P, lin != 0, 1, tot, zt);
         for (int r = 0; r < NR; r++)
             y[(size_t)m * L->O + o + r] = _mm512_reduce_add_ps(_mm512_sub_ps(tot[r], zt[r])) + (bias ? bias[o + r] : 0.f);
     }
@@ -1178,6 +1203,12 @@ static int rows_per_task(int O, int nthreads) {
     return r < 4 ? 4 : r > ROWS_MAX ? ROWS_MAX : r;
 }
 
+#define M1_ROWS_MAX 1024
+static int rows_per_task_m1(int O, int nthreads) {
+    int r = O / (nthreads * 4);
+    return r < 4 ? 4 : r > M1_ROWS_MAX ? M1_ROWS_MAX : r;
+}
+
 static int clamp_threads(int nthreads, int ntasks) {
     if (nthreads < 1) nthreads = 1;
     return nthreads > ntasks ? ntasks : nthreads;
@@ -1193,7 +1224,15 @@ GV_API int gv_matmul(const uint8_t *packed, int I, int O, int g, int ss, const f
         (mode != GV_MODE_F32 && mode != GV_MODE_I8X2 && mode != GV_MODE_I8X3))
         return -1;
     const layout_t L = make_layout(packed, I, O, g, ss);
-    const int G = L.G, R = rows_per_task(O, nthreads), ntasks = (O + R - 1) / R;
+    /* M = 1 with quarter streams: tasks of up to M1_ROWS_MAX rows (that loop keeps no per-row state), so the
+     * streams stay long; else up to ROWS_MAX */
+#ifdef GV_HAVE_AVX512
+    const int m1_streams = M == 1 && g_multi_row == 2 && g == 128 && isa() == 3 && mode != GV_MODE_F32;
+#else
+    const int m1_streams = 0;
+#endif
+    const int G = L.G, R = m1_streams ? rows_per_task_m1(O, nthreads) : rows_per_task(O, nthreads);
+    const int ntasks = (O + R - 1) / R;
     nthreads = clamp_threads(nthreads, ntasks);
     const size_t per_thread = SCRATCH_FLOATS(G); /* its +16 keeps threads' scratch off a shared line */
     const size_t nf = ((size_t)M * G * 2 + (size_t)nthreads * per_thread + 15) / 16 * 16; /* digits on a line */
