@@ -149,12 +149,14 @@ def cmd_build(args) -> int:
     if args.fast:  # a quick smoke run of the whole pipeline (the model will be weak)
         cfg.n_train, cfg.n_heldout, cfg.n_views, cfg.teacher_steps, cfg.student_steps = 400, 50, 50, 40, 20
         cfg.vision_steps, cfg.vision_batch = 20, 16
+        cfg.projector_steps, cfg.projector_batch = 20, 16
     if args.fixed_size:
         cfg.varied_sizes = False
-    for name in ("vision_steps", "teacher_steps", "student_steps", "n_views"):
+    for name in ("vision_steps", "projector_steps", "teacher_steps", "student_steps", "n_views"):
         if getattr(args, name) is not None:
-            if getattr(args, name) < 1:
-                print(f"gracevlm demo: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            least = 0 if name == "projector_steps" else 1
+            if getattr(args, name) < least:
+                print(f"gracevlm demo: error: --{name.replace('_', '-')} must be >= {least}", file=sys.stderr)
                 return 2
             setattr(cfg, name, getattr(args, name))
     res = build(cfg, force=args.force)
@@ -216,6 +218,8 @@ def add_demo_parser(subparsers, prog: str | None = None) -> argparse.ArgumentPar
     q.add_argument("--force", action="store_true", help="redo every stage")
     q.add_argument("--fast", action="store_true", help="tiny smoke run of the pipeline")
     q.add_argument("--vision-steps", type=int, default=None, help="override the recipe's vision-tower steps")
+    q.add_argument("--projector-steps", type=int, default=None,
+                   help="override the recipe's projector steps (0: no projector stage; the teacher trains it)")
     q.add_argument("--teacher-steps", type=int, default=None, help="override the recipe's teacher steps")
     q.add_argument("--student-steps", type=int, default=None, help="override the recipe's steps per student")
     q.add_argument("--n-views", type=int, default=None, help="held-out questions per robustness view (400)")

@@ -1,5 +1,6 @@
 """The demo-model recipe: synthetic VQA world -> tokenizer -> vision tower pretrained on the world's ground truth
-(``vision_pretrain``) -> teacher (projector + LM, tower frozen) -> GRACE W4G128
+(``vision_pretrain``) -> projector pretrained to keep each patch's quadrant and object (``projector_pretrain``)
+-> teacher (LM; tower and projector frozen) -> GRACE W4G128
 student (LSQ + GDKD + RCKA + IB) -> packed GRACE AWQ release folder, plus the baselines it is compared
 with (QAT-only W4 student, RTN W4G128 of the teacher) and the same three at a harder setting, W3G128
 (3-bit codes -4..3, stored in the same 4-bit AWQ container, so every model loads through ``gracevlm.load``).
@@ -53,10 +54,18 @@ class RecipeConfig:
     # > 0: every patch row also learns its quadrant's object (vision_pretrain.PatchHead). In a side run the LM then
     # read the picture sooner (71% vs 55% of held-out questions after 500 teacher steps); off in the shipped build
     vision_dense_weight: float = 0.0
+    # the projector's own stage (projector_pretrain): its rows learn each patch's quadrant and that quadrant's
+    # object on the frozen tower; the teacher then keeps it frozen. In side runs (400 held-out questions, fresh
+    # pictures) `where` reached 81% after 1,000 teacher steps against 21-41% with the projector trained by
+    # the answers alone
+    projector_steps: int = 1000
+    projector_batch: int = 64
+    projector_lr: float = 3e-3
     teacher_steps: int = 4000
     teacher_batch: int = 32
     teacher_lr: float = 3e-3  # the tower is frozen and already sees; the projector + LM learn to read it
     teacher_train_vision: bool = False
+    teacher_train_projector: bool = False  # True when projector_steps is 0
     teacher_warmup_ratio: float = 0.03
     student_steps: int = 150
     student_batch: int = 16
@@ -124,6 +133,31 @@ def vision_stage(cfg: RecipeConfig, paths: dict[str, Path], force: bool) -> Path
     spec = loaded.family.training_format(loaded).image_spec
     log = pretrain_vision(model, lambda img: preprocess_image(img, spec), cfg.vision_steps, cfg.vision_batch,
                           cfg.vision_lr, cfg.seed, progress=cfg.progress, dense_weight=cfg.vision_dense_weight)
+    save_dense_checkpoint(model, final, dict(loaded.config.raw), paths["tokenizer"], torch.float32, force=True)
+    (out / "log.json").write_text(json.dumps(log, indent=0) + "\n")
+    return final
+
+
+def projector_stage(cfg: RecipeConfig, seeing: Path, paths: dict[str, Path], force: bool) -> Path:
+    """Stage 5: pretrain the projector of the vision stage's checkpoint ``seeing`` (``projector_pretrain``);
+    writes ``work/projector/model`` and ``work/projector/log.json``. ``projector_steps`` 0: ``seeing`` as is."""
+    from ..models.llava.processing import preprocess_image
+    from ..train.export import save_dense_checkpoint
+    from ..train.trainer import _load_model
+    from .projector_pretrain import pretrain_projector
+
+    if cfg.projector_steps <= 0:
+        return seeing
+    out = Path(cfg.work) / "projector"
+    final = out / "model"
+    if not force and (final / "config.json").is_file():
+        _say(f"projector: done already ({final})")
+        return final
+    _say(f"projector: pretraining ({cfg.projector_steps} steps of {cfg.projector_batch} pictures)")
+    loaded, model = _load_model(str(seeing), "cpu", fuse=False)
+    spec = loaded.family.training_format(loaded).image_spec
+    log = pretrain_projector(model, lambda img: preprocess_image(img, spec), cfg.projector_steps,
+                             cfg.projector_batch, cfg.projector_lr, cfg.seed, progress=cfg.progress)
     save_dense_checkpoint(model, final, dict(loaded.config.raw), paths["tokenizer"], torch.float32, force=True)
     (out / "log.json").write_text(json.dumps(log, indent=0) + "\n")
     return final
@@ -234,9 +268,13 @@ def build(cfg: RecipeConfig, force: bool = False) -> dict:
     seeing = vision_stage(cfg, paths, force)
     times["vision_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    teacher = _train("teacher", work, force, method="fp", model=str(seeing), steps=cfg.teacher_steps,
+    projected = projector_stage(cfg, seeing, paths, force)
+    times["projector_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    teacher = _train("teacher", work, force, method="fp", model=str(projected), steps=cfg.teacher_steps,
                      batch_size=cfg.teacher_batch, lr=cfg.teacher_lr, warmup_ratio=cfg.teacher_warmup_ratio,
-                     train_vision=cfg.teacher_train_vision, **common)
+                     train_vision=cfg.teacher_train_vision,
+                     train_projector=cfg.teacher_train_projector or cfg.projector_steps <= 0, **common)
     times["teacher_s"] = round(time.perf_counter() - t, 1)
     student = dict(model=str(teacher), steps=cfg.student_steps, batch_size=cfg.student_batch, lr=cfg.student_lr,
                    scale_lr=cfg.scale_lr, **common)

@@ -112,6 +112,13 @@ def head_accuracy(model, head: QuadrantHead, pixels: torch.Tensor, targets: torc
             for i, (t, lg) in enumerate(zip(TARGETS, logits))}
 
 
+def cosine_multiplier(step: int, steps: int, warmup: int) -> float:
+    """The learning-rate factor at 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def pretrain_vision(model, preprocess, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                     warmup: int = 30, log_every: int = 50, progress: bool = True,
                     dense_weight: float = 0.0) -> list[dict]:
@@ -132,10 +139,8 @@ def pretrain_vision(model, preprocess, steps: int, batch_size: int = 64, lr: flo
     check_pixels, check_targets = draw_batch(check, 256, preprocess)
     log, t0 = [], time.perf_counter()
     for step in range(steps):
-        mult = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
-                                                                            max(1, steps - warmup)))
         for group in opt.param_groups:
-            group["lr"] = lr * mult
+            group["lr"] = lr * cosine_multiplier(step, steps, warmup)
         pixels, targets = draw_batch(rng, batch_size, preprocess)
         feats = tower_features(model, pixels)
         loss = head_loss(head(feats), targets)

@@ -1,0 +1,101 @@
+"""The demo recipe's projector stage: the projector learns to hand the language model where each patch is.
+
+After the vision stage the tower's patch rows say where they are (a linear probe reads a patch's grid
+column and row from them exactly), but that is a small part of their variance, and a projector trained
+only through the language model's answers kept the rows' top/bottom half and lost their left/right half:
+the teacher then named the right row of an object always and its column by chance (`where`, `color_at`).
+Rotary positions cannot stand in for it: a grid row's two halves alternate every grid/2 tokens, a period
+no rotary frequency of the LM's heads matches.
+
+This stage trains the projector alone, on the frozen tower, with two auxiliary linear heads on its output
+rows (the image embeddings the LM reads): the patch's own quadrant, and the shape / colour / size of the
+object in that quadrant (``vision_pretrain.PatchHead``). The teacher stage then keeps the projector frozen,
+so the LM has to learn to read these rows as they are. The heads are dropped; the projector is still
+LLaVA's two-layer GELU MLP.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vision_pretrain import PatchHead, cosine_multiplier, dense_loss, draw_batch, patch_quadrants, tower_features
+
+
+class ProjectedPatchHeads(nn.Module):
+    """Linear heads on projected patch rows ``[B, P, D]``: own quadrant ``[B, P, 4]`` and the quadrant's
+    object (``PatchHead``: per target ``[B, P, classes]``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.quadrant = nn.Linear(dim, 4)
+        self.attributes = PatchHead(dim)
+
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.quadrant(rows), self.attributes(rows)
+
+
+def quadrant_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of quadrant logits ``[B, P, 4]`` against each row-major patch's own quadrant."""
+    b, p, _ = logits.shape
+    return F.cross_entropy(logits.reshape(-1, 4), patch_quadrants(p).repeat(b))
+
+
+def projector_loss(heads: ProjectedPatchHeads, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Own-quadrant plus quadrant-object cross-entropies (equal weights); ``targets [B, 3, 4]``."""
+    quadrant, attributes = heads(rows)
+    return quadrant_loss(quadrant) + dense_loss(attributes, targets)
+
+
+@torch.no_grad()
+def projector_accuracy(model, heads: ProjectedPatchHeads, pixels: torch.Tensor,
+                       targets: torch.Tensor) -> dict[str, float]:
+    """Fraction of patch rows whose own quadrant, and whose quadrant's shape / colour / size, the heads get right."""
+    rows = model.projector(tower_features(model, pixels))
+    quadrant, attributes = heads(rows)
+    quad = patch_quadrants(rows.shape[1])
+    out = {"quadrant": round(float((quadrant.argmax(-1) == quad).float().mean()), 4)}
+    for i, (name, lg) in enumerate(zip(("shape", "color", "size"), attributes)):
+        out[name] = round(float((lg.argmax(-1) == targets[:, i][:, quad]).float().mean()), 4)
+    return out
+
+
+def pretrain_projector(model, preprocess, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                       warmup: int = 30, log_every: int = 50, progress: bool = True) -> list[dict]:
+    """Train ``model.projector`` (in place; the tower frozen, the LM untouched) with fresh
+    ``ProjectedPatchHeads`` for ``steps`` AdamW steps (no weight decay; linear warm-up, cosine decay) on
+    fresh pictures at the training views; ``preprocess``: PIL image -> ``[3, S, S]``. Returns the log: loss
+    per ``log_every`` steps and, at the end, ``projector_accuracy`` on 256 held-back scenes. Deterministic
+    for a seed and thread count."""
+    torch.manual_seed(seed)
+    model.vision_tower.eval().requires_grad_(False)
+    projector = model.projector.train().requires_grad_(True)
+    heads = ProjectedPatchHeads(projector[-1].out_features)
+    params = list(projector.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng, check = random.Random(seed * 7919 + 17), random.Random(seed * 7919 + 19)
+    check_pixels, check_targets = draw_batch(check, 256, preprocess)
+    log, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * cosine_multiplier(step, steps, warmup)
+        pixels, targets = draw_batch(rng, batch_size, preprocess)
+        with torch.no_grad():
+            feats = tower_features(model, pixels)
+        loss = projector_loss(heads, projector(feats), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            record = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - t0, 1)}
+            if step + 1 == steps:
+                record["accuracy"] = projector_accuracy(model, heads, check_pixels, check_targets)
+            log.append(record)
+            if progress:
+                print(f"[demo] projector {record}", file=sys.stderr, flush=True)
+    projector.eval().requires_grad_(False)
+    return log
