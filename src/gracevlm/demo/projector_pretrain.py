@@ -16,14 +16,12 @@ LLaVA's two-layer GELU MLP.
 from __future__ import annotations
 
 import random
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vision_pretrain import PatchHead, cosine_multiplier, dense_loss, draw_batch, patch_quadrants, tower_features
+from .vision_pretrain import PatchHead, dense_loss, draw_batch, patch_quadrants, tower_features, train_auxiliary
 
 
 class ProjectedPatchHeads(nn.Module):
@@ -76,26 +74,17 @@ def pretrain_projector(model, preprocess, steps: int, batch_size: int = 64, lr: 
     projector = model.projector.train().requires_grad_(True)
     heads = ProjectedPatchHeads(projector[-1].out_features)
     params = list(projector.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng, check = random.Random(seed * 7919 + 17), random.Random(seed * 7919 + 19)
     check_pixels, check_targets = draw_batch(check, 256, preprocess)
-    log, t0 = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_multiplier(step, steps, warmup)
+
+    def batch_loss() -> torch.Tensor:
         pixels, targets = draw_batch(rng, batch_size, preprocess)
         with torch.no_grad():
             feats = tower_features(model, pixels)
-        loss = projector_loss(heads, projector(feats), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            record = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - t0, 1)}
-            if step + 1 == steps:
-                record["accuracy"] = projector_accuracy(model, heads, check_pixels, check_targets)
-            log.append(record)
-            if progress:
-                print(f"[demo] projector {record}", file=sys.stderr, flush=True)
+        return projector_loss(heads, projector(feats), targets)
+
+    log = train_auxiliary("projector", params, batch_loss,
+                          lambda: projector_accuracy(model, heads, check_pixels, check_targets), steps, lr, warmup,
+                          weight_decay=0.0, clip=None, log_every=log_every, progress=progress)
     projector.eval().requires_grad_(False)
     return log

@@ -114,53 +114,52 @@ def prepare_workspace(cfg: RecipeConfig, force: bool = False) -> dict[str, Path]
     return paths
 
 
+def _pretrain_stage(name: str, what: str, source: Path, paths: dict[str, Path], work: str, force: bool,
+                    run) -> Path:
+    """Load the dense checkpoint ``source``, ``run(model, preprocess) -> log`` on it (in place), write
+    ``work/<name>/model`` and ``work/<name>/log.json``; skipped when that model is complete (unless ``force``)."""
+    from ..models.llava.processing import preprocess_image
+    from ..train.export import save_dense_checkpoint
+    from ..train.trainer import _load_model
+
+    out = Path(work) / name
+    final = out / "model"
+    if not force and (final / "config.json").is_file():
+        _say(f"{name}: done already ({final})")
+        return final
+    _say(f"{name}: pretraining {what}")
+    loaded, model = _load_model(str(source), "cpu", fuse=False)
+    spec = loaded.family.training_format(loaded).image_spec
+    log = run(model, lambda img: preprocess_image(img, spec))
+    save_dense_checkpoint(model, final, dict(loaded.config.raw), paths["tokenizer"], torch.float32, force=True)
+    (out / "log.json").write_text(json.dumps(log, indent=0) + "\n")
+    return final
+
+
 def vision_stage(cfg: RecipeConfig, paths: dict[str, Path], force: bool) -> Path:
     """Stage 4: pretrain the initial checkpoint's CLIP tower on per-quadrant ground truth
     (``vision_pretrain``); writes ``work/vision/model`` (the whole dense checkpoint, head dropped) and
     ``work/vision/log.json`` (losses and the head's final accuracy)."""
-    from ..models.llava.processing import preprocess_image
-    from ..train.export import save_dense_checkpoint
-    from ..train.trainer import _load_model
     from .vision_pretrain import pretrain_vision
 
-    out = Path(cfg.work) / "vision"
-    final = out / "model"
-    if not force and (final / "config.json").is_file():
-        _say(f"vision: done already ({final})")
-        return final
-    _say(f"vision: pretraining the tower ({cfg.vision_steps} steps of {cfg.vision_batch} pictures)")
-    loaded, model = _load_model(str(paths["init"]), "cpu", fuse=False)
-    spec = loaded.family.training_format(loaded).image_spec
-    log = pretrain_vision(model, lambda img: preprocess_image(img, spec), cfg.vision_steps, cfg.vision_batch,
-                          cfg.vision_lr, cfg.seed, progress=cfg.progress, dense_weight=cfg.vision_dense_weight)
-    save_dense_checkpoint(model, final, dict(loaded.config.raw), paths["tokenizer"], torch.float32, force=True)
-    (out / "log.json").write_text(json.dumps(log, indent=0) + "\n")
-    return final
+    return _pretrain_stage(
+        "vision", f"the tower ({cfg.vision_steps} steps of {cfg.vision_batch} pictures)", paths["init"], paths,
+        cfg.work, force, lambda model, pre: pretrain_vision(model, pre, cfg.vision_steps, cfg.vision_batch,
+                                                             cfg.vision_lr, cfg.seed, progress=cfg.progress,
+                                                             dense_weight=cfg.vision_dense_weight))
 
 
 def projector_stage(cfg: RecipeConfig, seeing: Path, paths: dict[str, Path], force: bool) -> Path:
     """Stage 5: pretrain the projector of the vision stage's checkpoint ``seeing`` (``projector_pretrain``);
     writes ``work/projector/model`` and ``work/projector/log.json``. ``projector_steps`` 0: ``seeing`` as is."""
-    from ..models.llava.processing import preprocess_image
-    from ..train.export import save_dense_checkpoint
-    from ..train.trainer import _load_model
     from .projector_pretrain import pretrain_projector
 
     if cfg.projector_steps <= 0:
         return seeing
-    out = Path(cfg.work) / "projector"
-    final = out / "model"
-    if not force and (final / "config.json").is_file():
-        _say(f"projector: done already ({final})")
-        return final
-    _say(f"projector: pretraining ({cfg.projector_steps} steps of {cfg.projector_batch} pictures)")
-    loaded, model = _load_model(str(seeing), "cpu", fuse=False)
-    spec = loaded.family.training_format(loaded).image_spec
-    log = pretrain_projector(model, lambda img: preprocess_image(img, spec), cfg.projector_steps,
-                             cfg.projector_batch, cfg.projector_lr, cfg.seed, progress=cfg.progress)
-    save_dense_checkpoint(model, final, dict(loaded.config.raw), paths["tokenizer"], torch.float32, force=True)
-    (out / "log.json").write_text(json.dumps(log, indent=0) + "\n")
-    return final
+    return _pretrain_stage(
+        "projector", f"({cfg.projector_steps} steps of {cfg.projector_batch} pictures)", seeing, paths, cfg.work,
+        force, lambda model, pre: pretrain_projector(model, pre, cfg.projector_steps, cfg.projector_batch,
+                                                      cfg.projector_lr, cfg.seed, progress=cfg.progress))
 
 
 # The students: stage -> (method, bits). GRACE and QAT-only at W4G128 (the shipped setting) and W3G128.

@@ -119,6 +119,32 @@ def cosine_multiplier(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def train_auxiliary(name: str, params: list, batch_loss, accuracy, steps: int, lr: float, warmup: int,
+                    weight_decay: float, clip: float | None, log_every: int, progress: bool) -> list[dict]:
+    """``steps`` AdamW steps on ``params`` (``cosine_multiplier`` schedule; gradient norm clipped to ``clip``
+    unless None) of ``batch_loss()`` (draws its own batch). Returns the log: the loss every ``log_every`` steps and
+    at the last, where ``accuracy()`` is added; ``progress`` prints each record as ``[demo] <name> ...``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    log, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * cosine_multiplier(step, steps, warmup)
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            record = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - t0, 1)}
+            if step + 1 == steps:
+                record["accuracy"] = accuracy()
+            log.append(record)
+            if progress:
+                print(f"[demo] {name} {record}", file=sys.stderr, flush=True)
+    return log
+
+
 def pretrain_vision(model, preprocess, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                     warmup: int = 30, log_every: int = 50, progress: bool = True,
                     dense_weight: float = 0.0) -> list[dict]:
@@ -134,28 +160,18 @@ def pretrain_vision(model, preprocess, steps: int, batch_size: int = 64, lr: flo
     params = list(tower.parameters()) + list(head.parameters())
     if patch_head is not None:
         params += list(patch_head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng, check = random.Random(seed * 7919 + 11), random.Random(seed * 7919 + 13)
     check_pixels, check_targets = draw_batch(check, 256, preprocess)
-    log, t0 = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_multiplier(step, steps, warmup)
+
+    def batch_loss() -> torch.Tensor:
         pixels, targets = draw_batch(rng, batch_size, preprocess)
         feats = tower_features(model, pixels)
         loss = head_loss(head(feats), targets)
         if patch_head is not None:
             loss = loss + dense_weight * dense_loss(patch_head(feats), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            record = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - t0, 1)}
-            if step + 1 == steps:
-                record["accuracy"] = head_accuracy(model, head, check_pixels, check_targets)
-            log.append(record)
-            if progress:
-                print(f"[demo] vision {record}", file=sys.stderr, flush=True)
+        return loss
+
+    log = train_auxiliary("vision", params, batch_loss, lambda: head_accuracy(model, head, check_pixels, check_targets),
+                          steps, lr, warmup, weight_decay=0.01, clip=1.0, log_every=log_every, progress=progress)
     tower.eval().requires_grad_(False)
     return log
