@@ -1,6 +1,6 @@
 """The demo recipe's projector stage: its targets are each patch's own quadrant and that quadrant's object, the
 pretraining is deterministic and changes only the projector, and the recipe stage writes a LLaVA checkpoint
-(or is skipped with 0 steps) that the teacher then trains with the projector frozen."""
+(or is skipped with 0 steps)."""
 import json
 import random
 
@@ -35,9 +35,10 @@ def test_projector_loss_adds_the_quadrant_objects():
     heads = ProjectedPatchHeads(128)
     targets = torch.stack([scene_targets(make_scene(random.Random(s))) for s in range(3)])
     rows = torch.randn(3, 16, 128)
-    quadrant, attributes = heads(rows)
+    quadrant, attributes, pooled = heads(rows)
     assert quadrant.shape == (3, 16, 4)
     assert [tuple(a.shape) for a in attributes] == [(3, 16, CLASSES[t]) for t in ("shape", "color", "size")]
+    assert [tuple(a.shape) for a in pooled] == [(3, 4, CLASSES[t]) for t in ("shape", "color", "size")]
     assert float(projector_loss(heads, rows, targets)) > float(quadrant_loss(quadrant))
 
 
@@ -65,7 +66,7 @@ def test_projector_pretraining_is_deterministic_and_changes_only_the_projector()
             assert torch.equal(v, before[k]), k
     assert all(not torch.equal(v, before[k]) for k, v in a.state_dict().items() if k.startswith("projector."))
     assert [r["step"] for r in log] == [2, 4] and log == [dict(r, seconds=x["seconds"]) for r, x in zip(log_b, log)]
-    assert set(log[-1]["accuracy"]) == {"quadrant", "shape", "color", "size"}
+    assert set(log[-1]["accuracy"]) == {"quadrant", "shape", "color", "size", "pooled_shape", "pooled_color", "pooled_size"}
     assert not any(p.requires_grad for p in a.projector.parameters())
     assert not any(p.requires_grad for p in a.vision_tower.parameters())
     c, _, _ = _pretrained(seed=2)

@@ -9,8 +9,10 @@ no rotary frequency of the LM's heads matches.
 
 This stage trains the projector alone, on the frozen tower, with two auxiliary linear heads on its output
 rows (the image embeddings the LM reads): the patch's own quadrant, and the shape / colour / size of the
-object in that quadrant (``vision_pretrain.PatchHead``). The teacher stage then keeps the projector frozen,
-so the LM has to learn to read these rows as they are. The heads are dropped; the projector is still
+object in that quadrant (``vision_pretrain.PatchHead``), and a pooled readout of each quadrant's object from
+all rows (the vision stage's ``QuadrantHead``), so the rows keep what the tower could tell. The teacher stage
+then trains the projector at a tenth of the LM's learning rate, so the LM learns to read these rows much as
+they are. The heads are dropped; the projector is still
 LLaVA's two-layer GELU MLP.
 """
 from __future__ import annotations
@@ -21,20 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vision_pretrain import PatchHead, dense_loss, draw_batch, patch_quadrants, tower_features, train_auxiliary
+from .vision_pretrain import (PatchHead, QuadrantHead, dense_loss, draw_batch, head_loss, patch_quadrants,
+                              tower_features, train_auxiliary)
 
 
 class ProjectedPatchHeads(nn.Module):
-    """Linear heads on projected patch rows ``[B, P, D]``: own quadrant ``[B, P, 4]`` and the quadrant's
-    object (``PatchHead``: per target ``[B, P, classes]``)."""
+    """Heads on projected patch rows ``[B, P, D]``: own quadrant ``[B, P, 4]``, the quadrant's object per row
+    (``PatchHead``: per target ``[B, P, classes]``) and per quadrant from all rows (``QuadrantHead``: per target
+    ``[B, 4, classes]``, the vision stage's readout, so the rows keep all the tower could tell)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.quadrant = nn.Linear(dim, 4)
         self.attributes = PatchHead(dim)
+        self.pooled = QuadrantHead(dim)
 
-    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.quadrant(rows), self.attributes(rows)
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        return self.quadrant(rows), self.attributes(rows), self.pooled(rows)
 
 
 def quadrant_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -44,21 +49,23 @@ def quadrant_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def projector_loss(heads: ProjectedPatchHeads, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Own-quadrant plus quadrant-object cross-entropies (equal weights); ``targets [B, 3, 4]``."""
-    quadrant, attributes = heads(rows)
-    return quadrant_loss(quadrant) + dense_loss(attributes, targets)
+    """Own-quadrant, per-row and pooled quadrant-object cross-entropies (equal weights); ``targets [B, 3, 4]``."""
+    quadrant, attributes, pooled = heads(rows)
+    return quadrant_loss(quadrant) + dense_loss(attributes, targets) + head_loss(pooled, targets)
 
 
 @torch.no_grad()
 def projector_accuracy(model, heads: ProjectedPatchHeads, pixels: torch.Tensor,
                        targets: torch.Tensor) -> dict[str, float]:
-    """Fraction of patch rows whose own quadrant, and whose quadrant's shape / colour / size, the heads get right."""
+    """Fraction of patch rows whose own quadrant, and whose quadrant's shape / colour / size, the heads get right
+    (keys ``quadrant``, ``shape``, ...), and of quadrants the pooled head gets right (``pooled_shape``, ...)."""
     rows = model.projector(tower_features(model, pixels))
-    quadrant, attributes = heads(rows)
+    quadrant, attributes, pooled = heads(rows)
     quad = patch_quadrants(rows.shape[1])
     out = {"quadrant": round(float((quadrant.argmax(-1) == quad).float().mean()), 4)}
-    for i, (name, lg) in enumerate(zip(("shape", "color", "size"), attributes)):
-        out[name] = round(float((lg.argmax(-1) == targets[:, i][:, quad]).float().mean()), 4)
+    for i, name in enumerate(("shape", "color", "size")):
+        out[name] = round(float((attributes[i].argmax(-1) == targets[:, i][:, quad]).float().mean()), 4)
+        out[f"pooled_{name}"] = round(float((pooled[i].argmax(-1) == targets[:, i]).float().mean()), 4)
     return out
 
 

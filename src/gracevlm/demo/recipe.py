@@ -1,6 +1,6 @@
 """The demo-model recipe: synthetic VQA world -> tokenizer -> vision tower pretrained on the world's ground truth
 (``vision_pretrain``) -> projector pretrained to keep each patch's quadrant and object (``projector_pretrain``)
--> teacher (LM; tower and projector frozen) -> GRACE W4G128
+-> teacher (LM, projector at a tenth of its rate; tower frozen) -> GRACE W4G128
 student (LSQ + GDKD + RCKA + IB) -> packed GRACE AWQ release folder, plus the baselines it is compared
 with (QAT-only W4 student, RTN W4G128 of the teacher) and the same three at a harder setting, W3G128
 (3-bit codes -4..3, stored in the same 4-bit AWQ container, so every model loads through ``gracevlm.load``).
@@ -65,7 +65,9 @@ class RecipeConfig:
     teacher_batch: int = 32
     teacher_lr: float = 3e-3  # the tower is frozen and already sees; the projector + LM learn to read it
     teacher_train_vision: bool = False
-    teacher_train_projector: bool = False  # True when projector_steps is 0
+    # after the projector stage the teacher trains the projector slowly (frozen, in the first build with this stage,
+    # left `shape` at 76.9%: the projected rows had lost part of it); teacher_lr when projector_steps is 0
+    teacher_projector_lr: float | None = 3e-4
     teacher_warmup_ratio: float = 0.03
     student_steps: int = 150
     student_batch: int = 16
@@ -273,7 +275,7 @@ def build(cfg: RecipeConfig, force: bool = False) -> dict:
     teacher = _train("teacher", work, force, method="fp", model=str(projected), steps=cfg.teacher_steps,
                      batch_size=cfg.teacher_batch, lr=cfg.teacher_lr, warmup_ratio=cfg.teacher_warmup_ratio,
                      train_vision=cfg.teacher_train_vision,
-                     train_projector=cfg.teacher_train_projector or cfg.projector_steps <= 0, **common)
+                     projector_lr=(cfg.teacher_projector_lr if cfg.projector_steps > 0 else None), **common)
     times["teacher_s"] = round(time.perf_counter() - t, 1)
     student = dict(model=str(teacher), steps=cfg.student_steps, batch_size=cfg.student_batch, lr=cfg.student_lr,
                    scale_lr=cfg.scale_lr, **common)
