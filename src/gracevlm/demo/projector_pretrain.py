@@ -7,13 +7,12 @@ the teacher then named the right row of an object always and its column by chanc
 Rotary positions cannot stand in for it: a grid row's two halves alternate every grid/2 tokens, a period
 no rotary frequency of the LM's heads matches.
 
-This stage trains the projector alone, on the frozen tower, with two auxiliary linear heads on its output
-rows (the image embeddings the LM reads): the patch's own quadrant, and the shape / colour / size of the
-object in that quadrant (``vision_pretrain.PatchHead``), and a pooled readout of each quadrant's object from
+This stage trains the projector alone, on the frozen tower, with three auxiliary heads on its output rows
+(the image embeddings the LM reads): the patch's own quadrant, the shape / colour / size of the object in
+that quadrant per row (``vision_pretrain.PatchHead``), and a pooled readout of each quadrant's object from
 all rows (the vision stage's ``QuadrantHead``), so the rows keep what the tower could tell. The teacher stage
 then trains the projector at a tenth of the LM's learning rate, so the LM learns to read these rows much as
-they are. The heads are dropped; the projector is still
-LLaVA's two-layer GELU MLP.
+they are. The heads are dropped; the projector is still LLaVA's two-layer GELU MLP.
 """
 from __future__ import annotations
 
